@@ -1,0 +1,1 @@
+"""``run.py`` subcommands. Each module has ``register(subparsers)`` and ``run(args) -> int``."""

@@ -1,0 +1,333 @@
+"""Typed, validated experiment configuration.
+
+One frozen dataclass per concern; :class:`Config` groups them. Defaults are the paper's settings
+where the paper gives them (input 416, sigma 0.02, gamma warm-up 10 epochs, Adam, lr 1e-5 with
+decay 0.1, 50 epochs). YAML files hold only overrides, organised by section::
+
+    extends: synthref.yaml        # optional, relative to this file
+    model:
+      preset: tiny
+    loss:
+      mode: forest-gradcam
+
+Resolution order (later wins): dataclass defaults, the ``extends`` chain (base first), the file,
+then ``--set section.key=value`` overrides. Unknown keys, wrong types and bad values raise
+:class:`ConfigError` naming the key, where it came from, and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+ABLATION_MODES = ("mask-bce", "box-bce", "box-lloc", "tree", "forest-gradcam")
+DATASETS = ("synthref", "refcoco", "refcoco+", "refcocog")
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value is not acceptable."""
+
+
+def _check(predicate, message: str) -> dict:
+    """Field metadata: a value check and the message shown when it fails."""
+    return {"check": (predicate, message)}
+
+
+def _positive(kind=int):
+    return _check(lambda v: v > 0, f"must be a positive {kind.__name__}")
+
+
+def _non_negative():
+    return _check(lambda v: v >= 0, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where its shards are, and how inputs are shaped."""
+
+    dataset: Literal["synthref", "refcoco", "refcoco+", "refcocog"] = "synthref"
+    split_by: Literal["unc", "umd", "google"] = "unc"
+    root: str = field(default="data/synthref", metadata=_check(bool, "must not be empty"))
+    synthref_images: int = field(default=800, metadata=_positive())
+    synthref_seed: int = 0
+    synthref_difficulty: Literal["easy", "standard", "hard"] = "standard"
+    input_size: int = field(
+        default=416, metadata=_check(lambda v: v >= 32 and v % 32 == 0,
+                                     "must be a multiple of 32 and >= 32"))
+    word_len: int = field(default=17, metadata=_check(lambda v: 3 <= v <= 77,
+                                                      "must be in [3, 77]"))
+    train_split: str = "train"
+    val_split: str = "val"
+    eval_splits: tuple[str, ...] = ("val", "testA", "testB")
+    limit_train_refs: int = field(default=0, metadata=_non_negative())
+    limit_eval_refs: int = field(default=0, metadata=_non_negative())
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """CRIS architecture preset and the weights it starts from."""
+
+    preset: Literal["tiny", "rn50", "rn101"] = "rn101"
+    clip_weights: Optional[str] = None
+    init_checkpoint: Optional[str] = None
+    freeze_backbone: bool = False
+
+
+@dataclass(frozen=True)
+class PseudoConfig:
+    """GTMS pseudo-label generator (tree filter range)."""
+
+    sigma: float = field(default=0.02, metadata=_check(lambda v: v > 0, "must be > 0"))
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Supervision: the Table 2 ablation row and the gamma schedule of L_pix."""
+
+    mode: Literal["mask-bce", "box-bce", "box-lloc", "tree", "forest-gradcam"] = "forest-gradcam"
+    gamma_max: float = field(default=1.0, metadata=_non_negative())
+    gamma_warmup_epochs: float = field(default=10.0, metadata=_non_negative())
+    gamma_schedule: Literal["linear", "constant", "cosine"] = "linear"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and learning-rate schedule."""
+
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = field(default=1e-5, metadata=_check(lambda v: v > 0, "must be > 0"))
+    backbone_lr_mult: float = field(default=1.0, metadata=_non_negative())
+    weight_decay: float = field(default=0.0, metadata=_non_negative())
+    milestones: tuple[int, ...] = (35,)
+    lr_decay: float = field(default=0.1, metadata=_check(lambda v: 0 < v <= 1,
+                                                         "must be in (0, 1]"))
+    grad_clip: float = field(default=0.0, metadata=_non_negative())
+    amp: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Loop length, batch sizes, evaluation, logging and where runs are stored."""
+
+    epochs: int = field(default=50, metadata=_positive())
+    batch_size: int = field(default=16, metadata=_positive())
+    eval_batch_size: int = field(default=32, metadata=_positive())
+    seed: int = 0
+    threshold: float = field(default=0.35, metadata=_check(lambda v: 0 < v < 1,
+                                                           "must be in (0, 1)"))
+    run_dir: str = "runs"
+    name: str = ""
+    log_every: int = field(default=20, metadata=_positive())
+    image_grid_every: int = field(default=5, metadata=_non_negative())
+    keep_checkpoints: int = field(default=2, metadata=_positive())
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Ray resources. Local mode plans CPUs so workers, actors and reads cannot deadlock."""
+
+    address: str = ""
+    num_workers: int = field(default=1, metadata=_non_negative())
+    use_gpu: Optional[bool] = None
+    cpus_per_worker: float = field(default=1.0, metadata=_check(lambda v: v > 0, "must be > 0"))
+    gpus_per_worker: float = field(default=1.0, metadata=_check(lambda v: v > 0, "must be > 0"))
+    preprocess_actors: int = field(default=1, metadata=_positive())
+    preprocess_actors_max: int = field(default=0, metadata=_non_negative())
+    actor_cpus: float = field(default=1.0, metadata=_non_negative())
+    local_num_cpus: int = field(default=0, metadata=_non_negative())
+    max_failures: int = field(default=0, metadata=_non_negative())
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_describe(inner[0])} or null"
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}[tp]
+
+
+def _coerce(tp, value: Any, *, from_cli: bool) -> Any:
+    """Return ``value`` as type ``tp`` or raise TypeError. CLI strings get lenient parsing."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (from_cli and value in ("null", "None", "~")):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _coerce(inner, value, from_cli=from_cli)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise TypeError
+        return value
+    if origin is tuple:
+        if from_cli and isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise TypeError
+        item = typing.get_args(tp)[0]
+        return tuple(_coerce(item, v, from_cli=from_cli) for v in value)
+    if from_cli and isinstance(value, str) and tp is float:
+        try:
+            return float(value)  # YAML 1.1 reads "5e-2" as a string
+        except ValueError:
+            raise TypeError from None
+    if from_cli and isinstance(value, str) and tp is not str:
+        value = yaml.safe_load(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TypeError
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        return float(value)
+    if tp is str:
+        if from_cli and value is not None:
+            return str(value)
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    raise TypeError
+
+
+def _build_section(name: str, values: dict[str, Any], sources: dict[str, str]):
+    cls = SECTIONS[name]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        where = sources.get(key, "defaults")
+        if key not in fields:
+            raise ConfigError(f"unknown key '{name}.{key}' in {where}; allowed keys in "
+                              f"'{name}': {', '.join(fields)}")
+        try:
+            value = _coerce(hints[key], value, from_cli=where == "--set")
+        except (TypeError, yaml.YAMLError):
+            raise ConfigError(f"bad value for '{name}.{key}' in {where}: {value!r}; expected "
+                              f"{_describe(hints[key])}") from None
+        check = fields[key].metadata.get("check")
+        if check and value is not None and not check[0](value):
+            raise ConfigError(f"bad value for '{name}.{key}' in {where}: {value!r} {check[1]}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+    """Return [(file, mapping)] for ``path`` and its ``extends`` chain, base first."""
+    if path in chain:
+        raise ConfigError(f"'extends' cycle: {' -> '.join(str(p) for p in chain + (path,))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, not {type(doc).__name__}")
+    layers: list[tuple[Path, dict]] = []
+    base = doc.pop("extends", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"'extends' in {path} must be a file name")
+        layers = _read_yaml((path.parent / base).resolve(), chain + (path,))
+    return layers + [(path, doc)]
+
+
+def _merge_layer(merged: dict, sources: dict, doc: dict, where: str) -> None:
+    for section, values in doc.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section '{section}' in {where}; allowed sections: "
+                              f"{', '.join(SECTIONS)} (and 'extends')")
+        if not isinstance(values, dict):
+            raise ConfigError(f"section '{section}' in {where} must be a mapping of keys")
+        for key, value in values.items():
+            merged[section][key] = value
+            sources[section][key] = where
+
+
+def parse_override(text: str) -> tuple[str, str, str]:
+    """Split ``section.key=value``."""
+    name, sep, value = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Resolve defaults <- extends chain <- file <- ``--set`` overrides into a :class:`Config`."""
+    merged: dict[str, dict] = {s: {} for s in SECTIONS}
+    sources: dict[str, dict] = {s: {} for s in SECTIONS}
+    if path is not None:
+        for file, doc in _read_yaml(Path(path).resolve()):
+            _merge_layer(merged, sources, doc, str(file))
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _merge_layer(merged, sources, {section: {key: value}}, "--set")
+    return Config(**{s: _build_section(s, merged[s], sources[s]) for s in SECTIONS})
+
+
+def config_from_dict(doc: dict, where: str = "<dict>") -> Config:
+    """Build a Config from a nested mapping (e.g. a checkpoint's saved config)."""
+    merged: dict[str, dict] = {s: {} for s in SECTIONS}
+    sources: dict[str, dict] = {s: {} for s in SECTIONS}
+    _merge_layer(merged, sources, doc, where)
+    return Config(**{s: _build_section(s, merged[s], sources[s]) for s in SECTIONS})
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Nested plain dict (tuples as lists) suitable for YAML/JSON."""
+    def plain(v):
+        return list(v) if isinstance(v, tuple) else v
+    return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
+            for s in SECTIONS}
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text; ``config_from_dict(yaml.safe_load(text))`` == cfg."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """Return ``cfg`` with some keys changed, e.g. ``replace(cfg, loss={"mode": "tree"})``."""
+    doc = config_to_dict(cfg)
+    for section, values in sections.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section '{section}'")
+        doc[section].update(values)
+    return config_from_dict(doc, "<replace>")

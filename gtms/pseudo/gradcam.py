@@ -1,0 +1,60 @@
+"""GradCAM attention A (Sec. 3.2): where the sentence is in the image, according to CLIP.
+
+``F`` are the backbone's layer-4 features before attention pooling; ``g`` is CLIP's global image
+embedding computed from ``F`` by the backbone's own attention pool; ``s = cos(g, t)`` with ``t``
+the sentence feature. With ``alpha_c`` the spatial mean of ``ds / dF_c``,
+``A = ReLU(sum_c alpha_c F_c)``, bilinearly upsampled to the output stride and divided by its
+maximum inside the box. A sample whose map is zero everywhere inside the box falls back to the
+box indicator.
+
+Gradients are taken with :func:`torch.autograd.grad` with respect to ``F`` only: no parameter's
+``.grad`` is touched, and the graph is built under :func:`torch.enable_grad`, so this works inside
+``torch.no_grad()`` too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as nnf
+
+
+def gradcam_attention(
+    layer4: torch.Tensor,
+    sentence: torch.Tensor,
+    global_embedding: Callable[[torch.Tensor], torch.Tensor],
+    box_at_stride4: torch.Tensor,
+) -> torch.Tensor:
+    """GradCAM map of the sentence-image cosine score, normalised inside the box.
+
+    Args:
+        layer4: ``[B, C, h, w]`` layer-4 features (detached here).
+        sentence: ``[B, D]`` sentence features (detached here).
+        global_embedding: maps ``[B, C, h, w]`` features to ``[B, D]`` global image embeddings
+            (the backbone's attention pool).
+        box_at_stride4: ``[B, H4, W4]`` bool or 0/1 float box raster at the output stride.
+
+    Returns:
+        ``A [B, H4, W4]`` float32 in [0, 1], detached; 1 at the in-box maximum.
+    """
+    if layer4.ndim != 4 or sentence.ndim != 2 or box_at_stride4.ndim != 3:
+        raise ValueError(
+            "expected layer4 [B, C, h, w], sentence [B, D], box_at_stride4 [B, H4, W4]; got "
+            f"{tuple(layer4.shape)}, {tuple(sentence.shape)}, {tuple(box_at_stride4.shape)}"
+        )
+    with torch.enable_grad():
+        features = layer4.detach().requires_grad_(True)
+        image_embedding = global_embedding(features)
+        text = sentence.detach().to(image_embedding.dtype)
+        score = nnf.cosine_similarity(image_embedding, text, dim=-1)  # [B]
+        (grad,) = torch.autograd.grad(score.sum(), features)
+    alpha = grad.float().mean(dim=(2, 3), keepdim=True)  # [B, C, 1, 1]
+    cam = torch.relu((alpha * features.detach().float()).sum(dim=1, keepdim=True))  # [B,1,h,w]
+    height, width = box_at_stride4.shape[-2:]
+    cam = nnf.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+    box = (box_at_stride4 > 0).to(cam.dtype)
+    in_box_max = (cam * box).amax(dim=(1, 2), keepdim=True)  # [B, 1, 1]; cam >= 0
+    usable = torch.isfinite(in_box_max) & (in_box_max > 0)
+    normalised = (cam / torch.where(usable, in_box_max, torch.ones_like(in_box_max))).clamp(0, 1)
+    return torch.where(usable, normalised, box).detach()

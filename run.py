@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""GTMS: box-supervised referring image segmentation on Ray. ``python run.py --help``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from gtms.config import ConfigError
+
+# Subcommands in the order --help lists them; each module registers its own parser.
+COMMANDS = ("config",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run.py",
+        description="Train and evaluate GTMS (mask-free referring image segmentation on CRIS/"
+                    "CLIP) with Ray. Every subcommand has its own --help.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"gtms.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

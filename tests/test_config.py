@@ -1,0 +1,168 @@
+"""Config resolution: merge order, extends, --set conversion, errors, round trip, shipped YAMLs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+import run
+from gtms.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    dump_config,
+    load_config,
+    replace,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_papers_settings():
+    cfg = Config()
+    assert cfg.data.input_size == 416
+    assert cfg.pseudo.sigma == 0.02
+    assert cfg.loss.gamma_warmup_epochs == 10
+    assert cfg.optim.optimizer == "adam" and cfg.optim.lr == 1e-5
+    assert cfg.optim.lr_decay == 0.1
+    assert cfg.train.epochs == 50
+    assert cfg.loss.mode == "forest-gradcam"
+
+
+def test_merge_order_defaults_extends_file_set(tmp_path):
+    write(tmp_path / "base.yaml", "train:\n  epochs: 7\n  batch_size: 4\npseudo:\n  sigma: 0.5\n")
+    child = write(tmp_path / "child.yaml", "extends: base.yaml\ntrain:\n  epochs: 9\n")
+    cfg = load_config(child, ["pseudo.sigma=0.1"])
+    assert cfg.train.epochs == 9          # file beats the file it extends
+    assert cfg.train.batch_size == 4      # inherited from base
+    assert cfg.pseudo.sigma == 0.1        # --set beats everything
+    assert cfg.data.input_size == 416     # untouched default
+
+
+def test_extends_chain_of_three_and_cycle(tmp_path):
+    write(tmp_path / "a.yaml", "model:\n  preset: tiny\n")
+    write(tmp_path / "b.yaml", "extends: a.yaml\ntrain:\n  epochs: 3\n")
+    c = write(tmp_path / "c.yaml", "extends: b.yaml\n")
+    cfg = load_config(c)
+    assert cfg.model.preset == "tiny" and cfg.train.epochs == 3
+    write(tmp_path / "x.yaml", "extends: y.yaml\n")
+    write(tmp_path / "y.yaml", "extends: x.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "x.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, section, key, expected",
+    [
+        ("train.epochs=3", "train", "epochs", 3),
+        ("pseudo.sigma=5e-2", "pseudo", "sigma", 0.05),
+        ("optim.lr=1", "optim", "lr", 1.0),               # int accepted for a float
+        ("data.strict=true", "data", "strict", True),
+        ("optim.milestones=[3,6]", "optim", "milestones", (3, 6)),
+        ("optim.milestones=4,8", "optim", "milestones", (4, 8)),
+        ("data.eval_splits=val,testA", "data", "eval_splits", ("val", "testA")),
+        ("model.clip_weights=/w/RN50.pt", "model", "clip_weights", "/w/RN50.pt"),
+        ("model.clip_weights=null", "model", "clip_weights", None),
+        ("ray.use_gpu=false", "ray", "use_gpu", False),
+        ("train.name=123", "train", "name", "123"),       # a str key keeps digits as text
+        ("loss.mode=tree", "loss", "mode", "tree"),
+    ],
+)
+def test_set_converts_types(override, section, key, expected):
+    cfg = load_config(None, [override])
+    assert getattr(getattr(cfg, section), key) == expected
+
+
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ("trian:\n  epochs: 3\n", ["unknown section 'trian'", "allowed sections", "train"]),
+        ("train:\n  epoch: 3\n", ["unknown key 'train.epoch'", "epochs", "batch_size"]),
+        ("train:\n  epochs: three\n", ["'train.epochs'", "an integer"]),
+        ("train:\n  epochs: 2.5\n", ["'train.epochs'", "an integer"]),
+        ("data:\n  strict: 1\n", ["'data.strict'", "true/false"]),
+        ("loss:\n  mode: boxes\n", ["'loss.mode'", "'box-bce'", "'forest-gradcam'"]),
+        ("pseudo:\n  sigma: -1\n", ["'pseudo.sigma'", "must be > 0"]),
+        ("data:\n  input_size: 100\n", ["'data.input_size'", "multiple of 32"]),
+        ("train: 3\n", ["section 'train'", "mapping"]),
+        ("- a\n- b\n", ["mapping of sections"]),
+    ],
+)
+def test_file_errors_name_key_file_and_allowed(tmp_path, text, needles):
+    path = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    for needle in needles:
+        assert needle in message
+    if "section" not in needles[0] and "mapping of" not in needles[0]:
+        assert str(path) in message
+
+
+def test_set_errors():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["epochs=3"])
+    with pytest.raises(ConfigError, match="unknown key 'optim.lrr' in --set"):
+        load_config(None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="'train.threshold' in --set"):
+        load_config(None, ["train.threshold=1.5"])
+
+
+def test_missing_file_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path / "broken.yaml", "train: [1,\n"))
+
+
+def test_dump_load_round_trip(tmp_path):
+    cfg = load_config(None, ["optim.milestones=[2,5]", "model.clip_weights=/x.pt",
+                             "ray.use_gpu=true", "data.eval_splits=val"])
+    text = dump_config(cfg)
+    assert config_from_dict(yaml.safe_load(text)) == cfg
+    path = write(tmp_path / "dumped.yaml", text)
+    assert load_config(path) == cfg
+    assert config_from_dict(yaml.safe_load(dump_config(Config()))) == Config()
+
+
+def test_replace_validates():
+    cfg = replace(Config(), loss={"mode": "tree"})
+    assert cfg.loss.mode == "tree" and cfg.train == Config().train
+    with pytest.raises(ConfigError):
+        replace(Config(), loss={"mode": "nope"})
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_experiment_loads_and_documents_its_command(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and "run.py" in first
+
+
+def test_cli_config_prints_resolved_yaml(capsys):
+    assert run.main(["config", "--config", "none", "--set", "train.epochs=4"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["epochs"] == 4
+    assert config_from_dict(printed).train.epochs == 4
+
+
+def test_cli_config_error_exit_code(capsys):
+    assert run.main(["config", "--set", "train.nope=1"]) == 2
+    assert "unknown key 'train.nope'" in capsys.readouterr().err
+
+
+def test_cli_help_for_each_subcommand(capsys):
+    for name in run.COMMANDS:
+        with pytest.raises(SystemExit) as info:
+            run.main([name, "--help"])
+        assert info.value.code == 0
+        assert name in capsys.readouterr().out
