@@ -19,6 +19,7 @@ Coordinate conventions (used everywhere in this module)
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -111,7 +112,11 @@ def rle_decode(counts: str | bytes | list[int], h: int, w: int) -> np.ndarray:
     else:
         raw = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
         rle = {"size": [h, w], "counts": raw}
-    return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+    with warnings.catch_warnings():
+        # pycocotools' Cython RLE object predates NumPy 2's __array__(copy=...) protocol
+        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+        decoded = mask_utils.decode(rle)
+    return np.ascontiguousarray(decoded, dtype=np.uint8)
 
 
 def rle_encode(mask: np.ndarray) -> str:
@@ -180,7 +185,10 @@ class Letterbox:
         return self.size // stride
 
     def apply_image(self, img: np.ndarray) -> np.ndarray:
-        """RGB uint8 ``[H, W, 3]`` -> float32 ``[S, S, 3]`` in [0, 1] (bilinear, CLIP-mean border)."""
+        """RGB uint8 ``[H, W, 3]`` -> float32 ``[S, S, 3]`` in [0, 1].
+
+        Bilinear warp; the border outside the resized image is filled with ``CLIP_MEAN``.
+        """
         self._check_hw(img, "image")
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
             raise ValueError(f"image must be uint8 [H, W, 3], got {img.dtype} {img.shape}")

@@ -1,0 +1,169 @@
+"""Losses (Sec. 3.4, Eq. 5-8) and the ablation rows of Table 2.
+
+* ``L_loc`` (Eq. 5-6), projection Dice: ``Dice(max_x P, max_x B) + Dice(max_y P, max_y B)``
+  with ``Dice(x, t) = 1 - 2 sum(x t) / (sum(x^2) + sum(t^2) + 1e-5)`` per sample.
+* ``L_pix`` (Eq. 7): ``sum_{i in box} |P_i - P-hat_i| / |box|`` per sample.
+* ``L = L_loc + gamma L_pix`` (Eq. 8).
+* Baselines: BCE-with-logits against the mask (``mask-bce``, fully supervised CRIS) or against
+  the box (``box-bce``).
+
+Every term is averaged over the batch. Each loss returns a dict of named 0-d tensors with the
+total under ``"loss"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as nnf
+
+ABLATION_MODES = ("mask-bce", "box-bce", "box-lloc", "tree", "forest-gradcam")
+DICE_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class ModeNeeds:
+    """What a training mode needs besides logits and box.
+
+    Attributes:
+        mask: the ground-truth mask at the output stride.
+        pseudo_label: pseudo labels (the whole-image tree and the tree filter).
+        forest: structural-forest labels (computed in the data pipeline).
+        gradcam: layer-4 features, sentence features and the attention pool.
+    """
+
+    mask: bool
+    pseudo_label: bool
+    forest: bool
+    gradcam: bool
+
+
+_MODE_NEEDS = {
+    "mask-bce": ModeNeeds(mask=True, pseudo_label=False, forest=False, gradcam=False),
+    "box-bce": ModeNeeds(mask=False, pseudo_label=False, forest=False, gradcam=False),
+    "box-lloc": ModeNeeds(mask=False, pseudo_label=False, forest=False, gradcam=False),
+    "tree": ModeNeeds(mask=False, pseudo_label=True, forest=False, gradcam=False),
+    "forest-gradcam": ModeNeeds(mask=False, pseudo_label=True, forest=True, gradcam=True),
+}
+
+
+def mode_needs(mode: str) -> ModeNeeds:
+    """What the ablation ``mode`` needs (see :class:`ModeNeeds`)."""
+    _check_mode(mode)
+    return _MODE_NEEDS[mode]
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ABLATION_MODES:
+        raise ValueError(f"unknown loss mode {mode!r}; expected one of {ABLATION_MODES}")
+
+
+def _as_bhw(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, H, W]`` or ``[B, H, W]`` -> ``[B, H, W]``."""
+    if t.ndim == 4 and t.shape[1] == 1:
+        return t[:, 0]
+    if t.ndim == 3:
+        return t
+    raise ValueError(f"{name} must be [B, 1, H, W] or [B, H, W], got {tuple(t.shape)}")
+
+
+def dice_loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``1 - 2 sum(x t) / (sum(x^2) + sum(t^2) + 1e-5)`` per sample: ``[B, L]`` -> ``[B]``."""
+    inter = (x * target).sum(dim=1)
+    denom = (x * x).sum(dim=1) + (target * target).sum(dim=1) + DICE_EPS
+    return 1.0 - 2.0 * inter / denom
+
+
+def location_loss(probs: torch.Tensor, box: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Projection Dice ``L_loc`` (Eq. 5-6).
+
+    Args:
+        probs: ``P [B, H, W]`` (or ``[B, 1, H, W]``) probabilities.
+        box: ``[B, H, W]`` 0/1 box raster.
+
+    Returns:
+        ``{"loss", "loc"}``, both the batch mean of ``L_loc``.
+    """
+    probs = _as_bhw("probs", probs)
+    box = _as_bhw("box", box).to(probs.dtype)
+    per_row = dice_loss(probs.amax(dim=2), box.amax(dim=2))  # max over x: [B, H]
+    per_col = dice_loss(probs.amax(dim=1), box.amax(dim=1))  # max over y: [B, W]
+    loc = (per_row + per_col).mean()
+    return {"loss": loc, "loc": loc}
+
+
+def pixel_loss(
+    probs: torch.Tensor, pseudo_label: torch.Tensor, box: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``L_pix`` (Eq. 7): mean absolute error to the pseudo label inside the box.
+
+    Args:
+        probs: ``P [B, H, W]`` (or ``[B, 1, H, W]``) probabilities.
+        pseudo_label: ``P-hat`` of the same shape (detached here).
+        box: ``[B, H, W]`` 0/1 box raster; an empty box contributes 0.
+
+    Returns:
+        ``{"loss", "pix"}``, both the batch mean of ``L_pix``.
+    """
+    probs = _as_bhw("probs", probs)
+    target = _as_bhw("pseudo_label", pseudo_label).detach().to(probs.dtype)
+    box = _as_bhw("box", box).to(probs.dtype)
+    area = box.sum(dim=(1, 2)).clamp(min=1.0)
+    pix = (((probs - target).abs() * box).sum(dim=(1, 2)) / area).mean()
+    return {"loss": pix, "pix": pix}
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """BCE-with-logits averaged over pixels and batch; ``[B, H, W]`` (or ``[B, 1, H, W]``).
+
+    Returns:
+        ``{"loss", "bce"}``.
+    """
+    logits = _as_bhw("logits", logits)
+    target = _as_bhw("target", target).to(logits.dtype)
+    bce = nnf.binary_cross_entropy_with_logits(logits, target)
+    return {"loss": bce, "bce": bce}
+
+
+def gtms_loss(
+    mode: str,
+    logits: torch.Tensor,
+    box: torch.Tensor,
+    *,
+    pseudo_label: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    gamma: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """The training loss of one ablation row.
+
+    Args:
+        mode: one of :data:`ABLATION_MODES`.
+        logits: ``[B, 1, H4, W4]`` (or ``[B, H4, W4]``) mask logits at the output stride.
+        box: ``[B, H4, W4]`` box raster.
+        pseudo_label: ``P-hat [B, H4, W4]`` (modes ``tree`` and ``forest-gradcam``).
+        mask: ``[B, H4, W4]`` ground-truth mask (mode ``mask-bce``).
+        gamma: weight of ``L_pix`` (see :func:`gtms.pseudo.schedules.gamma_at`).
+
+    Returns:
+        ``mask-bce`` / ``box-bce``: ``{"loss", "bce"}``; ``box-lloc``: ``{"loss", "loc"}``;
+        ``tree`` / ``forest-gradcam``: ``{"loss", "loc", "pix", "gamma"}`` with
+        ``loss = loc + gamma * pix``.
+    """
+    _check_mode(mode)
+    box = _as_bhw("box", box).to(logits.dtype)
+    if mode == "mask-bce":
+        if mask is None:
+            raise ValueError("mode 'mask-bce' needs mask")
+        return bce_loss(logits, mask)
+    if mode == "box-bce":
+        return bce_loss(logits, box)
+    probs = torch.sigmoid(_as_bhw("logits", logits))
+    loc = location_loss(probs, box)["loc"]
+    if mode == "box-lloc":
+        return {"loss": loc, "loc": loc}
+    if pseudo_label is None:
+        raise ValueError(f"mode {mode!r} needs pseudo_label")
+    pix = pixel_loss(probs, pseudo_label, box)["pix"]
+    gamma_t = torch.as_tensor(float(gamma), dtype=loc.dtype, device=loc.device)
+    return {"loss": loc + gamma_t * pix, "loc": loc, "pix": pix, "gamma": gamma_t}

@@ -1,0 +1,149 @@
+"""Vertex weights W (Alg. 1, lines 7-19) and pseudo label P-hat (Eq. 4).
+
+* ``W``: every in-box vertex gets the largest attention score of its sub-tree of the structural
+  forest; vertices outside the box get 0.
+* ``P-hat = TreeFilter(P * W)`` over the whole-image tree, with ``P = sigmoid(logits)``; soft and
+  detached.
+
+:func:`make_pseudo_labels` is the one entry point of the training step. Its ``mode`` is an
+ablation row of Table 2: ``tree`` uses ``W`` = box indicator (no forest, no GradCAM),
+``forest-gradcam`` is full GTMS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from gtms.pseudo.gradcam import gradcam_attention
+from gtms.pseudo.tree_filter import tree_filter_torch
+
+PSEUDO_LABEL_MODES = ("tree", "forest-gradcam")
+
+
+class PseudoLabels(NamedTuple):
+    """What the pseudo-label engine produced for one batch (all detached, ``[B, H4, W4]``).
+
+    Attributes:
+        attention: GradCAM attention ``A`` in [0, 1]; ``None`` in mode ``tree``.
+        weights: vertex weights ``W`` (0 outside the box).
+        pseudo_label: the soft pseudo label ``P-hat`` in [0, 1].
+    """
+
+    attention: torch.Tensor | None
+    weights: torch.Tensor
+    pseudo_label: torch.Tensor
+
+
+def vertex_weights(attention: torch.Tensor, forest_labels: torch.Tensor) -> torch.Tensor:
+    """Sub-tree maximum of the attention, broadcast to the sub-tree's vertices.
+
+    Args:
+        attention: ``A [B, N]`` float, non-negative (GradCAM maps are in [0, 1]).
+        forest_labels: ``[B, N]`` int sub-tree labels in ``[0, N)``, ``-1`` outside the box (see
+            :func:`gtms.pseudo.forest.structural_forest`); same device as ``attention``.
+
+    Returns:
+        ``W [B, N]`` in ``attention``'s dtype, 0 outside the box.
+    """
+    if attention.shape != forest_labels.shape or attention.ndim != 2:
+        raise ValueError(
+            f"attention and forest_labels must both be [B, N], got {tuple(attention.shape)} "
+            f"and {tuple(forest_labels.shape)}"
+        )
+    batch, n = attention.shape
+    labels = forest_labels.to(device=attention.device, dtype=torch.long)
+    inside = labels >= 0
+    offset = torch.arange(batch, device=attention.device).unsqueeze(1) * n
+    index = (labels.clamp(min=0) + offset).reshape(-1)  # one slot per (sample, sub-tree)
+    source = torch.where(inside, attention, torch.zeros_like(attention)).reshape(-1)
+    sub_tree_max = torch.zeros(batch * n, dtype=attention.dtype, device=attention.device)
+    sub_tree_max.scatter_reduce_(0, index, source, reduce="amax", include_self=True)
+    weights = sub_tree_max.gather(0, index).reshape(batch, n)
+    return torch.where(inside, weights, torch.zeros_like(weights))
+
+
+def pseudo_label(
+    probs: torch.Tensor, weights: torch.Tensor, parent, order, dist, sigma: float
+) -> torch.Tensor:
+    """``P-hat = TreeFilter(P * W)`` (Eq. 4), detached.
+
+    Args:
+        probs: ``P [B, N]`` predicted probabilities.
+        weights: ``W [B, N]`` vertex weights.
+        parent, order, dist: ``[B, N]`` whole-image trees (tensors or arrays), see
+            :class:`gtms.pseudo.tree.GridTree`.
+        sigma: affinity temperature of Eq. 3 (0.02 in the paper).
+
+    Returns:
+        ``[B, N]`` soft pseudo label on ``probs``' device and dtype.
+    """
+    return tree_filter_torch(probs.detach() * weights.detach(), parent, order, dist, sigma)
+
+
+def make_pseudo_labels(
+    logits: torch.Tensor,
+    box_at_stride4: torch.Tensor,
+    parent,
+    order,
+    dist,
+    *,
+    mode: str,
+    sigma: float,
+    forest_labels: torch.Tensor | None = None,
+    layer4: torch.Tensor | None = None,
+    sentence: torch.Tensor | None = None,
+    global_embedding: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> PseudoLabels:
+    """All pseudo-label work of one training step.
+
+    Args:
+        logits: ``[B, 1, H4, W4]`` (or ``[B, H4, W4]``) mask logits at the output stride.
+        box_at_stride4: ``[B, H4, W4]`` bool or 0/1 float box raster.
+        parent, order, dist: ``[B, N]`` whole-image trees, ``N = H4 * W4``.
+        mode: ``"tree"`` (W = box) or ``"forest-gradcam"`` (W from forest + GradCAM).
+        sigma: affinity temperature of Eq. 3.
+        forest_labels: ``[B, N]`` sub-tree labels (mode ``forest-gradcam`` only).
+        layer4: ``[B, C, h, w]`` layer-4 features (mode ``forest-gradcam`` only).
+        sentence: ``[B, D]`` sentence features (mode ``forest-gradcam`` only).
+        global_embedding: ``[B, C, h, w] -> [B, D]`` attention pool (mode ``forest-gradcam``).
+
+    Returns:
+        :class:`PseudoLabels` with ``[B, H4, W4]`` tensors, all detached.
+    """
+    if mode not in PSEUDO_LABEL_MODES:
+        raise ValueError(f"mode must be one of {PSEUDO_LABEL_MODES}, got {mode!r}")
+    probs = torch.sigmoid(logits.detach().float())
+    if probs.ndim == 4:
+        probs = probs[:, 0]
+    if probs.shape != box_at_stride4.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} do not match box_at_stride4 "
+            f"{tuple(box_at_stride4.shape)}"
+        )
+    batch, height, width = probs.shape
+    box = (box_at_stride4 > 0).to(device=probs.device, dtype=probs.dtype)
+    attention = None
+    if mode == "tree":
+        weights = box.reshape(batch, -1)
+    else:
+        needed = dict(
+            forest_labels=forest_labels,
+            layer4=layer4,
+            sentence=sentence,
+            global_embedding=global_embedding,
+        )
+        missing = [name for name, value in needed.items() if value is None]
+        if missing:
+            raise ValueError(f"mode 'forest-gradcam' needs {', '.join(missing)}")
+        attention = gradcam_attention(layer4, sentence, global_embedding, box).to(probs.device)
+        labels = torch.as_tensor(forest_labels, device=probs.device)
+        weights = vertex_weights(attention.reshape(batch, -1), labels)
+    label = pseudo_label(probs.reshape(batch, -1), weights, parent, order, dist, sigma)
+    return PseudoLabels(
+        attention=attention,
+        weights=weights.reshape(batch, height, width),
+        pseudo_label=label.reshape(batch, height, width),
+    )
