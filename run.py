@@ -8,9 +8,10 @@ import importlib
 import sys
 
 from gtms.config import ConfigError
+from gtms.errors import UserError
 
 # Subcommands in the order --help lists them; each module registers its own parser.
-COMMANDS = ("config",)
+COMMANDS = ("config", "prepare", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,94 @@
+"""Starting or joining Ray, and the one place where local resources are planned.
+
+Ray on a 2-core machine deadlocks easily (see ``shared/RAY.md``): trainer workers take whole CPUs,
+the preprocessing actors take theirs, and Ray Data's read tasks then wait forever for a CPU.
+:func:`local_num_cpus` sizes a local cluster so that every consumer fits at once (logical
+oversubscription: Ray's CPU counts are for scheduling, the OS shares the real cores). On a real
+cluster (``RAY_ADDRESS`` / ``--address``) nothing is resized: the same config scales up unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from urllib.parse import urlparse
+
+from gtms.config import RayConfig
+from gtms.errors import UserError
+
+# Logical CPUs held back for Ray Data's read tasks and the driver-side split coordinator.
+READ_TASK_CPUS = 1
+
+
+class RayStartError(UserError, RuntimeError):
+    """Ray could not be started or joined."""
+
+
+def local_num_cpus(cfg: RayConfig, concurrent_trials: int = 1) -> int:
+    """Logical CPUs for a local cluster running ``concurrent_trials`` trainings at once.
+
+    Each training needs its workers (``num_workers * cpus_per_worker``; none when the loop runs
+    in the driver), its preprocessing actors at their maximum pool size, and one CPU for reads.
+    """
+    if cfg.local_num_cpus:
+        return cfg.local_num_cpus
+    actors = max(cfg.preprocess_actors, cfg.preprocess_actors_max)
+    per_trial = cfg.num_workers * cfg.cpus_per_worker + actors * cfg.actor_cpus + READ_TASK_CPUS
+    return max(2, math.ceil(per_trial * concurrent_trials))
+
+
+def cluster_address(cfg: RayConfig, cli_address: str | None = None) -> str | None:
+    """The cluster to join: ``--address`` beats ``ray.address`` beats ``$RAY_ADDRESS``."""
+    return cli_address or cfg.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """Fail fast with a clear message when a ``host:port`` / ``ray://`` / ``http://`` address
+    does not answer (``ray.init`` would otherwise retry for a long time)."""
+    if address == "auto":
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise RayStartError(f"cannot parse Ray address {address!r}; expected host:port, "
+                            "ray://host:port or 'auto'")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise RayStartError(
+            f"Ray cluster at {address!r} is unreachable ({err.strerror or err}). Start one with "
+            "'ray start --head', fix --address / RAY_ADDRESS, or unset it to run locally."
+        ) from None
+
+
+def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trials: int = 1):
+    """Join the configured cluster, or start a local one sized by :func:`local_num_cpus`.
+
+    Inside a submitted job ``RAY_ADDRESS`` is set, so the job joins its own cluster and never
+    starts a second one. Calling this twice is harmless.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    address = cluster_address(cfg, cli_address)
+    if address:
+        _check_reachable(address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=local_num_cpus(cfg, concurrent_trials), include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+    return ray.get_runtime_context()
+
+
+def use_gpu(cfg: RayConfig) -> bool:
+    """``ray.use_gpu`` if set, else whether the cluster has a GPU."""
+    if cfg.use_gpu is not None:
+        return cfg.use_gpu
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0

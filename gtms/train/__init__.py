@@ -1,0 +1,1 @@
+"""Training: one loop that runs alone or inside Ray Train's TorchTrainer."""

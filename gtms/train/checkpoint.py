@@ -1,0 +1,56 @@
+"""Our training checkpoints: one ``model.pt`` holding everything needed to resume or evaluate.
+
+Keys: ``model`` (CRIS-named state dict, no ``module.`` prefix), ``optimizer``, ``scheduler``,
+``scaler`` (AMP, may be None), ``epoch`` (last finished), ``step`` (global iteration), ``config``
+(the resolved config as a plain dict), ``metrics``, ``format`` = :data:`FORMAT`. Everything is
+plain tensors and containers, so loading uses ``torch.load(weights_only=True)``: loading is not
+executing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gtms.errors import UserError
+
+FORMAT = "gtms-checkpoint-v1"
+FILENAME = "model.pt"
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint is missing, unreadable or does not fit."""
+
+
+def resolve_checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint directory (Ray's ``checkpoint_*``) or a ``.pt`` file -> the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def save_checkpoint(directory: str | Path, **payload: Any) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / FILENAME
+    torch.save({"format": FORMAT, **payload}, target)
+    return target
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load any checkpoint file as plain data (``weights_only=True``)."""
+    file = resolve_checkpoint_file(path)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise CheckpointError(f"{file} is not a readable checkpoint "
+                              f"(refused or corrupt: {str(err).splitlines()[0]})") from None
+
+
+def is_gtms_checkpoint(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == FORMAT

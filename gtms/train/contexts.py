@@ -1,0 +1,208 @@
+"""The two homes of the training loop: one plain process, or a Ray Train worker."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gtms.data.pipeline import (
+    SHARD_COLUMNS,
+    BadRowError,
+    SampleSpec,
+    batch_rows,
+    preprocess_ref,
+    shard_uri,
+    stack_samples,
+)
+from gtms.data.tokenizer import ClipTokenizer
+
+
+def iter_shard_rows(root: str, split: str, *, limit: int = 0,
+                    shuffle_seed: int | None = None) -> Iterator[dict[str, Any]]:
+    """Rows of a split's shards read with pyarrow in this process (local path or URI).
+
+    With ``shuffle_seed`` the row groups and the rows inside each group are shuffled.
+    """
+    import pyarrow.dataset as pads
+
+    dataset = pads.dataset(shard_uri(root, split), format="parquet")
+    fragments = []
+    for fragment in dataset.get_fragments():
+        fragments.extend(fragment.split_by_row_group())
+    rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
+    if rng is not None:
+        fragments = [fragments[i] for i in rng.permutation(len(fragments))]
+    emitted = 0
+    for fragment in fragments:
+        table = fragment.to_table(columns=list(SHARD_COLUMNS))
+        rows = batch_rows({name: table.column(name).to_numpy(zero_copy_only=False)
+                           for name in SHARD_COLUMNS})
+        order = rng.permutation(len(rows)) if rng is not None else range(len(rows))
+        for i in order:
+            if limit and emitted >= limit:
+                return
+            emitted += 1
+            yield rows[i]
+
+
+def count_rows(root: str, split: str) -> int:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(shard_uri(root, split), format="parquet").count_rows()
+
+
+class LocalContext:
+    """One process, no Ray: rows are read with pyarrow and preprocessed inline."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, *, root: str, train_split: str, val_split: str, train_spec: SampleSpec,
+                 val_spec: SampleSpec, limit_train: int, limit_eval: int, strict: bool,
+                 checkpoint_root: Path, device: torch.device | None = None):
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.root, self.train_split, self.val_split = root, train_split, val_split
+        self.train_spec, self.val_spec = train_spec, val_spec
+        self.limit_train, self.limit_eval, self.strict = limit_train, limit_eval, strict
+        self.checkpoint_root = checkpoint_root
+        self.tokenizer = ClipTokenizer()
+        self.epoch = 0
+        self._bad: dict[tuple[str, int], dict[str, int]] = {}
+        self.reports: list[dict[str, Any]] = []
+
+    def prepare_model(self, model):
+        return model
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self, split: str, spec: SampleSpec, batch_size: int, limit: int,
+                 shuffle_seed: int | None) -> Iterator[dict[str, np.ndarray]]:
+        pending: list[dict[str, Any]] = []
+        for row in iter_shard_rows(self.root, split, limit=limit, shuffle_seed=shuffle_seed):
+            try:
+                pending.extend(preprocess_ref(row, spec, self.tokenizer, self.epoch))
+            except BadRowError as err:
+                if self.strict:
+                    raise
+                counts = self._bad.setdefault((split, self.epoch), {})
+                counts[err.reason] = counts.get(err.reason, 0) + 1
+            while len(pending) >= batch_size:
+                yield stack_samples(pending[:batch_size], spec)
+                pending = pending[batch_size:]
+        if pending:
+            yield stack_samples(pending, spec)
+
+    def train_batches(self, epoch: int, batch_size: int) -> Iterable[dict[str, Any]]:
+        return self._batches(self.train_split, self.train_spec, batch_size, self.limit_train,
+                             self.train_spec.seed + epoch)
+
+    def val_batches(self, batch_size: int) -> Iterable[dict[str, Any]]:
+        return self._batches(self.val_split, self.val_spec, batch_size, self.limit_eval, None)
+
+    def bad_rows(self, epoch: int) -> dict[str, dict[str, int]]:
+        return {split: dict(counts) for (split, e), counts in self._bad.items() if e == epoch}
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.checkpoint_root.glob("checkpoint_epoch_*/model.pt"))
+        return found[-1].parent if found else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self.reports.append(metrics)
+        if checkpoint_dir is not None:
+            target = self.checkpoint_root / f"checkpoint_epoch_{metrics['epoch']:04d}"
+            target.mkdir(parents=True, exist_ok=True)
+            for file in checkpoint_dir.iterdir():
+                (target / file.name).write_bytes(file.read_bytes())
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+
+class RayTrainContext:
+    """Inside a Ray Train worker: dataset shards, ``ray.train.report``, DDP."""
+
+    def __init__(self, *, monitor_name: str, train_split: str, val_split: str, seed: int):
+        import ray
+        import ray.train
+        from ray.train.torch import get_device
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = get_device()
+        self.monitor = ray.get_actor(monitor_name)
+        self.train_split, self.val_split, self.seed = train_split, val_split, seed
+        self._tmp = tempfile.TemporaryDirectory()
+
+    def prepare_model(self, model):
+        from ray.train.torch import prepare_model
+
+        return prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+
+    def set_epoch(self, epoch: int) -> None:
+        import ray
+
+        ray.get(self.monitor.set_epoch.remote(epoch))
+        self.epoch = epoch
+
+    def train_batches(self, epoch: int, batch_size: int) -> Iterable[dict[str, Any]]:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        return shard.iter_torch_batches(batch_size=batch_size,
+                                        local_shuffle_buffer_size=4 * batch_size,
+                                        local_shuffle_seed=self.seed + 1000 * epoch + self.rank)
+
+    def val_batches(self, batch_size: int) -> Iterable[dict[str, Any]]:
+        import ray.train
+
+        return ray.train.get_dataset_shard("val").iter_batches(batch_size=batch_size,
+                                                              batch_format="numpy")
+
+    def bad_rows(self, epoch: int) -> dict[str, dict[str, int]]:
+        import ray
+
+        out = {}
+        for role, split in (("train", self.train_split), ("val", self.val_split)):
+            counts = ray.get(self.monitor.counts.remote(split, epoch))
+            if counts:
+                out[role] = counts
+        return out
+
+    def latest_checkpoint(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        return Path(checkpoint.to_directory(tempfile.mkdtemp(dir=self._tmp.name)))
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}")
+
+    def gather(self, obj: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not dist.is_initialized():
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def steps_per_epoch(n_refs: int, batch_size: int, world_size: int) -> int:
+    """Optimizer steps per epoch of the largest worker (for the per-iteration gamma ramp)."""
+    per_worker = math.ceil(n_refs / max(world_size, 1))
+    return max(1, math.ceil(per_worker / batch_size))

@@ -1,0 +1,199 @@
+"""The training loop. It runs alone (one plain process, ``--no-ray``) or per Ray Train worker.
+
+Everything Ray-specific sits behind a :class:`LoopContext`: where batches come from, how metrics
+and checkpoints are reported, the last checkpoint to resume from, and gathering validation
+results across workers. :func:`train_loop` itself only knows torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from gtms.config import Config, config_from_dict, config_to_dict
+from gtms.eval.metrics import SegmentationMeter
+from gtms.model.build import build_model, freeze_backbone
+from gtms.pseudo import PSEUDO_LABEL_MODES, gamma_at
+from gtms.train.checkpoint import load_checkpoint, save_checkpoint
+from gtms.train.optim import build_optimizer, build_scheduler
+from gtms.train.runlog import RunLogger
+from gtms.train.step import compute_losses, new_meters, to_device, unwrap, validation_step
+
+
+class LoopContext(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def train_batches(self, epoch: int, batch_size: int) -> Iterable[dict[str, Any]]: ...
+    def val_batches(self, batch_size: int) -> Iterable[dict[str, Any]]: ...
+    def bad_rows(self, epoch: int) -> dict[str, dict[str, int]]: ...
+    def latest_checkpoint(self) -> Path | None: ...
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
+    def gather(self, obj: Any) -> list[Any]: ...
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _restore(ckpt_path: Path, model, optimizer, scheduler, scaler) -> tuple[int, int]:
+    """Load a checkpoint into the training state; returns (next epoch, global step)."""
+    payload = load_checkpoint(ckpt_path)
+    unwrap(model).load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    if scaler is not None and payload.get("scaler"):
+        scaler.load_state_dict(payload["scaler"])
+    return int(payload["epoch"]) + 1, int(payload["step"])
+
+
+def _mean_terms(sums: dict[str, float], count: int) -> dict[str, float]:
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, epoch: int,
+                    step: int, steps_per_epoch: int, log) -> tuple[int, dict[str, float]]:
+    """One pass over this worker's shard. Returns (global step, mean loss terms + throughput)."""
+    model.train()
+    sums: dict[str, float] = {}
+    batches = samples = 0
+    start = time.perf_counter()
+    amp = scaler is not None
+    # Uneven shards (every ref exactly once per epoch) are handled by DDP's join().
+    joiner = model.join() if hasattr(model, "join") else contextlib.nullcontext()
+    with joiner:
+        for batch in ctx.train_batches(epoch, cfg.train.batch_size):
+            batch = to_device(batch, ctx.device)
+            gamma = gamma_at(step, steps_per_epoch, gamma_max=cfg.loss.gamma_max,
+                             warmup_epochs=cfg.loss.gamma_warmup_epochs,
+                             shape=cfg.loss.gamma_schedule)
+            with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=amp):
+                result = compute_losses(model, batch, mode=cfg.loss.mode,
+                                        sigma=cfg.pseudo.sigma, gamma=gamma)
+            optimizer.zero_grad(set_to_none=True)
+            loss = result.terms["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}")
+            if amp:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            if amp:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            for key, value in result.terms.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            batches += 1
+            samples += len(batch["image"])
+            step += 1
+            if log and step % cfg.train.log_every == 0:
+                log.scalars("train_step", {k: float(v) for k, v in result.terms.items()}, step)
+    seconds = time.perf_counter() - start
+    stats = _mean_terms(sums, batches)
+    stats["gamma"] = gamma_at(step, steps_per_epoch, gamma_max=cfg.loss.gamma_max,
+                              warmup_epochs=cfg.loss.gamma_warmup_epochs,
+                              shape=cfg.loss.gamma_schedule)
+    stats.update(samples=samples, seconds=seconds, samples_per_s=samples / max(seconds, 1e-9))
+    return step, stats
+
+
+def validate(model, ctx: LoopContext, cfg: Config) -> tuple[dict[str, float], Any]:
+    """Score this worker's part of the validation split, gather all workers' results."""
+    model.eval()
+    meters = new_meters()
+    pseudo_mode = cfg.loss.mode if cfg.loss.mode in PSEUDO_LABEL_MODES else "forest-gradcam"
+    first = None
+    for batch in ctx.val_batches(cfg.train.eval_batch_size):
+        result = validation_step(model, batch, meters, input_size=cfg.data.input_size,
+                                 threshold=cfg.train.threshold, pseudo_mode=pseudo_mode,
+                                 sigma=cfg.pseudo.sigma)
+        if first is None:
+            first = (batch, result)
+    gathered = ctx.gather((meters.prediction, meters.pseudo_label, meters.weights))
+    merged = [SegmentationMeter() for _ in range(3)]
+    for part in gathered:
+        merged = [m.merge(p) for m, p in zip(merged, part)]
+    metrics = {f"val_{k}": v for k, v in merged[0].summary().items()}
+    for name, meter in (("pseudo_label", merged[1]), ("weights", merged[2])):
+        if len(meter):
+            summary = meter.summary()
+            metrics[f"val_{name}_mean_iou"] = summary["mean_iou"]
+            metrics[f"val_{name}_overall_iou"] = summary["overall_iou"]
+    return metrics, first
+
+
+def train_loop(config: dict, ctx: LoopContext, *, run_dir: str | None,
+               steps_per_epoch: int) -> dict[str, Any]:
+    """Train ``config`` (a plain dict of the resolved Config) under ``ctx``."""
+    cfg = config_from_dict(config, "<run config>")
+    seed_everything(cfg.train.seed + ctx.rank)
+    model = build_model(cfg.model.preset, word_len=cfg.data.word_len,
+                        clip_weights=cfg.model.clip_weights,
+                        init_checkpoint=cfg.model.init_checkpoint).to(ctx.device)
+    if cfg.model.freeze_backbone:
+        freeze_backbone(model)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim)
+    amp = cfg.optim.amp and ctx.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    start_epoch, step = 0, 0
+    latest = ctx.latest_checkpoint()
+    if latest is not None:
+        start_epoch, step = _restore(latest, model, optimizer, scheduler, scaler)
+    model = ctx.prepare_model(model)
+    log = RunLogger(run_dir) if (ctx.rank == 0 and run_dir) else None
+    if log and start_epoch:
+        log.console(f"resuming at epoch {start_epoch + 1} (global step {step}) from {latest}")
+    best = -math.inf
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.train.epochs):
+        ctx.set_epoch(epoch)
+        lr = optimizer.param_groups[-1]["lr"]
+        step, stats = train_one_epoch(model, optimizer, scaler, ctx, cfg, epoch=epoch,
+                                      step=step, steps_per_epoch=steps_per_epoch, log=log)
+        scheduler.step()
+        val, first = validate(model, ctx, cfg)
+        metrics = {"epoch": epoch, "step": step, "lr": lr,
+                   **{f"train_{k}": v for k, v in stats.items()}, **val}
+        for split, counts in ctx.bad_rows(epoch).items():
+            for reason, count in counts.items():
+                metrics[f"skipped_{split}_{reason}"] = count
+        best = max(best, metrics["val_mean_iou"])
+        metrics["best_val_mean_iou"] = best
+        if log:
+            log.epoch(metrics, cfg.train.epochs)
+            if cfg.train.image_grid_every and (epoch + 1) % cfg.train.image_grid_every == 0 \
+                    and first is not None:
+                log.image_grid(first[0], first[1], step)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint_dir = None
+            if ctx.rank == 0:
+                checkpoint_dir = Path(tmp)
+                save_checkpoint(
+                    checkpoint_dir, model=unwrap(model).state_dict(),
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict() if scaler else None, epoch=epoch, step=step,
+                    config=config_to_dict(cfg), metrics=metrics)
+            ctx.report(metrics, checkpoint_dir)
+    if log:
+        log.close()
+    return metrics

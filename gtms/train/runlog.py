@@ -1,0 +1,67 @@
+"""What a run writes about itself while it trains (rank 0 only).
+
+``<run>/metrics.jsonl`` (one JSON object per epoch), TensorBoard event files under ``<run>/tb``
+(loss terms, gamma, lr, validation metrics, pseudo-label quality, image grids), and one progress
+line per epoch on the console.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONSOLE_KEYS = (("train_loss", "loss"), ("train_loc", "loc"), ("train_pix", "pix"),
+                ("train_bce", "bce"), ("train_gamma", "gamma"), ("lr", "lr"),
+                ("train_samples_per_s", "samples/s"), ("val_mean_iou", "val mIoU"),
+                ("val_overall_iou", "val oIoU"), ("val_pseudo_label_mean_iou", "P^ mIoU"))
+
+
+class RunLogger:
+    def __init__(self, run_dir: str | Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self.jsonl = self.run_dir / "metrics.jsonl"
+
+    def console(self, text: str) -> None:
+        print(text, flush=True)
+
+    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def epoch(self, metrics: dict[str, Any], epochs: int) -> None:
+        step = metrics["step"]
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                group, _, name = key.partition("_")
+                self.writer.add_scalar(f"{group}/{name}", value, step)
+        self.writer.flush()
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        parts = [f"epoch {metrics['epoch'] + 1}/{epochs}"]
+        for key, label in CONSOLE_KEYS:
+            if key in metrics:
+                value = metrics[key]
+                parts.append(f"{label} {value:.3g}" if key in ("lr",) else f"{label} {value:.4f}"
+                             if isinstance(value, float) and value < 100 else
+                             f"{label} {value:.1f}")
+        skipped = {k: v for k, v in metrics.items() if k.startswith("skipped_")}
+        if skipped:
+            parts.append("skipped " + ", ".join(f"{k[8:]}={v}" for k, v in skipped.items()))
+        self.console(" | ".join(parts))
+
+    def image_grid(self, batch: dict[str, Any], result: dict[str, Any], step: int) -> None:
+        from gtms.viz import sample_panels
+
+        grid = sample_panels(batch, result, max_samples=4)
+        self.writer.add_image("val/samples", np.ascontiguousarray(grid), step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

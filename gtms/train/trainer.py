@@ -1,0 +1,241 @@
+"""Driver side of ``run.py train``: dataset check, run folder, and the TorchTrainer around the loop.
+
+A run lives in ``<train.run_dir>/<name>/``: ``config.yaml`` (resolved), ``run.json`` (git SHA,
+package versions, seeds, command), ``metrics.jsonl``, ``tb/`` (TensorBoard), Ray's
+``checkpoint_epoch_XXXX/model.pt`` folders, and ``summary.json`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gtms.config import Config, config_to_dict, dump_config, load_config
+from gtms.data.pipeline import PoolSpec, build_dataset, exact_split_data_config, spec_for
+from gtms.errors import UserError
+from gtms.train.contexts import LocalContext, RayTrainContext, count_rows, steps_per_epoch
+from gtms.train.loop import train_loop
+
+
+class RunError(UserError, RuntimeError):
+    """A run cannot start (missing data, existing run folder, bad resume target)."""
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    storage: Path          # train.run_dir, absolute
+    name: str
+
+    @property
+    def run_dir(self) -> Path:
+        return self.storage / self.name
+
+
+def default_run_name(cfg: Config) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.data.dataset}-{cfg.model.preset}-{cfg.loss.mode}-{stamp}"
+
+
+def resolve_data_root(cfg: Config) -> str:
+    """The prepared dataset (``<root>/shards/<split>``); SynthRef is generated when absent."""
+    root = cfg.data.root
+    if "://" in root:
+        return root
+    root = str(Path(root).resolve())
+    if cfg.data.dataset == "synthref":
+        from gtms.data.synthref import ensure_synthref
+
+        ensure_synthref(root, num_images=cfg.data.synthref_images, seed=cfg.data.synthref_seed,
+                        difficulty=cfg.data.synthref_difficulty)
+    elif not (Path(root) / "manifest.json").is_file():
+        raise RunError(f"no prepared {cfg.data.dataset} dataset at {root} (manifest.json "
+                       f"missing); run: python run.py prepare --dataset {cfg.data.dataset} "
+                       f"--refer-root DIR --images DIR --out {cfg.data.root}")
+    return root
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "ray", "numpy", "pyarrow", "numba", "opencv-python-headless",
+                 "instant-clip-tokenizer", "pycocotools"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def write_run_metadata(run_dir: Path, cfg: Config, *, world_size: int) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    meta = {"git_sha": git_sha(), "versions": package_versions(), "command": sys.argv,
+            "seeds": {"base": cfg.train.seed,
+                      "per_rank": [cfg.train.seed + r for r in range(max(world_size, 1))],
+                      "sentence_and_shuffle": cfg.train.seed},
+            "host": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
+
+
+def plan_run(cfg: Config, *, resume: str | None) -> tuple[Config, RunPaths]:
+    """Pick the run folder. ``resume`` = a run name, a run folder, or ``"latest"``."""
+    storage = Path(cfg.train.run_dir).resolve()
+    if resume is None:
+        name = cfg.train.name or default_run_name(cfg)
+        if (storage / name).exists():
+            raise RunError(f"run folder {storage / name} exists; pass --resume {name} to "
+                           "continue it or choose another train.name")
+        return cfg, RunPaths(storage, name)
+    if resume == "latest":
+        runs = sorted((p for p in storage.glob("*/config.yaml")), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise RunError(f"--resume latest: no runs under {storage}")
+        run_dir = runs[-1].parent
+    else:
+        run_dir = Path(resume) if Path(resume).is_dir() else storage / resume
+    if not (run_dir / "config.yaml").is_file():
+        raise RunError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
+    return load_config(run_dir / "config.yaml"), RunPaths(run_dir.parent, run_dir.name)
+
+
+def _ray_worker(loop_config: dict) -> dict:
+    ctx = RayTrainContext(monitor_name=loop_config["monitor"],
+                          train_split=loop_config["train_split"],
+                          val_split=loop_config["val_split"], seed=loop_config["seed"])
+    return train_loop(loop_config["config"], ctx, run_dir=loop_config["run_dir"],
+                      steps_per_epoch=loop_config["steps_per_epoch"])
+
+
+def _limited(n: int, limit: int) -> int:
+    return min(n, limit) if limit else n
+
+
+def fit(cfg: Config, *, resume: str | None = None, no_ray: bool = False,
+        address: str | None = None, set_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train; returns the summary (also written to ``<run>/summary.json``)."""
+    cfg, paths = plan_run(cfg, resume=resume)
+    if resume is not None and set_overrides:  # e.g. --set train.epochs=20 to train longer
+        cfg = load_config(paths.run_dir / "config.yaml", set_overrides)
+    root = resolve_data_root(cfg)
+    n_train = _limited(count_rows(root, cfg.data.train_split), cfg.data.limit_train_refs)
+    if n_train == 0:
+        raise RunError(f"split {cfg.data.train_split!r} under {root} is empty")
+    world = 1 if no_ray else max(cfg.ray.num_workers, 1)
+    steps = steps_per_epoch(n_train, cfg.train.batch_size, world)
+    write_run_metadata(paths.run_dir, cfg, world_size=world)
+    specs = dict(
+        train=spec_for("train", input_size=cfg.data.input_size, word_len=cfg.data.word_len,
+                       mode=cfg.loss.mode, seed=cfg.train.seed),
+        val=spec_for("val", input_size=cfg.data.input_size, word_len=cfg.data.word_len,
+                     mode=cfg.loss.mode, seed=cfg.train.seed))
+    print(f"run folder: {paths.run_dir}\ntraining {cfg.model.preset} / {cfg.loss.mode} on "
+          f"{n_train} {cfg.data.train_split} refs, {steps} steps/epoch x {cfg.train.epochs} "
+          f"epochs, {world} worker(s){' (no Ray)' if no_ray else ''}", flush=True)
+    start = time.time()
+    if no_ray:
+        ctx = LocalContext(root=root, train_split=cfg.data.train_split,
+                           val_split=cfg.data.val_split, train_spec=specs["train"],
+                           val_spec=specs["val"], limit_train=cfg.data.limit_train_refs,
+                           limit_eval=cfg.data.limit_eval_refs, strict=cfg.data.strict,
+                           checkpoint_root=paths.run_dir)
+        final = train_loop(config_to_dict(cfg), ctx, run_dir=str(paths.run_dir),
+                           steps_per_epoch=steps)
+        summary = _local_summary(ctx, paths, final)
+    else:
+        summary = _fit_on_ray(cfg, paths, root, specs, steps, address)
+    summary["wall_time_s"] = round(time.time() - start, 1)
+    (paths.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _local_summary(ctx: LocalContext, paths: RunPaths, final: dict) -> dict[str, Any]:
+    reports = ctx.reports
+    best = max(reports, key=lambda m: m["val_mean_iou"]) if reports else final
+    return {"run_dir": str(paths.run_dir), "final": final, "best": best,
+            "best_checkpoint": str(paths.run_dir / f"checkpoint_epoch_{best['epoch']:04d}"),
+            "latest_checkpoint": str(paths.run_dir / f"checkpoint_epoch_{final['epoch']:04d}")
+            if final else None}
+
+
+def _fit_on_ray(cfg: Config, paths: RunPaths, root: str, specs: dict, steps: int,
+                address: str | None) -> dict[str, Any]:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from gtms.data.pipeline import start_monitor
+    from gtms.runtime import init_ray, use_gpu
+
+    init_ray(cfg.ray, cli_address=address)
+    monitor_name = f"gtms-monitor-{paths.name}"
+    monitor = start_monitor(monitor_name)
+    pool = PoolSpec(cfg.ray.preprocess_actors, cfg.ray.preprocess_actors_max,
+                    cfg.ray.actor_cpus, batch_size=8)
+    datasets = {
+        "train": build_dataset(root, cfg.data.train_split, specs["train"], pool,
+                               monitor_name=monitor_name, strict=cfg.data.strict,
+                               limit=cfg.data.limit_train_refs, shuffle_seed=cfg.train.seed),
+        "val": build_dataset(root, cfg.data.val_split, specs["val"], pool,
+                             monitor_name=monitor_name, strict=cfg.data.strict,
+                             limit=cfg.data.limit_eval_refs),
+    }
+    gpu = use_gpu(cfg.ray)
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if gpu:
+        resources["GPU"] = cfg.ray.gpus_per_worker
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"config": config_to_dict(cfg), "run_dir": str(paths.run_dir),
+                           "steps_per_epoch": steps, "monitor": monitor_name,
+                           "train_split": cfg.data.train_split,
+                           "val_split": cfg.data.val_split, "seed": cfg.train.seed},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=paths.name, storage_path=str(paths.storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                               checkpoint_score_attribute="val_mean_iou",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
+        datasets=datasets,
+        dataset_config=exact_split_data_config(["train", "val"]),
+    )
+    result = trainer.fit()
+    ray.kill(monitor)
+    best = max(result.best_checkpoints, key=lambda cm: cm[1]["val_mean_iou"]) \
+        if result.best_checkpoints else (result.checkpoint, result.metrics)
+    return {"run_dir": str(paths.run_dir), "final": result.metrics, "best": best[1],
+            "best_checkpoint": best[0].path if best[0] else None,
+            "latest_checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    best, final = summary.get("best") or {}, summary.get("final") or {}
+    print("\n=== training finished ===")
+    print(f"run folder:          {summary['run_dir']}")
+    print(f"wall time:           {summary.get('wall_time_s', 0):.0f} s")
+    if final:
+        print(f"final epoch:         {final['epoch'] + 1}  val mean IoU "
+              f"{final['val_mean_iou']:.4f}  overall IoU {final['val_overall_iou']:.4f}")
+    if best:
+        print(f"best epoch:          {best['epoch'] + 1}  val mean IoU "
+              f"{best['val_mean_iou']:.4f}")
+    print(f"best checkpoint:     {summary.get('best_checkpoint')}")
+    print(f"latest checkpoint:   {summary.get('latest_checkpoint')}")
+    print(f"TensorBoard:         tensorboard --logdir {summary['run_dir']}/tb")
+    sys.stdout.flush()
