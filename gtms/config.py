@@ -302,11 +302,15 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return Config(**{s: _build_section(s, merged[s], sources[s]) for s in SECTIONS})
 
 
-def config_from_dict(doc: dict, where: str = "<dict>") -> Config:
-    """Build a Config from a nested mapping (e.g. a checkpoint's saved config)."""
+def config_from_dict(doc: dict, where: str = "<dict>",
+                     overrides: typing.Sequence[str] = ()) -> Config:
+    """Build a Config from a nested mapping (e.g. a checkpoint's saved config) and overrides."""
     merged: dict[str, dict] = {s: {} for s in SECTIONS}
     sources: dict[str, dict] = {s: {} for s in SECTIONS}
     _merge_layer(merged, sources, doc, where)
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _merge_layer(merged, sources, {section: {key: value}}, "--set")
     return Config(**{s: _build_section(s, merged[s], sources[s]) for s in SECTIONS})
 
 

@@ -125,14 +125,3 @@ class SkipLog:
 
     def total(self) -> int:
         return sum(self.counts.values())
-
-    def summary(self) -> str:
-        """One line per reason, for the console."""
-        if not self.counts:
-            return "skipped: none"
-        lines = [f"skipped {self.total()} ref(s):"]
-        for reason, n in sorted(self.counts.items()):
-            example = self.examples.get(reason, [{}])[0]
-            lines.append(f"  {reason}: {n} (e.g. ref {example.get('ref_id')} in "
-                         f"{example.get('file')}: {example.get('detail')})")
-        return "\n".join(lines)

@@ -110,7 +110,8 @@ def load_refs_pickle(path: str | Path) -> list[dict]:
         except DataError:
             raise
         except Exception as err:  # a damaged pickle raises many types; all mean "unreadable"
-            raise DataError(f"{path}: not a readable refs pickle: {type(err).__name__}: {err}")
+            raise DataError(
+                f"{path}: not a readable refs pickle: {type(err).__name__}: {err}") from err
     if not isinstance(refs, list):
         raise DataError(f"{path}: expected a list of refs, found {type(refs).__name__}")
     return refs

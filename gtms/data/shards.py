@@ -156,7 +156,7 @@ def write_shards(records: Sequence[RefRecord], *, source: ReferSource, shard_dir
     if rows_per_file < 1 or rows_per_row_group < 1:
         raise ValueError("rows_per_file and rows_per_row_group must be >= 1")
     shard_dir = Path(shard_dir)
-    (shard_dir / ".tmp").mkdir(parents=True, exist_ok=True)
+    _clear_tmp(shard_dir)
     manifest = _manifest_head(source, shard_dir, rows_per_file, rows_per_row_group, generator)
     parts = _plan(records, manifest, rows_per_file)
     previous = {s["path"]: s for s in (read_manifest(shard_dir) or {}).get("shards", [])}
@@ -178,6 +178,7 @@ def write_shards(records: Sequence[RefRecord], *, source: ReferSource, shard_dir
     bar.close()
     _remove_stale(shard_dir, set(entries))
     final = _write_manifest(shard_dir, manifest, entries, skips, complete=True)
+    (shard_dir / ".tmp").rmdir()
     return ShardReport(final, shard_dir / MANIFEST_NAME, written=written, reused=reused)
 
 
@@ -330,6 +331,7 @@ def _write_part(part: _Part, shard_dir: Path, images: _ImageReader, strict: bool
     os.replace(tmp, final)
     return {
         "split": part.split, "path": part.path, "num_rows": len(rows),
+        "num_sentences": sum(len(row.record.sentences) for row in rows),
         "num_row_groups": pq.ParquetFile(final).num_row_groups, "sha256": digest,
         "plan_key": part.key, "skipped": dict(sorted(skips.counts.items())),
         "skipped_examples": skips.examples,
@@ -361,6 +363,14 @@ def _write_manifest(shard_dir: Path, head: dict, entries: dict[str, dict], skips
     tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, shard_dir / MANIFEST_NAME)
     return manifest
+
+
+def _clear_tmp(shard_dir: Path) -> None:
+    """Start with an empty ``.tmp`` (left-overs of an interrupted run are incomplete files)."""
+    tmp = shard_dir / ".tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    for file in tmp.iterdir():
+        file.unlink()
 
 
 def _remove_stale(shard_dir: Path, keep: set[str]) -> None:

@@ -55,8 +55,9 @@ class CLIPBackbone(CLIPText):
             grid_size=grid_size,
             output_dim=embed_dim,
         )
-        # CLIP's contrastive temperature; unused by CRIS, kept so checkpoints load unchanged.
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # CLIP's contrastive temperature: unused by CRIS, kept so checkpoints load unchanged, and
+        # not trainable (an unused trainable parameter breaks DistributedDataParallel).
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)), requires_grad=False)
 
     def encode_image(self, image: torch.Tensor) -> VisualFeatures:
         return self.visual(image)

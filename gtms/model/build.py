@@ -76,7 +76,8 @@ class CRISArch:
 
     def to_dict(self) -> dict:
         """Plain types only (lists, ints, floats), for checkpoints and JSON."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        values = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
     @classmethod
     def from_dict(cls, values: Mapping) -> CRISArch:
@@ -143,7 +144,9 @@ def clip_backbone_shapes(state_dict: Mapping[str, torch.Tensor]) -> dict:
     grid_tokens = state_dict["visual.attnpool.positional_embedding"].shape[0]
     grid = round((grid_tokens - 1) ** 0.5)
     if grid**2 + 1 != grid_tokens:
-        raise UnsupportedCheckpointError(f"attention-pool embedding of {grid_tokens} rows is no grid")
+        raise UnsupportedCheckpointError(
+            f"visual.attnpool.positional_embedding has {grid_tokens} rows: not 1 + a square grid"
+        )
     text_width = state_dict["ln_final.weight"].shape[0]
     return dict(
         vision_layers=tuple(stages),
@@ -217,7 +220,9 @@ def build_model(
         try:
             arch = dataclasses.replace(arch, **clip_backbone_shapes(clip_state))
         except ValueError as err:
-            raise ValueError(f"preset {preset!r} does not fit CLIP weights {clip_weights}: {err}")
+            raise ValueError(
+                f"preset {preset!r} does not fit CLIP weights {clip_weights}: {err}"
+            ) from err
     model = build_from_arch(arch)
     if clip_state is not None:
         load_clip_state_dict(model, clip_state, source=str(clip_weights))
@@ -235,11 +240,10 @@ def param_groups(model: CRIS, *, lr: float, backbone_lr_mult: float) -> list[dic
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
     backbone_ids = {id(p) for p in model.backbone.parameters()}
     head = [p for p in model.parameters() if p.requires_grad and id(p) not in backbone_ids]
-    groups = [
-        dict(name="backbone", params=backbone, lr=lr * backbone_lr_mult),
-        dict(name="head", params=head, lr=lr),
-    ]
-    return [g for g in groups if g["params"] and g["lr"] > 0]
+    groups = [dict(name="head", params=head, lr=lr)]
+    if backbone_lr_mult > 0:
+        groups.insert(0, dict(name="backbone", params=backbone, lr=lr * backbone_lr_mult))
+    return [g for g in groups if g["params"]]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -104,8 +104,8 @@ class AttentionPool2d(nn.Module):
         def heads(x: torch.Tensor) -> torch.Tensor:  # [B, N, C] -> [B, heads, N, C/heads]
             return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-        q, k, v = heads(self.q_proj(queries)), heads(self.k_proj(tokens)), heads(self.v_proj(tokens))
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, Q, C/heads]
+        q, k = heads(self.q_proj(queries)), heads(self.k_proj(tokens))
+        out = F.scaled_dot_product_attention(q, k, heads(self.v_proj(tokens)))  # [B, h, Q, C/h]
         return self.c_proj(out.transpose(1, 2).flatten(2))
 
     def _spatial_tokens(self, layer4: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,9 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(
             OrderedDict(
-                c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width)
+                c_fc=nn.Linear(width, 4 * width),
+                gelu=QuickGELU(),
+                c_proj=nn.Linear(4 * width, width),
             )
         )
         self.ln_2 = nn.LayerNorm(width)

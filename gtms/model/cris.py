@@ -87,4 +87,6 @@ def _check_image_size(image: torch.Tensor) -> None:
         raise ValueError(f"image must be [B, 3, H, W], got {list(image.shape)}")
     h, w = image.shape[-2:]
     if h % INPUT_MULTIPLE or w % INPUT_MULTIPLE:
-        raise ValueError(f"image height and width must be multiples of {INPUT_MULTIPLE}, got {h}x{w}")
+        raise ValueError(
+            f"image height and width must be multiples of {INPUT_MULTIPLE}, got {h}x{w}"
+        )

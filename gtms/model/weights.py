@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -142,7 +143,9 @@ def _is_torchscript_archive(path: Path) -> bool:
 def _load_torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of a TorchScript archive; the scripted module itself is discarded."""
     try:
-        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)  # TorchScript's own
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     except Exception as err:
         raise NotACheckpointError(
             f"{path} is not a readable TorchScript archive: {type(err).__name__}: {err}"

@@ -7,8 +7,9 @@ between 4-neighbours is the squared L2 colour difference (Eq. 1)
 
 The MST is built by Kruskal's algorithm with union-find, specialised to the grid:
 
-* edges are enumerated in a fixed order: for each vertex ``u`` in row-major order, first its
-  right edge ``(u, u + 1)`` then its down edge ``(u, u + W)``;
+* edges are enumerated in a fixed order: edge ``2 u`` is the right edge ``(u, u + 1)`` of
+  vertex ``u``, edge ``2 u + 1`` its down edge ``(u, u + W)`` (missing edges at the border get
+  distance ``inf`` and are never used);
 * they are sorted by a stable LSD radix sort on the float32 bit pattern (non-negative floats
   order like their bits), so equal distances keep the enumeration order: ties are broken
   deterministically, and the result is O(N);
@@ -49,32 +50,34 @@ class GridTree(NamedTuple):
 
 
 @numba.njit(cache=True, nogil=True)
-def _edge_distances(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Enumerate grid edges in the fixed order; returns ``(u [E], v [E], d [E] float32)``."""
+def _edge_distances(image: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Grid edge distances ``[2 N] float32``: entry ``2 u`` is the right edge ``(u, u + 1)``,
+    entry ``2 u + 1`` the down edge ``(u, u + W)``; ``inf`` where the edge leaves the image.
+
+    Also returns whether every real edge's distance is finite (no NaN, no overflow)."""
     height, width, channels = image.shape
-    n_edges = height * (width - 1) + (height - 1) * width
-    src = np.empty(n_edges, np.int32)
-    dst = np.empty(n_edges, np.int32)
-    dist = np.empty(n_edges, np.float32)
-    e = 0
+    dist = np.empty(2 * height * width, np.float32)
+    finite = True
     for y in range(height):
         for x in range(width):
             u = y * width + x
+            acc = np.float32(np.inf)
             if x + 1 < width:
                 acc = np.float32(0.0)
                 for c in range(channels):
                     diff = image[y, x, c] - image[y, x + 1, c]
                     acc += diff * diff
-                src[e], dst[e], dist[e] = u, u + 1, acc
-                e += 1
+                finite &= acc < np.inf
+            dist[2 * u] = acc
+            acc = np.float32(np.inf)
             if y + 1 < height:
                 acc = np.float32(0.0)
                 for c in range(channels):
                     diff = image[y, x, c] - image[y + 1, x, c]
                     acc += diff * diff
-                src[e], dst[e], dist[e] = u, u + width, acc
-                e += 1
-    return src, dst, dist
+                finite &= acc < np.inf
+            dist[2 * u + 1] = acc
+    return dist, finite
 
 
 @numba.njit(cache=True, nogil=True)
@@ -83,7 +86,7 @@ def _stable_argsort_nonneg_f32(values: np.ndarray) -> np.ndarray:
     n = values.size
     keys = values.view(np.uint32)
     n_passes = (32 + _RADIX_BITS - 1) // _RADIX_BITS
-    counts = np.zeros((n_passes, _RADIX), np.int64)
+    counts = np.zeros((n_passes, _RADIX), np.int32)
     for i in range(n):
         k = keys[i]
         for p in range(n_passes):
@@ -118,45 +121,46 @@ def _find(uf_parent: np.ndarray, v: int) -> int:
 
 
 @numba.njit(cache=True, nogil=True)
-def _kruskal_grid(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """MST edges of the grid as a neighbour bit mask ``[N] uint8`` plus the edge distances of
-    right/down edges ``[2, N] float32`` (row 0: right edge of v, row 1: down edge of v)."""
-    height, width, _ = image.shape
+def _kruskal_grid(edge_dist: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Kruskal on the ``height x width`` grid with finite ``edge_dist [2 N]`` (see
+    ``_edge_distances``); returns the tree edges at each vertex as bits (right, down, left, up),
+    ``mask [N] uint8``."""
     n = height * width
-    src, dst, dist = _edge_distances(image)
-    perm = _stable_argsort_nonneg_f32(dist)
+    perm = _stable_argsort_nonneg_f32(edge_dist)
     uf_parent = np.arange(n).astype(np.int32)
-    uf_size = np.ones(n, np.int32)
+    uf_rank = np.zeros(n, np.uint8)
     mask = np.zeros(n, np.uint8)
-    side = np.zeros((2, n), np.float32)
     taken = 0
     for k in range(perm.size):
         if taken == n - 1:
             break
         e = perm[k]
-        u, v = src[e], dst[e]
+        u = e >> 1
+        down = e & 1
+        v = u + width if down else u + 1
         ru, rv = _find(uf_parent, u), _find(uf_parent, v)
         if ru == rv:
             continue
-        if uf_size[ru] < uf_size[rv]:
-            ru, rv = rv, ru
-        uf_parent[rv] = ru
-        uf_size[ru] += uf_size[rv]
-        taken += 1
-        if v == u + 1:
-            mask[u] |= _RIGHT
-            mask[v] |= _LEFT
-            side[0, u] = dist[e]
+        if uf_rank[ru] < uf_rank[rv]:
+            uf_parent[ru] = rv
+        elif uf_rank[ru] > uf_rank[rv]:
+            uf_parent[rv] = ru
         else:
+            uf_parent[rv] = ru
+            uf_rank[ru] += 1
+        taken += 1
+        if down:
             mask[u] |= _DOWN
             mask[v] |= _UP
-            side[1, u] = dist[e]
-    return mask, side
+        else:
+            mask[u] |= _RIGHT
+            mask[v] |= _LEFT
+    return mask
 
 
 @numba.njit(cache=True, nogil=True)
 def _bfs_grid(
-    mask: np.ndarray, side: np.ndarray, width: int
+    mask: np.ndarray, edge_dist: np.ndarray, width: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Breadth-first traversal of the tree from vertex 0; returns ``(parent, order, dist)``."""
     n = mask.size
@@ -172,25 +176,39 @@ def _bfs_grid(
         p = parent[u]
         if m & _RIGHT and u + 1 != p:
             v = u + 1
-            parent[v], dist[v] = u, side[0, u]
+            parent[v], dist[v] = u, edge_dist[2 * u]
             order[tail] = v
             tail += 1
         if m & _DOWN and u + width != p:
             v = u + width
-            parent[v], dist[v] = u, side[1, u]
+            parent[v], dist[v] = u, edge_dist[2 * u + 1]
             order[tail] = v
             tail += 1
         if m & _LEFT and u - 1 != p:
             v = u - 1
-            parent[v], dist[v] = u, side[0, v]
+            parent[v], dist[v] = u, edge_dist[2 * v]
             order[tail] = v
             tail += 1
         if m & _UP and u - width != p:
             v = u - width
-            parent[v], dist[v] = u, side[1, v]
+            parent[v], dist[v] = u, edge_dist[2 * v + 1]
             order[tail] = v
             tail += 1
     return parent, order, dist
+
+
+@numba.njit(cache=True, nogil=True)
+def _grid_tree(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """MST + BFS of ``image [H, W, C] float32``: ``(parent, order, dist, ok)``; ``ok`` is False
+    (and the arrays empty) when an edge distance is NaN or overflows."""
+    height, width, _ = image.shape
+    edge_dist, finite = _edge_distances(image)
+    if not finite:
+        empty = np.empty(0, np.int32)
+        return empty, empty, np.empty(0, np.float32), False
+    mask = _kruskal_grid(edge_dist, height, width)
+    parent, order, dist = _bfs_grid(mask, edge_dist, width)
+    return parent, order, dist, True
 
 
 def build_grid_tree(guide_image: np.ndarray) -> GridTree:
@@ -206,10 +224,9 @@ def build_grid_tree(guide_image: np.ndarray) -> GridTree:
     image = np.ascontiguousarray(guide_image, dtype=np.float32)
     if image.ndim != 3 or image.shape[0] < 1 or image.shape[1] < 1 or image.shape[2] < 1:
         raise ValueError(f"guide_image must be [H, W, C] with H, W, C >= 1, got {image.shape}")
-    if not np.isfinite(image).all():
-        raise ValueError("guide_image contains NaN or infinite values")
-    mask, side = _kruskal_grid(image)
-    parent, order, dist = _bfs_grid(mask, side, image.shape[1])
+    parent, order, dist, ok = _grid_tree(image)
+    if not ok:
+        raise ValueError("guide_image gives NaN or infinite edge distances (NaN/inf/huge values)")
     return GridTree(parent=parent, order=order, dist=dist)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from gtms.config import Config, config_from_dict, config_to_dict
 from gtms.eval.metrics import SegmentationMeter
-from gtms.model.build import build_model, freeze_backbone
+from gtms.model.build import build_model
 from gtms.pseudo import PSEUDO_LABEL_MODES, gamma_at
 from gtms.train.checkpoint import load_checkpoint, save_checkpoint
 from gtms.train.optim import build_optimizer, build_scheduler
@@ -148,9 +148,8 @@ def train_loop(config: dict, ctx: LoopContext, *, run_dir: str | None,
     seed_everything(cfg.train.seed + ctx.rank)
     model = build_model(cfg.model.preset, word_len=cfg.data.word_len,
                         clip_weights=cfg.model.clip_weights,
-                        init_checkpoint=cfg.model.init_checkpoint).to(ctx.device)
-    if cfg.model.freeze_backbone:
-        freeze_backbone(model)
+                        init_checkpoint=cfg.model.init_checkpoint,
+                        freeze_backbone=cfg.model.freeze_backbone).to(ctx.device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)
     amp = cfg.optim.amp and ctx.device.type == "cuda"

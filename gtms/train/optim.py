@@ -10,7 +10,7 @@ from gtms.model.build import param_groups
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """Adam/AdamW over the backbone (lr x ``backbone_lr_mult``) and the head (lr)."""
-    groups = param_groups(model, cfg.lr, cfg.backbone_lr_mult)
+    groups = param_groups(model, lr=cfg.lr, backbone_lr_mult=cfg.backbone_lr_mult)
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
     return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 

@@ -53,7 +53,7 @@ def resolve_data_root(cfg: Config) -> str:
 
         ensure_synthref(root, num_images=cfg.data.synthref_images, seed=cfg.data.synthref_seed,
                         difficulty=cfg.data.synthref_difficulty)
-    elif not (Path(root) / "manifest.json").is_file():
+    elif not (Path(root) / "shards" / "manifest.json").is_file():
         raise RunError(f"no prepared {cfg.data.dataset} dataset at {root} (manifest.json "
                        f"missing); run: python run.py prepare --dataset {cfg.data.dataset} "
                        f"--refer-root DIR --images DIR --out {cfg.data.root}")

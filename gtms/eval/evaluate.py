@@ -1,0 +1,148 @@
+"""``run.py eval``: CRIS-style evaluation of a checkpoint, streamed through Ray Data.
+
+Per sentence: sigmoid of the stride-4 logits, upsample to the letterbox, inverse affine back to
+the original image, threshold (``train.threshold``, CRIS 0.35), IoU against the original mask.
+Works for our checkpoints of every ablation mode and for CRIS-layout checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gtms.config import Config, config_from_dict
+from gtms.data.pipeline import PoolSpec, build_dataset, spec_for
+from gtms.errors import UserError
+from gtms.eval.metrics import PREC_THRESHOLDS, SegmentationMeter, score_prediction
+from gtms.model.build import build_model
+from gtms.train.checkpoint import CheckpointError, is_gtms_checkpoint, load_checkpoint
+
+
+class EvalError(UserError, ValueError):
+    """Evaluation cannot run (empty split, config that does not fit the checkpoint)."""
+
+
+def load_model_for_eval(checkpoint: str | Path, cfg: Config | None) -> tuple[torch.nn.Module,
+                                                                              Config]:
+    """Build the model a checkpoint needs and load it.
+
+    Our checkpoints carry their config: it is used unless ``cfg`` is given, and a ``cfg`` whose
+    model preset or word length differs from the checkpoint's is refused. A CRIS-layout
+    checkpoint (``state_dict``, optional ``module.`` prefix) is built from ``cfg`` (or the
+    defaults) and loaded strictly.
+    """
+    payload = load_checkpoint(checkpoint)
+    if is_gtms_checkpoint(payload):
+        trained = config_from_dict(payload["config"], f"{checkpoint} (stored config)")
+        if cfg is not None:
+            for section, key in (("model", "preset"), ("data", "word_len"),
+                                 ("data", "input_size")):
+                want, have = getattr(getattr(trained, section), key), \
+                    getattr(getattr(cfg, section), key)
+                if want != have and (section, key) != ("data", "input_size"):
+                    raise EvalError(f"config does not match the checkpoint's architecture: "
+                                    f"{section}.{key} is {have!r} but {checkpoint} was trained "
+                                    f"with {want!r}")
+        use = cfg or trained
+        model = build_model(trained.model.preset, word_len=trained.data.word_len)
+        try:
+            model.load_state_dict(payload["model"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{checkpoint} does not fit preset "
+                                  f"{trained.model.preset!r}: {str(err)[:500]}") from None
+        return model, use
+    use = cfg or Config()
+    model = build_model(use.model.preset, word_len=use.data.word_len,
+                        init_checkpoint=str(_checkpoint_file(checkpoint)))
+    return model, use
+
+
+def _checkpoint_file(path: str | Path) -> Path:
+    from gtms.train.checkpoint import resolve_checkpoint_file
+
+    return resolve_checkpoint_file(path)
+
+
+@torch.no_grad()
+def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *,
+                   device: torch.device, pool: PoolSpec, progress: bool = True) -> dict[str, Any]:
+    """Stream one split through the preprocessing actors and score every sentence."""
+    spec = spec_for("eval", input_size=cfg.data.input_size, word_len=cfg.data.word_len,
+                    mode=cfg.loss.mode, seed=cfg.train.seed)
+    ds = build_dataset(root, split, spec, pool, strict=cfg.data.strict,
+                       limit=cfg.data.limit_eval_refs)
+    meter = SegmentationMeter()
+    model.eval()
+    start = time.perf_counter()
+    for batch in ds.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="numpy"):
+        image = torch.from_numpy(batch["image"]).to(device)
+        tokens = torch.from_numpy(batch["tokens"]).to(device)
+        probs = torch.sigmoid(model(image, tokens).logits.float())[:, 0].cpu().numpy()
+        for i in range(len(probs)):
+            meter.add(*score_prediction(probs[i], batch["orig_hw"][i], batch["mask_rle"][i],
+                                        cfg.data.input_size, cfg.train.threshold))
+        if progress:
+            print(f"\r  {split}: {len(meter)} sentences", end="", flush=True)
+    if progress:
+        print(flush=True)
+    if not len(meter):
+        raise EvalError(f"split {split!r} under {root} has no usable samples")
+    summary = meter.summary()
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    return summary
+
+
+def _check_split(root: str, split: str) -> None:
+    from gtms.data.pipeline import shard_uri
+
+    if "://" in root:
+        return
+    where = Path(shard_uri(root, split))
+    if not where.is_dir() or not any(where.glob("*.parquet")):
+        have = sorted(p.name for p in (Path(root) / "shards").iterdir()
+                      if p.is_dir()) if (Path(root) / "shards").is_dir() else []
+        raise EvalError(f"split {split!r} has no shards under {root}; available: "
+                        f"{', '.join(have) or 'none'}")
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """Splits x metrics, in percent (IoU and precision) like the paper's tables."""
+    header = ["split", "mean IoU", "overall IoU"] + [f"Prec@{x}" for x in PREC_THRESHOLDS] + \
+        ["samples"]
+    rows = [header]
+    for split, m in results.items():
+        rows.append([split, f"{100 * m['mean_iou']:.2f}", f"{100 * m['overall_iou']:.2f}"]
+                    + [f"{100 * m[f'prec@{x}']:.2f}" for x in PREC_THRESHOLDS] + [str(m["n"])])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def evaluate(checkpoint: str | Path, cfg: Config | None, splits: list[str] | None,
+             out: str | Path | None, address: str | None = None) -> dict[str, Any]:
+    from gtms.runtime import init_ray
+    from gtms.train.trainer import resolve_data_root
+
+    model, cfg = load_model_for_eval(checkpoint, cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    root = resolve_data_root(cfg)
+    init_ray(cfg.ray, cli_address=address)
+    pool = PoolSpec(cfg.ray.preprocess_actors, cfg.ray.preprocess_actors_max,
+                    cfg.ray.actor_cpus, batch_size=8)
+    results = {}
+    for split in splits or list(cfg.data.eval_splits):
+        _check_split(root, split)
+        results[split] = evaluate_split(model, cfg, root, split, device=device, pool=pool)
+    report = {"checkpoint": str(checkpoint), "dataset": cfg.data.dataset, "root": root,
+              "threshold": cfg.train.threshold, "input_size": cfg.data.input_size,
+              "splits": results}
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
+    return report

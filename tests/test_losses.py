@@ -1,0 +1,151 @@
+"""Losses (Eq. 5-8), ablation modes and the gamma schedule."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as nnf
+
+from gtms.pseudo import (
+    ABLATION_MODES,
+    GAMMA_SHAPES,
+    dice_loss,
+    gamma_at,
+    gtms_loss,
+    location_loss,
+    mode_needs,
+    pixel_loss,
+)
+
+
+def box_raster(batch=2, size=8):
+    box = torch.zeros(batch, size, size)
+    box[0, 1:5, 2:7] = 1
+    box[1:, 3:8, 0:3] = 1
+    return box
+
+
+def test_perfect_predictions_give_zero():
+    box = box_raster()
+    assert location_loss(box, box)["loc"].item() == pytest.approx(0.0, abs=1e-5)
+    probs = torch.rand(2, 8, 8)
+    assert pixel_loss(probs, probs.clone(), box)["pix"].item() == 0.0
+
+
+def test_dice_hand_computed():
+    x = torch.tensor([[0.5, 1.0, 0.0]])
+    t = torch.tensor([[1.0, 1.0, 0.0]])
+    # 1 - 2 * 1.5 / (1.25 + 2 + 1e-5)
+    assert dice_loss(x, t).item() == pytest.approx(1 - 3.0 / (3.25 + 1e-5), rel=1e-6)
+
+
+def test_location_loss_hand_computed():
+    probs = torch.tensor([[[0.2, 0.9, 0.0], [0.4, 0.1, 0.0]]])  # [1, 2, 3]
+    box = torch.tensor([[[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]]])
+    # max over x: rows (0.9, 0.4) vs (1, 1); max over y: columns (0.4, 0.9, 0) vs (1, 1, 0).
+    rows = 1 - 2 * 1.3 / (0.81 + 0.16 + 2 + 1e-5)
+    cols = 1 - 2 * 1.3 / (0.16 + 0.81 + 2 + 1e-5)
+    assert location_loss(probs, box)["loc"].item() == pytest.approx(rows + cols, rel=1e-6)
+    # [B, 1, H, W] inputs are accepted too.
+    assert location_loss(probs[:, None], box)["loc"].item() == pytest.approx(rows + cols, rel=1e-6)
+
+
+def test_pixel_loss_hand_computed_and_batch_mean():
+    probs = torch.tensor([[[0.2, 0.9], [0.4, 0.1]], [[1.0, 1.0], [1.0, 1.0]]])
+    target = torch.tensor([[[0.0, 1.0], [0.0, 0.0]], [[0.5, 0.5], [0.5, 0.5]]])
+    box = torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])  # 2nd box empty
+    first = (0.2 + 0.1) / 2
+    assert pixel_loss(probs, target, box)["pix"].item() == pytest.approx(first / 2, rel=1e-6)
+
+
+def test_mode_terms_and_totals():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1, 8, 8, requires_grad=True)
+    box, mask = box_raster(), (torch.rand(2, 8, 8) > 0.5).float()
+    pseudo = torch.rand(2, 8, 8)
+    expected_terms = {
+        "mask-bce": {"loss", "bce"},
+        "box-bce": {"loss", "bce"},
+        "box-lloc": {"loss", "loc"},
+        "tree": {"loss", "loc", "pix", "gamma"},
+        "forest-gradcam": {"loss", "loc", "pix", "gamma"},
+    }
+    assert set(expected_terms) == set(ABLATION_MODES)
+    for mode in ABLATION_MODES:
+        terms = gtms_loss(mode, logits, box, pseudo_label=pseudo, mask=mask, gamma=0.3)
+        assert set(terms) == expected_terms[mode], mode
+        assert all(t.ndim == 0 for t in terms.values())
+        terms["loss"].backward()
+    probs = torch.sigmoid(logits[:, 0])
+    terms = gtms_loss("tree", logits, box, pseudo_label=pseudo, gamma=0.3)
+    loc = location_loss(probs, box)["loc"]
+    pix = pixel_loss(probs, pseudo, box)["pix"]
+    torch.testing.assert_close(terms["loss"], loc + 0.3 * pix)
+    bce = gtms_loss("mask-bce", logits, box, mask=mask)["bce"]
+    torch.testing.assert_close(bce, nnf.binary_cross_entropy_with_logits(logits[:, 0], mask))
+    bce = gtms_loss("box-bce", logits, box)["bce"]
+    torch.testing.assert_close(bce, nnf.binary_cross_entropy_with_logits(logits[:, 0], box))
+
+
+def test_pseudo_label_gets_no_gradient():
+    logits = torch.randn(1, 1, 4, 4, requires_grad=True)
+    pseudo = torch.rand(1, 4, 4, requires_grad=True)
+    gtms_loss("forest-gradcam", logits, torch.ones(1, 4, 4), pseudo_label=pseudo,
+              gamma=1.0)["loss"].backward()
+    assert pseudo.grad is None and logits.grad is not None
+
+
+def test_missing_inputs_and_unknown_mode():
+    logits, box = torch.randn(1, 1, 4, 4), torch.ones(1, 4, 4)
+    with pytest.raises(ValueError, match="mask"):
+        gtms_loss("mask-bce", logits, box)
+    with pytest.raises(ValueError, match="pseudo_label"):
+        gtms_loss("tree", logits, box)
+    with pytest.raises(ValueError, match="unknown loss mode"):
+        gtms_loss("boxinst", logits, box)
+
+
+def test_mode_needs():
+    assert mode_needs("mask-bce").mask and not mode_needs("mask-bce").pseudo_label
+    assert not any(vars(mode_needs("box-lloc")).values())
+    tree, full = mode_needs("tree"), mode_needs("forest-gradcam")
+    assert tree.pseudo_label and not tree.forest and not tree.gradcam
+    assert full.pseudo_label and full.forest and full.gradcam and not full.mask
+    with pytest.raises(ValueError):
+        mode_needs("nope")
+
+
+@pytest.mark.parametrize(
+    ("step", "shape", "expected"),
+    [
+        (0, "linear", 0.0),
+        (250, "linear", 0.25),  # 100 steps/epoch, 10 warm-up epochs
+        (999, "linear", 0.999),
+        (1000, "linear", 1.0),
+        (5000, "linear", 1.0),
+        (0, "constant", 1.0),
+        (0, "cosine", 0.0),
+        (250, "cosine", (1 - math.cos(math.pi / 4)) / 2),
+        (500, "cosine", 0.5),
+        (1000, "cosine", 1.0),
+    ],
+)
+def test_gamma_schedule_values(step, shape, expected):
+    assert gamma_at(step, 100, shape=shape) == pytest.approx(expected)
+
+
+def test_gamma_schedule_options_and_errors():
+    assert set(GAMMA_SHAPES) == {"linear", "constant", "cosine"}
+    assert gamma_at(30, 10, gamma_max=2.0, warmup_epochs=6) == pytest.approx(1.0)
+    assert gamma_at(0, 10, warmup_epochs=0) == 1.0
+    for kwargs in (
+        {"step": -1, "steps_per_epoch": 10},
+        {"step": 1.5, "steps_per_epoch": 10},
+        {"step": 0, "steps_per_epoch": 0},
+        {"step": 0, "steps_per_epoch": 10, "gamma_max": -1.0},
+        {"step": 0, "steps_per_epoch": 10, "gamma_max": float("nan")},
+        {"step": 0, "steps_per_epoch": 10, "warmup_epochs": -1},
+        {"step": 0, "steps_per_epoch": 10, "shape": "exponential"},
+    ):
+        with pytest.raises(ValueError):
+            gamma_at(**kwargs)
