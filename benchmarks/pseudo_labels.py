@@ -59,7 +59,7 @@ class TinyAttentionPool(nn.Module):
 
 
 def median_ms(fn: Callable[[], object], repeats: int, per: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls (after one warm-up), divided by ``per``."""
+    """Median wall time (ms) of ``fn()`` over ``repeats`` calls after a warm-up, over ``per``."""
     fn()
     times = []
     for _ in range(repeats):

@@ -294,13 +294,14 @@ def test_clip_head_must_fit_the_preset(clip_archive):
 # --- CRIS layout -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["module-prefix", "bare"])
+@pytest.mark.parametrize("layout", ["module-prefix", "bare", "training-checkpoint"])
 def test_cris_checkpoint_round_trip(layout, tiny_state, tmp_path):
     source, state = tiny_state
-    if layout == "module-prefix":
-        payload = {"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}
-    else:
-        payload = state
+    payload = {
+        "module-prefix": {"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3},
+        "bare": state,
+        "training-checkpoint": {"model": state, "optimizer": {"param_groups": [{"lr": 0.1}]}},
+    }[layout]
     path = tmp_path / "cris.pth"
     torch.save(payload, path)
     torch.manual_seed(2)
@@ -402,6 +403,13 @@ def test_vit_clip_is_refused(tmp_path):
     cris_vit = save(tmp_path, "cris-vit.pth", {f"module.backbone.{k}": v for k, v in vit.items()})
     with pytest.raises(UnsupportedCheckpointError, match=message):
         load_cris_checkpoint(build_model("tiny"), cris_vit)
+
+
+def test_clip_checkpoint_without_text_tower_is_refused(reference_clip, tmp_path):
+    visual_only = {k: v for k, v in reference_clip.state_dict().items() if k.startswith("visual.")}
+    with pytest.raises(UnsupportedCheckpointError, match="not an OpenAI CLIP ResNet checkpoint: "
+                                                         "it has no text_projection"):  # fmt: skip
+        build_model("tiny", clip_weights=save(tmp_path, "visual.pt", visual_only))
 
 
 def test_checkpoint_kinds_are_not_mixed_up(clip_archive, clip_plain, tiny_state, tmp_path):

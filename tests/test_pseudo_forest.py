@@ -90,7 +90,7 @@ def test_vertex_weights_are_sub_tree_maxima():
     rng = np.random.default_rng(0)
     batch, height, width = 3, 9, 10
     labels, attention = [], rng.random((batch, height * width))
-    for b in range(batch):
+    for _ in range(batch):
         tree = build_grid_tree(rng.integers(0, 3, (height, width, 3)) / 2)
         labels.append(structural_forest(tree.parent, rectangle_mask(height, width, 1, 8, 2, 9)))
     labels.append(np.full(height * width, -1, np.int32))  # an empty box

@@ -114,3 +114,15 @@ def test_rejects_invalid_trees_and_sigma():
     out_of_range[0, -1] = 99
     with pytest.raises(ValueError, match="breadth-first"):
         tree_filter(x, trees.parent, out_of_range, trees.dist, 0.1)
+
+
+def test_vectorised_exp_matches_numpy():
+    from gtms.pseudo.tree_filter import _exp_nonpositive_inplace
+
+    x = np.concatenate([-np.linspace(0, 720, 20001), [-0.0, -1e-300, -1e5, -np.inf]])
+    values = x.copy()
+    _exp_nonpositive_inplace(values, np.empty(values.size, np.int64))
+    expected = np.exp(x)
+    normal = x > -700
+    np.testing.assert_allclose(values[normal], expected[normal], rtol=5e-16, atol=0)
+    assert (values[~normal] == 0).all()

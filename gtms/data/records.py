@@ -122,6 +122,3 @@ class SkipLog:
         for reason, items in examples.items():
             kept = self.examples.setdefault(reason, [])
             kept.extend(items[: MAX_EXAMPLES_PER_REASON - len(kept)])
-
-    def total(self) -> int:
-        return sum(self.counts.values())

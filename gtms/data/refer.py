@@ -183,16 +183,21 @@ def _record(index: int, ref, coco: COCO, source: ReferSource, skips: SkipLog):
         return bad(R.MISSING_ANNOTATION, f"ann_id {ref['ann_id']} is not in instances.json",
                    source.instances_path)
     image = coco.imgs.get(ref["image_id"])
-    if image is None or ann.get("image_id") != ref["image_id"]:
-        return bad(R.MISSING_IMAGE_INFO, f"image_id {ref['image_id']} of ann {ref['ann_id']} is"
-                   " not in instances.json", source.instances_path)
+    if image is None:
+        return bad(R.MISSING_IMAGE_INFO, f"image_id {ref['image_id']} is not in instances.json",
+                   source.instances_path)
+    if ann.get("image_id") != ref["image_id"]:
+        return bad(R.MALFORMED_REF, f"ann {ref['ann_id']} belongs to image {ann.get('image_id')}"
+                   f", the ref says image {ref['image_id']}")
     category_id = int(ref.get("category_id", ann.get("category_id", -1)))
     category = coco.cats.get(category_id)
     if category is None:
         return bad(R.UNKNOWN_CATEGORY, f"category_id {category_id} is not in instances.json")
-    sentences = _sentences(ref, bad)
+    sentences, empty = _sentences(ref)
     if not sentences:
-        return bad(R.NO_SENTENCES, "the ref has no non-empty sentence")
+        return bad(R.NO_SENTENCES, f"the ref has no non-empty sentence ({empty} empty)")
+    for _ in range(empty):
+        bad(R.EMPTY_SENTENCE, "an empty sentence was dropped; the ref keeps the others")
     height, width = int(image["height"]), int(image["width"])
     box = tuple(float(v) for v in ann.get("bbox", ()))
     if len(box) != 4:
@@ -215,17 +220,15 @@ def _record(index: int, ref, coco: COCO, source: ReferSource, skips: SkipLog):
     )
 
 
-def _sentences(ref: dict, bad) -> tuple[str, ...]:
+def _sentences(ref: dict) -> tuple[tuple[str, ...], int]:
+    """The non-empty ``sent`` texts of a ref and how many sentences were empty."""
     texts = []
     for sentence in ref["sentences"] or ():
         text = sentence.get("sent", "") if isinstance(sentence, dict) else ""
         text = text.strip() if isinstance(text, str) else ""
         if text:
             texts.append(text)
-        else:
-            bad(R.EMPTY_SENTENCE, f"sentence {sentence!r} is empty (dropped; the ref is kept if"
-                " another sentence remains)")
-    return tuple(texts)
+    return tuple(texts), len(ref["sentences"] or ()) - len(texts)
 
 
 def _mask_counts(ann: dict, coco: COCO) -> str | None:

@@ -114,6 +114,12 @@ def split_files(shard_dir: str | Path, split: str) -> list[Path]:
     return files
 
 
+def check_layout(rows_per_file: int, rows_per_row_group: int) -> None:
+    if rows_per_file < 1 or rows_per_row_group < 1:
+        raise R.DataError(f"rows per file ({rows_per_file}) and per row group "
+                          f"({rows_per_row_group}) must be >= 1")
+
+
 @dataclass(frozen=True)
 class ShardReport:
     """What :func:`write_shards` did: the final manifest and the files written vs kept."""
@@ -153,8 +159,7 @@ def write_shards(records: Sequence[RefRecord], *, source: ReferSource, shard_dir
                  rows_per_row_group: int = DEFAULT_ROWS_PER_ROW_GROUP,
                  generator: dict | None = None, progress: bool = True) -> ShardReport:
     """Write ``records`` (with their images) as Parquet shards; resumable and idempotent."""
-    if rows_per_file < 1 or rows_per_row_group < 1:
-        raise ValueError("rows_per_file and rows_per_row_group must be >= 1")
+    check_layout(rows_per_file, rows_per_row_group)
     shard_dir = Path(shard_dir)
     _clear_tmp(shard_dir)
     manifest = _manifest_head(source, shard_dir, rows_per_file, rows_per_row_group, generator)
@@ -284,16 +289,20 @@ class _ImageReader:
     def __init__(self, source: ReferSource):
         self.source = source
         self._problems: dict[str, tuple[str, str] | None] = {}
+        self._last: tuple[str, bytes] = ("", b"")  # refs of one image are usually adjacent
 
     def read(self, record: RefRecord) -> tuple[bytes | None, tuple[str, str] | None]:
-        path = self.source.image_path(record.file_name)
+        key = record.file_name
+        if self._last[0] == key:
+            return self._last[1], self._problems[key]
+        path = self.source.image_path(key)
         try:
             data = path.read_bytes()
         except OSError as err:
             return None, (R.MISSING_IMAGE, f"cannot read {path}: {err.strerror or err}")
-        key = record.file_name
         if key not in self._problems:
             self._problems[key] = _check_image(data, record.height, record.width)
+        self._last = (key, data)
         return data, self._problems[key]
 
 

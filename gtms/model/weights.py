@@ -8,8 +8,9 @@ more (arbitrary pickled objects) is refused. Only OpenAI's TorchScript archives 
   names without the ``backbone.`` prefix, without ``visual.attnpool.connect.*`` (CRIS's addition),
   plus the scalar entries ``input_resolution``, ``context_length``, ``vocab_size`` (dropped).
   Everything CLIP lacks keeps its initialisation; a ``LoadReport`` names what was missing.
-- CRIS (``load_cris_checkpoint``): a dict with ``state_dict`` (or a bare state dict), names with or
-  without DataParallel's ``module.`` prefix, loaded strictly.
+- CRIS (``load_cris_checkpoint``): a dict with ``state_dict`` (CRIS) or ``model`` (our training
+  checkpoints), or a bare state dict; names with or without DataParallel's ``module.`` prefix;
+  loaded strictly.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+
+from gtms.model.cris import CRIS
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,15 @@ CRIS_PARALLEL_PREFIX = "module."
 BACKBONE_PREFIX = "backbone."
 _VIT_MARKERS = ("visual.class_embedding", "visual.transformer.")
 _CLIP_RESNET_MARKERS = ("visual.layer1.0.conv1.weight", "visual.attnpool.positional_embedding")
+# What the builder reads a CLIP checkpoint's shapes from (besides the stage counts).
+CLIP_SHAPE_KEYS = (
+    *_CLIP_RESNET_MARKERS,
+    "text_projection",
+    "token_embedding.weight",
+    "positional_embedding",
+    "ln_final.weight",
+)
+STATE_DICT_ENTRIES = ("state_dict", "model")  # CRIS's / our training checkpoints' weights entry
 _MAX_LISTED = 12
 
 
@@ -100,7 +111,7 @@ def read_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             "an OpenAI CLIP one: load it with load_cris_checkpoint (init_checkpoint)"
         )
     _refuse_vit(state_dict, path)
-    missing = [k for k in _CLIP_RESNET_MARKERS if k not in state_dict]
+    missing = [k for k in CLIP_SHAPE_KEYS if k not in state_dict]
     if missing:
         raise UnsupportedCheckpointError(
             f"{path} is not an OpenAI CLIP ResNet checkpoint: it has no {', '.join(missing)}"
@@ -183,9 +194,11 @@ def _load_weights_only(path: Path) -> object:
 
 
 def _state_dict_of(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a loaded checkpoint: ``obj['state_dict']`` if present, else ``obj``."""
-    if isinstance(obj, Mapping) and "state_dict" in obj:
-        obj = obj["state_dict"]
+    """The tensors of a loaded checkpoint: its ``state_dict`` (CRIS) or ``model`` (GTMS training
+    checkpoints) entry if present, else ``obj`` itself."""
+    entry = next((k for k in STATE_DICT_ENTRIES if isinstance(obj, Mapping) and k in obj), None)
+    if entry is not None:
+        obj = obj[entry]
     if not isinstance(obj, Mapping) or not obj:
         raise NotACheckpointError(f"{path} does not hold a state dict (got {type(obj).__name__})")
     bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
@@ -211,13 +224,13 @@ def _refuse_vit(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
 # Loading into a model
 
 
-def load_clip_weights(model: nn.Module, path: str | Path) -> LoadReport:
+def load_clip_weights(model: CRIS, path: str | Path) -> LoadReport:
     """Load an OpenAI CLIP ResNet checkpoint into ``model.backbone`` (a ``CRIS``)."""
     return load_clip_state_dict(model, read_clip_state_dict(path), source=str(path))
 
 
 def load_clip_state_dict(
-    model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "<state dict>"
+    model: CRIS, state_dict: Mapping[str, torch.Tensor], *, source: str = "<state dict>"
 ) -> LoadReport:
     """Copy CLIP tensors into ``model.backbone``; everything else keeps its initialisation."""
     dropped = tuple(k for k in CLIP_METADATA_KEYS if k in state_dict)
@@ -238,7 +251,7 @@ def load_clip_state_dict(
     return report
 
 
-def load_cris_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
+def load_cris_checkpoint(model: CRIS, path: str | Path) -> LoadReport:
     """Load a CRIS-layout checkpoint strictly: every name and shape must match the model."""
     state_dict = read_cris_state_dict(path)
     ours = model.state_dict()

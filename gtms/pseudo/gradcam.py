@@ -33,7 +33,7 @@ def gradcam_attention(
         sentence: ``[B, D]`` sentence features (detached here).
         global_embedding: maps ``[B, C, h, w]`` features to ``[B, D]`` global image embeddings
             (the backbone's attention pool).
-        box_at_stride4: ``[B, H4, W4]`` bool or 0/1 float box raster at the output stride.
+        box_at_stride4: ``[B, H4, W4]`` 0/1 float (or bool) box raster at the output stride.
 
     Returns:
         ``A [B, H4, W4]`` float32 in [0, 1], detached; 1 at the in-box maximum.
@@ -53,8 +53,11 @@ def gradcam_attention(
     cam = torch.relu((alpha * features.detach().float()).sum(dim=1, keepdim=True))  # [B,1,h,w]
     height, width = box_at_stride4.shape[-2:]
     cam = nnf.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-    box = (box_at_stride4 > 0).to(cam.dtype)
+    box = box_at_stride4.to(device=cam.device, dtype=cam.dtype)
     in_box_max = (cam * box).amax(dim=(1, 2), keepdim=True)  # [B, 1, 1]; cam >= 0
     usable = torch.isfinite(in_box_max) & (in_box_max > 0)
-    normalised = (cam / torch.where(usable, in_box_max, torch.ones_like(in_box_max))).clamp(0, 1)
-    return torch.where(usable, normalised, box).detach()
+    cam.div_(torch.where(usable, in_box_max, torch.ones_like(in_box_max))).clamp_(max=1.0)
+    fallback = ~usable[:, 0, 0]
+    if fallback.any():
+        cam[fallback] = box[fallback]
+    return cam.detach()

@@ -41,12 +41,13 @@ def vertex_weights(attention: torch.Tensor, forest_labels: torch.Tensor) -> torc
     """Sub-tree maximum of the attention, broadcast to the sub-tree's vertices.
 
     Args:
-        attention: ``A [B, N]`` float, non-negative (GradCAM maps are in [0, 1]).
+        attention: ``A [B, N]`` float, non-negative (GradCAM maps are in [0, 1]; negative
+            values would be raised to 0).
         forest_labels: ``[B, N]`` int sub-tree labels in ``[0, N)``, ``-1`` outside the box (see
-            :func:`gtms.pseudo.forest.structural_forest`); same device as ``attention``.
+            :func:`gtms.pseudo.forest.structural_forest`).
 
     Returns:
-        ``W [B, N]`` in ``attention``'s dtype, 0 outside the box.
+        ``W [B, N]`` in ``attention``'s dtype and on its device, 0 outside the box.
     """
     if attention.shape != forest_labels.shape or attention.ndim != 2:
         raise ValueError(
@@ -54,15 +55,13 @@ def vertex_weights(attention: torch.Tensor, forest_labels: torch.Tensor) -> torc
             f"and {tuple(forest_labels.shape)}"
         )
     batch, n = attention.shape
-    labels = forest_labels.to(device=attention.device, dtype=torch.long)
-    inside = labels >= 0
-    offset = torch.arange(batch, device=attention.device).unsqueeze(1) * n
-    index = (labels.clamp(min=0) + offset).reshape(-1)  # one slot per (sample, sub-tree)
-    source = torch.where(inside, attention, torch.zeros_like(attention)).reshape(-1)
-    sub_tree_max = torch.zeros(batch * n, dtype=attention.dtype, device=attention.device)
-    sub_tree_max.scatter_reduce_(0, index, source, reduce="amax", include_self=True)
-    weights = sub_tree_max.gather(0, index).reshape(batch, n)
-    return torch.where(inside, weights, torch.zeros_like(weights))
+    # One slot per (sample, sub-tree) plus a slot 0 per sample that collects the outside.
+    offset = torch.arange(batch, device=attention.device).unsqueeze(1) * (n + 1) + 1
+    index = (forest_labels.to(device=attention.device, dtype=torch.long) + offset).reshape(-1)
+    slots = attention.new_zeros(batch * (n + 1))
+    slots.scatter_reduce_(0, index, attention.reshape(-1), reduce="amax", include_self=True)
+    slots.view(batch, n + 1)[:, 0] = 0
+    return slots.index_select(0, index).view(batch, n)
 
 
 def pseudo_label(
@@ -101,7 +100,7 @@ def make_pseudo_labels(
 
     Args:
         logits: ``[B, 1, H4, W4]`` (or ``[B, H4, W4]``) mask logits at the output stride.
-        box_at_stride4: ``[B, H4, W4]`` bool or 0/1 float box raster.
+        box_at_stride4: ``[B, H4, W4]`` 0/1 float (or bool) box raster.
         parent, order, dist: ``[B, N]`` whole-image trees, ``N = H4 * W4``.
         mode: ``"tree"`` (W = box) or ``"forest-gradcam"`` (W from forest + GradCAM).
         sigma: affinity temperature of Eq. 3.
@@ -124,7 +123,7 @@ def make_pseudo_labels(
             f"{tuple(box_at_stride4.shape)}"
         )
     batch, height, width = probs.shape
-    box = (box_at_stride4 > 0).to(device=probs.device, dtype=probs.dtype)
+    box = box_at_stride4.to(device=probs.device, dtype=probs.dtype)
     attention = None
     if mode == "tree":
         weights = box.reshape(batch, -1)

@@ -24,7 +24,6 @@ import numba
 import numpy as np
 import torch
 
-
 # exp(x) for x <= 0 as 2**k * exp(r), |r| <= ln(2) / 2, with a degree-12 Taylor polynomial
 # (truncation error < 2e-16 relative). Written out so that LLVM vectorises it; libm's scalar exp
 # was the filter's largest cost. Arguments below -700 give exactly 0 (true value < 1e-304).

@@ -100,13 +100,14 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
                 scaler.update()
             else:
                 optimizer.step()
-            for key, value in result.terms.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+            terms = {k: float(v.detach()) for k, v in result.terms.items()}
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + value
             batches += 1
             samples += len(batch["image"])
             step += 1
             if log and step % cfg.train.log_every == 0:
-                log.scalars("train_step", {k: float(v) for k, v in result.terms.items()}, step)
+                log.scalars("train_step", terms, step)
     seconds = time.perf_counter() - start
     stats = _mean_terms(sums, batches)
     stats["gamma"] = gamma_at(step, steps_per_epoch, gamma_max=cfg.loss.gamma_max,

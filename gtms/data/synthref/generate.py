@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import pickle
+import sys
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -35,6 +36,7 @@ from gtms.data.shards import (
     DEFAULT_ROWS_PER_ROW_GROUP,
     ShardReport,
     build_shards,
+    check_layout,
     read_manifest,
     shards_dir,
 )
@@ -276,6 +278,7 @@ def prepare_synthref(out_dir: str | Path, settings: SynthRefSettings, *, strict:
     Sharding reads the generated files back with the refer loader, exactly as for RefCOCO.
     """
     out_dir = Path(out_dir)
+    check_layout(rows_per_file, rows_per_row_group)
     with _lock(out_dir):
         if force or _generated_settings(out_dir) != settings.to_dict():
             generate_synthref(out_dir, settings, progress=progress)
@@ -285,10 +288,13 @@ def prepare_synthref(out_dir: str | Path, settings: SynthRefSettings, *, strict:
 
 
 def synthref_is_ready(out_dir: str | Path, settings: SynthRefSettings) -> bool:
-    """True if ``<out_dir>/shards`` holds a complete manifest for exactly ``settings``."""
-    manifest = read_manifest(shards_dir(out_dir))
+    """True if ``<out_dir>/shards`` holds a complete manifest for exactly ``settings`` and
+    every file it names exists (checksums are verified when ``prepare`` runs)."""
+    shard_dir = shards_dir(out_dir)
+    manifest = read_manifest(shard_dir)
     return bool(manifest and manifest.get("complete")
-                and manifest.get("generator") == settings.to_dict())
+                and manifest.get("generator") == settings.to_dict()
+                and all((shard_dir / s["path"]).is_file() for s in manifest["shards"]))
 
 
 def ensure_synthref(out_dir: str | Path = DEFAULT_DIR, *, num_images: int = DEFAULT_NUM_IMAGES,
@@ -303,6 +309,8 @@ def ensure_synthref(out_dir: str | Path = DEFAULT_DIR, *, num_images: int = DEFA
     out_dir = Path(out_dir).resolve()
     settings = SynthRefSettings(num_images=num_images, seed=seed, difficulty=difficulty)
     if not synthref_is_ready(out_dir, settings):
+        print(f"SynthRef ({num_images} images, seed {seed}, {difficulty}) is not prepared in "
+              f"{out_dir}: generating it (about 15 ms per image)", file=sys.stderr)
         prepare_synthref(out_dir, settings, progress=progress)
     return shards_dir(out_dir)
 

@@ -1,0 +1,250 @@
+"""Parquet shards: round trip, manifest, resume/idempotence, ensure_synthref and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gtms.commands import prepare as prepare_command
+from gtms.data.records import RecordWithImage, RefRecord, SkipLog
+from gtms.data.refer import load_refer
+from gtms.data.shards import (
+    MANIFEST_NAME,
+    SHARD_COLUMNS,
+    SHARD_SCHEMA,
+    read_manifest,
+    read_shard_records,
+    records_to_table,
+    split_files,
+    write_shards,
+)
+from gtms.data.synthref import SynthRefSettings, ensure_synthref, prepare_synthref, refer_source
+from gtms.data.transforms import rle_encode
+
+SETTINGS = SynthRefSettings(num_images=24, seed=5)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthref")
+    prepare_synthref(out, SETTINGS, rows_per_file=20, rows_per_row_group=8, progress=False)
+    return out
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    prepare_command.register(parser.add_subparsers())
+    args = parser.parse_args(["prepare", *argv])
+    return args.func(args)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_shards_hold_exactly_the_loaded_records_and_original_bytes(prepared):
+    source = refer_source(prepared)
+    records = load_refer(source, SkipLog(strict=True))
+    rows = list(read_shard_records(prepared / "shards"))
+    assert len(rows) == len(records)
+    assert {r.record.ref_id: r.record for r in rows} == {r.ref_id: r for r in records}
+    for record, image in rows[:10]:
+        assert image == source.image_path(record.file_name).read_bytes()
+
+
+def test_manifest_describes_the_files(prepared):
+    shard_dir = prepared / "shards"
+    manifest = read_manifest(shard_dir)
+    assert manifest["complete"] and manifest["dataset"] == "synthref"
+    assert manifest["generator"] == SETTINGS.to_dict()
+    assert list(manifest["columns"]) == list(SHARD_COLUMNS)
+    assert manifest["skipped"] == {}
+    refs = load_refer(refer_source(prepared), SkipLog(strict=True))
+    for split in ("train", "val", "testA", "testB"):
+        in_split = [r for r in refs if r.split == split]
+        assert manifest["counts"][split] == len(in_split)
+        assert manifest["sentences"][split] == sum(len(r.sentences) for r in in_split)
+        files = split_files(shard_dir, split)
+        assert sum(pq.ParquetFile(f).metadata.num_rows for f in files) == len(in_split)
+    train = split_files(shard_dir, "train")
+    assert len(train) >= 3  # several files for a big split
+    for entry in manifest["shards"]:
+        file = shard_dir / entry["path"]
+        assert sha(file) == entry["sha256"]
+        meta = pq.ParquetFile(file).metadata
+        assert meta.num_row_groups == entry["num_row_groups"]
+        assert all(meta.row_group(i).num_rows <= 8 for i in range(meta.num_row_groups))
+        assert pq.read_schema(file).remove_metadata() == SHARD_SCHEMA
+    # sources are recorded relative to the manifest, so the folder can move
+    assert (shard_dir / manifest["source"]["refs"]).resolve() == refer_source(prepared).refs_path
+    assert not (shard_dir / ".tmp").exists()
+
+
+def test_split_folder_reads_as_one_parquet_dataset(prepared):
+    table = pq.read_table(prepared / "shards" / "val")
+    assert table.num_rows == read_manifest(prepared / "shards")["counts"]["val"]
+    boxes = np.array(table.column("box_xywh").to_pylist())
+    assert boxes.shape == (table.num_rows, 4) and (boxes[:, 2:] > 0).all()
+
+
+def test_rerun_is_idempotent(prepared):
+    shard_dir = prepared / "shards"
+    before = {p: (sha(p), p.stat().st_mtime_ns) for p in shard_dir.rglob("*.parquet")}
+    manifest_bytes = (shard_dir / MANIFEST_NAME).read_bytes()
+    report = prepare_synthref(prepared, SETTINGS, rows_per_file=20, rows_per_row_group=8,
+                              progress=False)
+    assert report.written == 0 and report.reused == len(before)
+    assert {p: (sha(p), p.stat().st_mtime_ns) for p in shard_dir.rglob("*.parquet")} == before
+    assert (shard_dir / MANIFEST_NAME).read_bytes() == manifest_bytes
+
+
+def test_interrupted_run_resumes(tmp_path):
+    out = tmp_path / "ds"
+    first = prepare_synthref(out, SETTINGS, rows_per_file=20, rows_per_row_group=8,
+                             progress=False)
+    shard_dir = out / "shards"
+    final_manifest = (shard_dir / MANIFEST_NAME).read_bytes()
+    entries = first.manifest["shards"]
+    # simulate a crash: manifest not complete, one file never renamed into place, one damaged,
+    # a temporary file left behind
+    (shard_dir / entries[-1]["path"]).unlink()
+    (shard_dir / entries[0]["path"]).write_bytes(b"half a file")
+    (shard_dir / ".tmp").mkdir()
+    (shard_dir / ".tmp" / "train-part-00009.parquet.123").write_bytes(b"partial")
+    manifest = json.loads(final_manifest)
+    manifest["complete"] = False
+    (shard_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
+    again = prepare_synthref(out, SETTINGS, rows_per_file=20, rows_per_row_group=8,
+                             progress=False)
+    assert again.written == 2 and again.reused == len(entries) - 2
+    assert (shard_dir / MANIFEST_NAME).read_bytes() == final_manifest
+    assert not (shard_dir / ".tmp").exists()
+    # a new layout rewrites what changed (splits that had several files) and leaves no stale
+    # file behind
+    third = prepare_synthref(out, SETTINGS, rows_per_file=1000, rows_per_row_group=8,
+                             progress=False)
+    several = {e["split"] for e in entries if e["path"].endswith("part-00001.parquet")}
+    assert third.written == len(several) >= 1 and third.written + third.reused == 4
+    assert sorted(p.relative_to(shard_dir).as_posix() for p in shard_dir.rglob("*.parquet")) == \
+        sorted(e["path"] for e in third.manifest["shards"])
+
+
+def test_ensure_synthref_generates_once(tmp_path):
+    out = tmp_path / "auto"
+    shard_dir = ensure_synthref(out, num_images=8, seed=2, difficulty="easy")
+    assert shard_dir == (out / "shards").resolve()
+    stamp = (shard_dir / MANIFEST_NAME).stat().st_mtime_ns
+    assert ensure_synthref(out, num_images=8, seed=2, difficulty="easy") == shard_dir
+    assert (shard_dir / MANIFEST_NAME).stat().st_mtime_ns == stamp
+    ensure_synthref(out, num_images=10, seed=2, difficulty="easy")
+    manifest = read_manifest(shard_dir)
+    assert manifest["generator"]["num_images"] == 10 and manifest["complete"]
+    assert len(list((out / "images").glob("*.jpg"))) == 10
+
+
+def test_cli_prepares_synthref(tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["--out", str(out), "--num-images", "8", "--seed", "1", "--difficulty", "hard"]
+    assert cli(argv) == 0
+    printed = capsys.readouterr().out
+    manifest = read_manifest(out / "shards")
+    assert manifest["generator"]["difficulty"] == "hard"
+    for split, count in manifest["counts"].items():
+        assert f"{split}: {count} refs" in printed
+    assert "skipped: none" in printed
+    assert cli(argv) == 0
+    assert "0 shard file(s) written" in capsys.readouterr().out
+    assert cli(["--out", str(out), "--split-by", "umd"]) == 2
+    assert "--split-by" in capsys.readouterr().err
+
+
+def test_run_py_prepare(tmp_path, capsys):
+    import run
+
+    assert run.main(["prepare", "--out", str(tmp_path / "r"), "--num-images", "6"]) == 0
+    assert "manifest:" in capsys.readouterr().out
+    assert read_manifest(tmp_path / "r" / "shards")["complete"]
+
+
+def test_cli_prepares_a_refcoco_layout(prepared, tmp_path, capsys):
+    root = tmp_path / "refer" / "refcocog"
+    root.mkdir(parents=True)
+    src = refer_source(prepared)
+    (root / "refs(umd).p").write_bytes(src.refs_path.read_bytes())
+    (root / "instances.json").write_bytes(src.instances_path.read_bytes())
+    out = tmp_path / "g"
+    assert cli(["--dataset", "refcocog", "--refer-root", str(root.parent), "--images",
+                str(src.images_dir), "--out", str(out)]) == 0
+    manifest = read_manifest(out / "shards")
+    assert manifest["dataset"] == "refcocog" and manifest["split_by"] == "umd"
+    assert manifest["generator"] is None
+    assert manifest["source"]["images"] == str(src.images_dir.resolve())
+    assert manifest["counts"] == read_manifest(prepared / "shards")["counts"]
+
+
+texts = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30)
+
+
+@st.composite
+def records(draw):
+    h, w = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    mask = np.array(draw(st.lists(st.booleans(), min_size=h * w, max_size=h * w))).reshape(h, w)
+    box = tuple(draw(st.lists(st.floats(0, 1e4, width=32), min_size=4, max_size=4)))
+    record = RefRecord(
+        ref_id=draw(st.integers(0, 2**62)), ann_id=draw(st.integers(0, 2**62)),
+        image_id=draw(st.integers(0, 2**62)), file_name=draw(texts), height=h, width=w,
+        box_xywh=box, category_id=draw(st.integers(0, 2**31 - 1)), category=draw(texts),
+        split=draw(st.sampled_from(["train", "val", "testA", "testB", "test"])),
+        sentences=tuple(draw(st.lists(texts, min_size=1, max_size=4))),
+        mask_rle_counts=rle_encode(mask))
+    return RecordWithImage(record, draw(st.binary(max_size=64)))
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(records(), min_size=1, max_size=6))
+def test_record_table_record_round_trip(tmp_path, rows):
+    path = tmp_path / "part-00000.parquet"
+    pq.write_table(records_to_table(rows), path, row_group_size=4)
+    back = list(read_shard_records(path))
+    assert back == rows
+    assert [r.record.decode_mask().shape for r in back] == [(r.record.height, r.record.width)
+                                                           for r in rows]
+
+
+def test_write_shards_from_records_needs_no_generator(prepared, tmp_path):
+    source = refer_source(prepared)
+    records = load_refer(source, SkipLog(strict=True))[:7]
+    report = write_shards(records, source=source, shard_dir=tmp_path / "s", skips=SkipLog(
+        strict=True), rows_per_file=3, rows_per_row_group=2, progress=False)
+    assert sum(report.manifest["counts"].values()) == 7
+    assert [r.record for r in read_shard_records(tmp_path / "s")] == sorted(
+        records, key=lambda r: (["train", "val", "testA", "testB"].index(r.split), 0))
+
+
+@pytest.mark.integration
+def test_ray_data_reads_the_shards(prepared):
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ds = ray.data.read_parquet(str(prepared / "shards" / "train"))
+        batch = ds.take_batch(5, batch_format="numpy")
+        assert set(batch) == set(SHARD_COLUMNS)
+        assert np.stack(batch["box_xywh"]).shape == (5, 4)
+        assert isinstance(batch["image"][0], bytes)
+    finally:
+        if started:
+            ray.shutdown()
