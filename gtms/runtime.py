@@ -80,9 +80,21 @@ def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trial
         _check_reachable(address)
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=local_num_cpus(cfg, concurrent_trials), include_dashboard=False,
-                 log_to_driver=True, configure_logging=False)
+        # The dashboard stays on loopback; it also serves the State API that Ray Train's
+        # placement-group cleaner and Tune's early stopping rely on.
+        ray.init(num_cpus=local_num_cpus(cfg, concurrent_trials), include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=True)
+    quiet_ray_data()
     return ray.get_runtime_context()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-operator progress bars flood a console; our loops print their own."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
 
 
 def use_gpu(cfg: RayConfig) -> bool:

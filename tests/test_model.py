@@ -101,6 +101,12 @@ def test_arch_round_trip_and_validation():
         CRISArch.from_dict({**arch.to_dict(), "colour": 1})
     with pytest.raises(ValueError, match="text_width 512 must equal fpn_out"):
         CRISArch.from_dict({**arch.to_dict(), "fpn_out": [256, 256, 1024]})
+    with pytest.raises(ValueError, match="decoder_heads=0 is not a valid int"):
+        CRISArch.from_dict({**arch.to_dict(), "decoder_heads": 0})
+    with pytest.raises(ValueError, match=r"fpn_out=\('256', 512, 1024\) is not a valid"):
+        CRISArch.from_dict({**arch.to_dict(), "fpn_out": ["256", 512, 1024]})
+    with pytest.raises(ValueError, match="fpn_out needs 3 widths"):
+        CRISArch.from_dict({**arch.to_dict(), "fpn_out": [256, 512]})
     with pytest.raises(ValueError, match="unknown model preset 'rn18'"):
         preset_arch("rn18")
 
@@ -127,6 +133,12 @@ def test_sentence_feature_ignores_tokens_after_eot(tiny):
         a = tiny.backbone.encode_text(tokens).sentence
         b = tiny.backbone.encode_text(garbage).sentence
     torch.testing.assert_close(a, b)
+
+
+def test_runs_under_autocast(tiny):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny(torch.randn(2, 3, 64, 64), tokens_of([1823], [2533, 4919]))
+    assert out.logits.shape == (2, 1, 16, 16) and torch.isfinite(out.logits.float()).all()
 
 
 def test_logits_change_when_tokens_change(tiny):

@@ -173,6 +173,17 @@ def stack_samples(samples: list[dict[str, Any]], spec: SampleSpec) -> dict[str, 
     return empty
 
 
+def sample_nbytes(spec: SampleSpec) -> int:
+    """Approximate bytes of one preprocessed sample (for block sizing)."""
+    cells = (spec.input_size // STRIDE) ** 2
+    total = 3 * spec.input_size ** 2 * 4 + cells * 4 + spec.word_len * 8
+    if spec.with_tree:
+        total += 4 * cells * 4
+    if spec.with_mask:
+        total += cells * 4
+    return total
+
+
 def batch_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     """A column batch (numpy format) -> a list of row dicts."""
     n = len(next(iter(batch.values())))
@@ -283,12 +294,16 @@ def build_dataset(root: str, split: str, spec: SampleSpec, pool: PoolSpec, *,
         ds = ds.limit(limit)
     if shuffle_seed is not None:
         ds = ds.randomize_block_order(seed=shuffle_seed)
-    return ds.map_batches(
+    ds = ds.map_batches(
         Preprocessor,
         fn_constructor_kwargs={"spec": spec, "split": split, "monitor_name": monitor_name,
                                "strict": strict},
         batch_size=pool.batch_size, batch_format="numpy", compute=pool.compute(),
         num_cpus=pool.actor_cpus)
+    # Small output blocks: a streaming split hands out whole blocks, so one big block (a whole
+    # row group) would feed a single trainer worker while the others wait.
+    ds.context.target_max_block_size = max(sample_nbytes(spec) * pool.batch_size, 1 << 20)
+    return ds
 
 
 def exact_split_data_config(datasets_to_split: list[str]):

@@ -60,10 +60,12 @@ class CRISArch:
     projector_kernel: int = 3
 
     def __post_init__(self):
-        object.__setattr__(self, "vision_layers", tuple(int(n) for n in self.vision_layers))
-        object.__setattr__(self, "fpn_out", tuple(int(n) for n in self.fpn_out))
-        for problem in _arch_problems(self):
-            raise ValueError(f"invalid CRIS architecture: {problem}")
+        for name in ("vision_layers", "fpn_out"):  # lists (JSON, YAML) become tuples
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        problems = _type_problems(self) or _value_problems(self)
+        if problems:
+            raise ValueError(f"invalid CRIS architecture: {'; '.join(problems)}")
 
     @property
     def fpn_in(self) -> tuple[int, int, int]:
@@ -88,7 +90,26 @@ class CRISArch:
         return cls(**values)
 
 
-def _arch_problems(arch: CRISArch) -> list[str]:
+def _type_problems(arch: CRISArch) -> list[str]:
+    """Every count and width a positive int (stage tuples of them), dropout a float in [0, 1)."""
+    def positive_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    problems = []
+    for f in dataclasses.fields(arch):
+        value = getattr(arch, f.name)
+        if f.name == "dropout":
+            ok = isinstance(value, (int, float)) and 0 <= value < 1
+        elif f.name in ("vision_layers", "fpn_out"):
+            ok = isinstance(value, tuple) and all(positive_int(v) for v in value)
+        else:
+            ok = positive_int(value)
+        if not ok:
+            problems.append(f"{f.name}={value!r} is not a valid {f.type}")
+    return problems
+
+
+def _value_problems(arch: CRISArch) -> list[str]:
     checks = [
         (len(arch.vision_layers) == 4, f"vision_layers needs 4 stages, got {arch.vision_layers}"),
         (len(arch.fpn_out) == 3, f"fpn_out needs 3 widths, got {arch.fpn_out}"),
@@ -101,6 +122,11 @@ def _arch_problems(arch: CRISArch) -> list[str]:
          f"text_width {arch.text_width} is not divisible by text_heads {arch.text_heads}"),
         (arch.word_len <= arch.context_length,
          f"word_len {arch.word_len} exceeds context_length {arch.context_length}"),
+    ]
+    problems = [message for ok, message in checks if not ok]
+    if problems:
+        return problems
+    decoder_checks = [
         (arch.text_width == arch.fpn_out[1],
          f"text_width {arch.text_width} must equal fpn_out[1] {arch.fpn_out[1]} (the decoder "
          "attends from visual tokens to word features of the same width)"),
@@ -108,7 +134,7 @@ def _arch_problems(arch: CRISArch) -> list[str]:
          f"decoder width fpn_out[1]={arch.fpn_out[1]} must be divisible by 4 and by "
          f"decoder_heads {arch.decoder_heads}"),
     ]
-    return [message for ok, message in checks if not ok]
+    return [message for ok, message in decoder_checks if not ok]
 
 
 _RESNET_CLIP = dict(

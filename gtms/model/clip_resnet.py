@@ -99,13 +99,16 @@ class AttentionPool2d(nn.Module):
         for linear in (self.q_proj, self.k_proj, self.v_proj, self.c_proj):
             nn.init.normal_(linear.weight, std=embed_dim**-0.5)
 
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, C] -> [B, heads, N, C/heads]"""
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
     def _attend(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Multi-head attention of queries [B, Q, C] over tokens [B, N, C] -> [B, Q, output_dim]"""
-        def heads(x: torch.Tensor) -> torch.Tensor:  # [B, N, C] -> [B, heads, N, C/heads]
-            return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-
-        q, k = heads(self.q_proj(queries)), heads(self.k_proj(tokens))
-        out = F.scaled_dot_product_attention(q, k, heads(self.v_proj(tokens)))  # [B, h, Q, C/h]
+        q = self._split_heads(self.q_proj(queries))
+        k = self._split_heads(self.k_proj(tokens))
+        v = self._split_heads(self.v_proj(tokens))
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, Q, C/heads]
         return self.c_proj(out.transpose(1, 2).flatten(2))
 
     def _spatial_tokens(self, layer4: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """x [B, L, width], attn_mask [L, L] additive -> [B, L, width]"""
+        """x [B, L, width], attn_mask [L, L] bool (True = masked) -> [B, L, width]"""
         h = self.ln_1(x)
         x = x + self.attn(h, h, h, attn_mask=attn_mask, need_weights=False)[0]
         return x + self.mlp(self.ln_2(x))
@@ -77,8 +77,8 @@ class TextTransformer(nn.Module):
 
 
 def causal_mask(length: int) -> torch.Tensor:
-    """Additive mask [L, L]: -inf above the diagonal, so position i sees positions <= i."""
-    return torch.full((length, length), float("-inf")).triu_(1)
+    """Bool mask [L, L], True above the diagonal (masked), so position i sees positions <= i."""
+    return torch.ones(length, length, dtype=torch.bool).triu_(1)
 
 
 class CLIPText(nn.Module):

@@ -125,6 +125,23 @@ class LocalContext:
         return [obj]
 
 
+def _quiet_ray_train_worker() -> None:
+    """Ray Train logs every report and checkpoint at INFO on each worker, which buries our
+    one progress line per epoch; keep its warnings and errors."""
+    import logging
+
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    for module in ("ray.train.v2._internal.execution.context",
+                   "ray.train.v2._internal.execution.storage"):
+        try:
+            path = __import__(module, fromlist=["_"]).__file__
+        except ImportError:
+            continue
+        logging.getLogger(path).setLevel(logging.WARNING)
+
+
 class RayTrainContext:
     """Inside a Ray Train worker: dataset shards, ``ray.train.report``, DDP."""
 
@@ -133,6 +150,7 @@ class RayTrainContext:
         import ray.train
         from ray.train.torch import get_device
 
+        _quiet_ray_train_worker()
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
