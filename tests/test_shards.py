@@ -231,20 +231,9 @@ def test_write_shards_from_records_needs_no_generator(prepared, tmp_path):
 
 
 @pytest.mark.integration
-def test_ray_data_reads_the_shards(prepared):
-    import os
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        ds = ray.data.read_parquet(str(prepared / "shards" / "train"))
-        batch = ds.take_batch(5, batch_format="numpy")
-        assert set(batch) == set(SHARD_COLUMNS)
-        assert np.stack(batch["box_xywh"]).shape == (5, 4)
-        assert isinstance(batch["image"][0], bytes)
-    finally:
-        if started:
-            ray.shutdown()
+def test_ray_data_reads_the_shards(prepared, ray_cluster):
+    ds = ray_cluster.data.read_parquet(str(prepared / "shards" / "train"))
+    batch = ds.take_batch(5, batch_format="numpy")
+    assert set(batch) == set(SHARD_COLUMNS)
+    assert np.stack(batch["box_xywh"]).shape == (5, 4)
+    assert isinstance(batch["image"][0], bytes)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from gtms.config import Config, config_from_dict
@@ -79,8 +80,8 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
     model.eval()
     start = time.perf_counter()
     for batch in ds.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="numpy"):
-        image = torch.from_numpy(batch["image"]).to(device)
-        tokens = torch.from_numpy(batch["tokens"]).to(device)
+        image = torch.as_tensor(np.array(batch["image"]), device=device)
+        tokens = torch.as_tensor(np.array(batch["tokens"]), device=device)
         probs = torch.sigmoid(model(image, tokens).logits.float())[:, 0].cpu().numpy()
         for i in range(len(probs)):
             meter.add(*score_prediction(probs[i], batch["orig_hw"][i], batch["mask_rle"][i],

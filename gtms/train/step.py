@@ -56,7 +56,7 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     moved = {}
     for key, value in batch.items():
         if isinstance(value, np.ndarray) and value.dtype != object:
-            value = torch.from_numpy(value)
+            value = torch.from_numpy(value if value.flags.writeable else value.copy())
         if isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)
         moved[key] = value
