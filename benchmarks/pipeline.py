@@ -1,0 +1,124 @@
+"""Input-pipeline throughput: per-stage cost in one process, then the real Ray Data pipeline.
+
+    python -m benchmarks.pipeline [--root data/synthref] [--rows 400]
+
+Prints, at the tiny preset's input size (128) and at 416:
+* per-stage ms per ref in this process (decode, letterbox+normalise, tokenise, tree+forest);
+* samples/s through Ray Data with 1 and 2 preprocessing actors (training spec, trees included),
+  and the in-process rate as the reference ratio (same machine, same run);
+* what the trainer consumes: samples/s of the tiny training step (forest-gradcam, batch 16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from gtms.config import RayConfig
+from gtms.data.pipeline import PoolSpec, build_dataset, spec_for
+from gtms.data.tokenizer import ClipTokenizer
+from gtms.data.transforms import Letterbox, decode_image, normalize, validate_box
+from gtms.pseudo import build_grid_tree, structural_forest
+from gtms.train.contexts import iter_shard_rows
+
+
+def stage_costs(rows, size: int, tokenizer: ClipTokenizer) -> dict[str, float]:
+    build_grid_tree(np.random.rand(8, 8, 3).astype(np.float32))  # numba compile outside timing
+    totals = dict.fromkeys(("decode", "letterbox", "tokenise", "tree+forest"), 0.0)
+    for row in rows:
+        t0 = time.perf_counter()
+        image = decode_image(row["image"])
+        t1 = time.perf_counter()
+        lb = Letterbox(int(row["height"]), int(row["width"]), size)
+        img01 = lb.apply_image(image)
+        normalize(img01)
+        box = lb.box_at_stride(validate_box(row["box_xywh"], lb.orig_h, lb.orig_w), 4)
+        t2 = time.perf_counter()
+        tokenizer([str(row["sentences"][0])])
+        t3 = time.perf_counter()
+        tree = build_grid_tree(lb.guide_image(img01, 4))
+        structural_forest(tree.parent, box.reshape(-1) > 0)
+        t4 = time.perf_counter()
+        for key, dt in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            totals[key] += dt
+    return {k: 1000 * v / len(rows) for k, v in totals.items()}
+
+
+def ray_rate(root: str, size: int, actors: int, rows: int) -> tuple[float, float]:
+    spec = spec_for("train", input_size=size, word_len=17, mode="forest-gradcam", seed=0)
+    ds = build_dataset(root, "train", spec, PoolSpec(actors, 0, 1.0, 16), limit=rows)
+    start = time.perf_counter()
+    n, first = 0, None
+    for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
+        if first is None:  # steady state: after the actors started and the first batch came
+            first = time.perf_counter()
+        else:
+            n += len(batch["ref_id"])
+    return time.perf_counter() - start, n / (time.perf_counter() - first)
+
+
+def trainer_rate(size: int, batch: int = 16, steps: int = 5) -> float:
+    from gtms.model.build import build_model
+    from gtms.train.step import compute_losses
+
+    torch.set_num_threads(1)
+    model = build_model("tiny")
+    cells = size // 4
+    trees = [build_grid_tree(np.random.rand(cells, cells, 3).astype(np.float32))
+             for _ in range(batch)]
+    box = torch.zeros(batch, cells, cells)
+    box[:, cells // 4: 3 * cells // 4, cells // 4: 3 * cells // 4] = 1
+    tokens = torch.zeros(batch, 17, dtype=torch.long)
+    tokens[:, :3] = torch.tensor([49406, 320, 49407])
+    data = {"image": torch.randn(batch, 3, size, size), "tokens": tokens, "box": box,
+            "parent": torch.from_numpy(np.stack([t.parent for t in trees])),
+            "order": torch.from_numpy(np.stack([t.order for t in trees])),
+            "dist": torch.from_numpy(np.stack([t.dist for t in trees])),
+            "forest": torch.from_numpy(np.stack([structural_forest(
+                t.parent, box[i].numpy().reshape(-1) > 0) for i, t in enumerate(trees)]))}
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        out = compute_losses(model, data, mode="forest-gradcam", sigma=0.02, gamma=0.5)
+        optimizer.zero_grad()
+        out.terms["loss"].backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return batch / float(np.median(times[1:]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="data/synthref")
+    parser.add_argument("--rows", type=int, default=1000)
+    args = parser.parse_args()
+    from gtms.data.synthref import ensure_synthref
+    from gtms.runtime import init_ray
+
+    ensure_synthref(args.root)
+    tokenizer = ClipTokenizer()
+    rows = list(iter_shard_rows(args.root, "train", limit=args.rows))
+    init_ray(RayConfig(num_workers=0, preprocess_actors=2))
+    for size in (128, 416):
+        stages = stage_costs(rows[:100], size, tokenizer)
+        total = sum(stages.values())
+        print(f"\ninput {size}: per-stage ms/ref (one process, one core): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()) + f"; total {total:.2f}"
+              f" -> {1000 / total:.0f} refs/s")
+        for actors in (1, 2):
+            wall, rate = ray_rate(args.root, size, actors, args.rows)
+            print(f"  Ray Data, {actors} actor(s): {rate:.0f} samples/s steady state "
+                  f"(ratio to in-process {rate / (1000 / total):.2f}); {args.rows} refs in "
+                  f"{wall:.1f} s including actor start-up")
+    consume = trainer_rate(128)
+    print(f"\ntrainer consumption (tiny, 128, forest-gradcam, batch 16, 1 thread): "
+          f"{consume:.0f} samples/s per worker, ~{2 * consume:.0f} samples/s for 2 workers")
+
+
+if __name__ == "__main__":
+    main()
