@@ -7,12 +7,15 @@ Run from the repository root:
 
 Random weights, CPU unless --device says otherwise. "forward" is inference (eval mode, no
 gradients); "forward+backward" is a training step's model part (train mode, backward of the
-logits' mean; no optimiser step).
+logits' mean; no optimiser step). Times are the best of --repeats runs after one warm-up (the
+least disturbed by other processes); the 1-minute load average is printed before and after, since
+a busy machine inflates every figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 
@@ -33,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def time_ms(fn: Callable[[], None], *, repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` in milliseconds, after one warm-up call."""
+    """Best wall time of ``fn`` over ``repeats`` calls in milliseconds, after one warm-up."""
     fn()
     times = []
     for _ in range(repeats):
@@ -44,7 +47,7 @@ def time_ms(fn: Callable[[], None], *, repeats: int, device: torch.device) -> fl
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1000)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
 def bench_case(case: str, *, batch: int, repeats: int, device: torch.device) -> dict:
@@ -75,11 +78,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch}, median of {args.repeats}")
+          f"batch {args.batch}, best of {args.repeats}, load {os.getloadavg()[0]:.2f}")
     print(f"{'case':<12}{'params':>14}{'fwd ms/sample':>16}{'fwd+bwd ms/sample':>20}")
     for case in args.cases:
         r = bench_case(case, batch=args.batch, repeats=args.repeats, device=device)
         print(f"{r['case']:<12}{r['params']:>14,}{r['forward']:>16.1f}{r['forward_backward']:>20.1f}")
+    print(f"load after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
