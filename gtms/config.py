@@ -260,6 +260,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dic
     if not isinstance(doc, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, not {type(doc).__name__}")
     layers: list[tuple[Path, dict]] = []
+    doc.pop("sweep", None)  # a sweep's search space: read by gtms.tune.sweep, not a config key
     base = doc.pop("extends", None)
     if base is not None:
         if not isinstance(base, str):
@@ -272,7 +273,7 @@ def _merge_layer(merged: dict, sources: dict, doc: dict, where: str) -> None:
     for section, values in doc.items():
         if section not in SECTIONS:
             raise ConfigError(f"unknown section '{section}' in {where}; allowed sections: "
-                              f"{', '.join(SECTIONS)} (and 'extends')")
+                              f"{', '.join(SECTIONS)} (and 'extends', 'sweep')")
         if not isinstance(values, dict):
             raise ConfigError(f"section '{section}' in {where} must be a mapping of keys")
         for key, value in values.items():

@@ -133,13 +133,13 @@ def _quiet_ray_train_worker() -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
-    for module in ("ray.train.v2._internal.execution.context",
-                   "ray.train.v2._internal.execution.storage"):
-        try:
-            path = __import__(module, fromlist=["_"]).__file__
-        except ImportError:
-            continue
-        logging.getLogger(path).setLevel(logging.WARNING)
+    logging.getLogger("ray.train.v2._internal.execution.storage").setLevel(logging.WARNING)
+    try:  # this module names its logger by file path
+        import ray.train.v2._internal.execution.context as report_module
+
+        logging.getLogger(report_module.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
 
 
 class RayTrainContext:

@@ -126,8 +126,12 @@ def _limited(n: int, limit: int) -> int:
 
 
 def fit(cfg: Config, *, resume: str | None = None, no_ray: bool = False,
-        address: str | None = None, set_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Train; returns the summary (also written to ``<run>/summary.json``)."""
+        address: str | None = None, set_overrides: tuple[str, ...] = (),
+        callbacks: tuple = ()) -> dict[str, Any]:
+    """Train; returns the summary (also written to ``<run>/summary.json``).
+
+    ``callbacks``: Ray Train ``UserCallback`` objects (e.g. Tune's report forwarding).
+    """
     cfg, paths = plan_run(cfg, resume=resume)
     if resume is not None and set_overrides:  # e.g. --set train.epochs=20 to train longer
         cfg = load_config(paths.run_dir / "config.yaml", set_overrides)
@@ -157,7 +161,7 @@ def fit(cfg: Config, *, resume: str | None = None, no_ray: bool = False,
                            steps_per_epoch=steps)
         summary = _local_summary(ctx, paths, final)
     else:
-        summary = _fit_on_ray(cfg, paths, root, specs, steps, address)
+        summary = _fit_on_ray(cfg, paths, root, specs, steps, address, list(callbacks))
     summary["wall_time_s"] = round(time.time() - start, 1)
     (paths.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -173,7 +177,7 @@ def _local_summary(ctx: LocalContext, paths: RunPaths, final: dict) -> dict[str,
 
 
 def _fit_on_ray(cfg: Config, paths: RunPaths, root: str, specs: dict, steps: int,
-                address: str | None) -> dict[str, Any]:
+                address: str | None, callbacks: list) -> dict[str, Any]:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -211,7 +215,8 @@ def _fit_on_ray(cfg: Config, paths: RunPaths, root: str, specs: dict, steps: int
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute="val_mean_iou",
                                                checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            callbacks=callbacks),
         datasets=datasets,
         dataset_config=exact_split_data_config(["train", "val"]),
     )

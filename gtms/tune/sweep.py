@@ -1,0 +1,169 @@
+"""``run.py sweep``: hyper-parameter search spaces from YAML on Ray Tune.
+
+A sweep file is an experiment file with a ``sweep:`` section (ignored by every other command)::
+
+    extends: synthref.yaml
+    sweep:
+      metric: val_mean_iou        # any per-epoch metric; default val_mean_iou
+      mode: max                   # max | min
+      num_samples: 1              # repeats of the grid / number of random samples
+      max_concurrent_trials: 1    # 1 on a laptop; more on a cluster
+      scheduler: none             # none | asha (early stopping of weak trials)
+      grace_period: 1             # asha: epochs before a trial may be stopped
+      reduction_factor: 2         # asha
+      space:
+        pseudo.sigma: {grid: [0.01, 0.02, 0.05]}
+        optim.lr: {loguniform: [1.0e-4, 3.0e-3]}
+        loss.gamma_schedule: {choice: [linear, cosine]}
+
+Distributions: ``grid`` (every value), ``choice``, ``uniform``, ``loguniform``, ``randint``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gtms.config import SECTIONS, Config, ConfigError, config_to_dict, load_config, replace
+from gtms.tune.ablation import TuneError, build_or_restore_tuner, trial_resources
+
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+SWEEP_KEYS = ("metric", "mode", "num_samples", "max_concurrent_trials", "scheduler",
+              "grace_period", "reduction_factor", "space")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    space: dict[str, tuple[str, list]]
+    metric: str = "val_mean_iou"
+    mode: str = "max"
+    num_samples: int = 1
+    max_concurrent_trials: int = 1
+    scheduler: str = "none"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    source: str = field(default="", compare=False)
+
+
+def _sweep_section(path: Path) -> dict:
+    """The ``sweep`` section of ``path`` or of the nearest file it extends."""
+    doc = yaml.safe_load(path.read_text()) or {}
+    if "sweep" in doc:
+        return doc["sweep"]
+    if "extends" in doc:
+        return _sweep_section((path.parent / doc["extends"]).resolve())
+    raise ConfigError(f"{path} has no 'sweep:' section (see gtms/tune/sweep.py for the format)")
+
+
+def load_sweep(path: str | Path) -> tuple[Config, SweepSpec]:
+    """The base config and the validated search space of a sweep file."""
+    path = Path(path).resolve()
+    cfg = load_config(path)
+    section = _sweep_section(path)
+    where = f"'sweep' in {path}"
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    for key in section:
+        if key not in SWEEP_KEYS:
+            raise ConfigError(f"unknown key 'sweep.{key}' in {path}; allowed: "
+                              f"{', '.join(SWEEP_KEYS)}")
+    space = {}
+    for dotted, dist in (section.get("space") or {}).items():
+        sec, _, key = str(dotted).partition(".")
+        fields = [f.name for f in dataclasses.fields(SECTIONS[sec])] if sec in SECTIONS else []
+        if key not in fields:
+            raise ConfigError(f"sweep.space key '{dotted}' in {path} is not a config key "
+                              "(expected section.key, e.g. pseudo.sigma)")
+        if not (isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in DISTRIBUTIONS):
+            raise ConfigError(f"sweep.space.{dotted} in {path} must be one of "
+                              f"{{{' | '.join(d + ': [...]' for d in DISTRIBUTIONS)}}}")
+        kind, values = next(iter(dist.items()))
+        ranged = kind in ("uniform", "loguniform", "randint")
+        if not isinstance(values, list) or not values or (ranged and len(values) != 2):
+            need = "[low, high]" if ranged else "a non-empty list"
+            raise ConfigError(f"sweep.space.{dotted} in {path}: {kind} needs {need}")
+        for value in values if kind in ("grid", "choice") else []:
+            replace(cfg, **{sec: {key: value}})  # each value must be valid for the key
+        space[str(dotted)] = (kind, values)
+    if not space:
+        raise ConfigError(f"{where} has an empty 'space'")
+    spec = SweepSpec(space=space, source=str(path), **{k: v for k, v in section.items()
+                                                       if k != "space"})
+    if spec.mode not in ("max", "min") or spec.scheduler not in ("none", "asha"):
+        raise ConfigError(f"{where}: mode must be max|min and scheduler none|asha")
+    return cfg, spec
+
+
+def tune_space(spec: SweepSpec) -> dict[str, Any]:
+    from ray import tune
+
+    makers = {"grid": tune.grid_search, "choice": tune.choice,
+              "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+              "randint": lambda v: tune.randint(*v)}
+    return {key: makers[kind](values) for key, (kind, values) in spec.space.items()}
+
+
+def overrides_yaml(cfg: Config, *, command_path: Path, metric: str, value: float) -> str:
+    """A ready-to-run experiment file holding only what differs from the built-in defaults."""
+    defaults, mine = config_to_dict(Config()), config_to_dict(cfg)
+    diff = {s: {k: v for k, v in keys.items() if defaults[s][k] != v}
+            for s, keys in mine.items()}
+    diff = {s: keys for s, keys in diff.items() if keys}
+    header = (f"# python run.py train --config {command_path}\n"
+              f"# Best configuration of a sweep ({metric} = {value:.4f}).\n"
+              "# Example override: --set train.epochs=20\n")
+    return header + yaml.safe_dump(diff, sort_keys=False)
+
+
+def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: Path, resume: bool,
+              address: str | None = None) -> dict[str, Any]:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from gtms.runtime import init_ray
+    from gtms.train.trainer import resolve_data_root
+    from gtms.tune.trial import apply_params, run_trial
+
+    out_dir = out_dir.resolve()
+    cfg = replace(cfg, data={"root": resolve_data_root(cfg)})
+    init_ray(cfg.ray, cli_address=address, concurrent_trials=spec.max_concurrent_trials)
+    scheduler = None
+    if spec.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 1,
+                                  grace_period=spec.grace_period,
+                                  reduction_factor=spec.reduction_factor)
+    param_space = {"base": config_to_dict(cfg), "storage": str(out_dir / "trials"),
+                   "splits": [], **tune_space(spec)}
+    tuner = build_or_restore_tuner(
+        tune.with_resources(run_trial, trial_resources()), param_space, out_dir=out_dir,
+        resume=resume, tune_config=tune.TuneConfig(
+            metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+            max_concurrent_trials=spec.max_concurrent_trials, scheduler=scheduler))
+    start = time.time()
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        params = {k: result.config[k] for k in spec.space}
+        rows.append({"params": params, spec.metric: metrics.get(spec.metric),
+                     "epochs": metrics.get("epoch", -1) + 1, "error": str(result.error)
+                     if result.error else None})
+    ok = [r for r in rows if r[spec.metric] is not None and r["error"] is None]
+    if not ok:
+        raise TuneError(f"no trial of the sweep finished; see {out_dir}")
+    ok.sort(key=lambda r: r[spec.metric], reverse=spec.mode == "max")
+    best = ok[0]
+    best_cfg = apply_params(config_to_dict(cfg), best["params"])
+    best_path = out_dir / "best.yaml"
+    best_path.write_text(overrides_yaml(best_cfg, command_path=best_path, metric=spec.metric,
+                                        value=best[spec.metric]))
+    return {"rows": sorted(rows, key=lambda r: (r[spec.metric] is None,
+                                                -(r[spec.metric] or 0) if spec.mode == "max"
+                                                else (r[spec.metric] or 0))),
+            "best": best, "best_yaml": str(best_path),
+            "wall_time_s": round(time.time() - start, 1)}

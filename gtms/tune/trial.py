@@ -1,0 +1,50 @@
+"""One Tune trial: train a config with some keys changed, then evaluate it on every split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gtms.config import config_from_dict, replace
+
+
+def apply_params(base: dict, params: dict[str, Any]):
+    """``base`` (a config dict) with ``{"section.key": value}`` changes, validated."""
+    changes: dict[str, dict] = {}
+    for dotted, value in params.items():
+        section, _, key = dotted.partition(".")
+        changes.setdefault(section, {})[key] = value
+    return replace(config_from_dict(base, "<trial base config>"), **changes)
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable. ``config``: ``base`` (config dict), ``params`` (dotted keys ->
+    values), ``storage`` (folder for the trials' run folders), ``splits`` (evaluated at the end).
+    Per-epoch metrics reach Tune through ``TuneReportCallback``; the final report adds
+    ``<split>_mean_iou`` / ``<split>_overall_iou`` of the best checkpoint."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from gtms.eval.evaluate import evaluate
+    from gtms.train.trainer import fit
+
+    params = {k: v for k, v in config.items() if "." in k}
+    cfg = apply_params(config["base"], {**config.get("params", {}), **params})
+    name = f"trial-{tune.get_context().get_trial_id()}"
+    storage = Path(config["storage"])
+    cfg = replace(cfg, train={"run_dir": str(storage), "name": name})
+    resume = name if (storage / name / "config.yaml").is_file() else None
+    summary = fit(cfg, resume=resume, callbacks=(TuneReportCallback(),))
+    final = dict(summary["final"] or {})
+    splits = list(config.get("splits") or [])
+    report = evaluate(summary["best_checkpoint"], cfg, splits, None) if splits else \
+        {"splits": {}}
+    for split, metrics in report["splits"].items():
+        final[f"{split}_mean_iou"] = metrics["mean_iou"]
+        final[f"{split}_overall_iou"] = metrics["overall_iou"]
+        final[f"{split}_n"] = metrics["n"]
+    final["run_dir"] = summary["run_dir"]
+    final["best_checkpoint"] = str(summary["best_checkpoint"])
+    final["train_wall_time_s"] = summary.get("wall_time_s")
+    final["evaluated"] = 1
+    tune.report(final)
