@@ -9,6 +9,7 @@ executing.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,21 @@ class CheckpointError(UserError, ValueError):
 
 
 def resolve_checkpoint_file(path: str | Path) -> Path:
-    """A checkpoint directory (Ray's ``checkpoint_*``) or a ``.pt`` file -> the file."""
+    """A checkpoint directory (Ray's ``checkpoint_*``) or a ``.pt`` file -> the local file.
+
+    URIs (``s3://``, ``gs://``, ``file://``) are downloaded to a temporary folder first.
+    """
+    from gtms import storage
+
+    if storage.is_uri(str(path)):
+        if not storage.exists(str(path)):
+            raise CheckpointError(f"checkpoint not found: {path}")
+        local = Path(tempfile.mkdtemp(prefix="gtms-ckpt-"))
+        if str(path).endswith(".pt"):
+            (local / FILENAME).write_bytes(storage.read_bytes(str(path)))
+        else:
+            storage.download_dir(str(path), local)
+        path = local
     path = Path(path)
     if path.is_dir():
         path = path / FILENAME

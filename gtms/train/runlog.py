@@ -8,7 +8,6 @@ line per epoch on the console.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,13 +19,14 @@ CONSOLE_KEYS = (("train_loss", "loss"), ("train_loc", "loc"), ("train_pix", "pix
 
 
 class RunLogger:
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(self.run_dir / "tb"))
-        self.jsonl = self.run_dir / "metrics.jsonl"
+        from gtms.storage import RunFolder
+
+        self.folder = RunFolder(run_dir, fetch=True)   # local, or a mirror of a URI
+        self.writer = SummaryWriter(str(self.folder.path / "tb"))
+        self.jsonl = self.folder.path / "metrics.jsonl"
 
     def console(self, text: str) -> None:
         print(text, flush=True)
@@ -44,6 +44,7 @@ class RunLogger:
         self.writer.flush()
         with self.jsonl.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
+        self.folder.sync()
         parts = [f"epoch {metrics['epoch'] + 1}/{epochs}"]
         for key, label in CONSOLE_KEYS:
             if key in metrics:
@@ -62,6 +63,8 @@ class RunLogger:
         grid = sample_panels(batch, result, max_samples=4)
         self.writer.add_image("val/samples", np.ascontiguousarray(grid), step, dataformats="HWC")
         self.writer.flush()
+        self.folder.sync()
 
     def close(self) -> None:
         self.writer.close()
+        self.folder.sync()

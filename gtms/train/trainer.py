@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gtms.config import Config, config_to_dict, dump_config, load_config
+from gtms import storage
+from gtms.config import Config, config_to_dict, dump_config
 from gtms.data.pipeline import PoolSpec, build_dataset, exact_split_data_config, spec_for
 from gtms.errors import UserError
 from gtms.train.contexts import LocalContext, RayTrainContext, count_rows, steps_per_epoch
@@ -29,12 +30,12 @@ class RunError(UserError, RuntimeError):
 
 @dataclass(frozen=True)
 class RunPaths:
-    storage: Path          # train.run_dir, absolute
+    storage: str           # train.run_dir: an absolute local path or a URI
     name: str
 
     @property
-    def run_dir(self) -> Path:
-        return self.storage / self.name
+    def run_dir(self) -> str:
+        return storage.join(self.storage, self.name)
 
 
 def default_run_name(cfg: Config) -> str:
@@ -45,7 +46,7 @@ def default_run_name(cfg: Config) -> str:
 def resolve_data_root(cfg: Config) -> str:
     """The prepared dataset (``<root>/shards/<split>``); SynthRef is generated when absent."""
     root = cfg.data.root
-    if "://" in root:
+    if storage.is_uri(root):
         return root
     root = str(Path(root).resolve())
     if cfg.data.dataset == "synthref":
@@ -81,36 +82,51 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def write_run_metadata(run_dir: Path, cfg: Config, *, world_size: int) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+def write_run_metadata(run_dir: str, cfg: Config, *, world_size: int) -> None:
+    folder = storage.RunFolder(run_dir)
+    (folder.path / "config.yaml").write_text(dump_config(cfg))
     meta = {"git_sha": git_sha(), "versions": package_versions(), "command": sys.argv,
             "seeds": {"base": cfg.train.seed,
                       "per_rank": [cfg.train.seed + r for r in range(max(world_size, 1))],
                       "sentence_and_shuffle": cfg.train.seed},
             "host": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
+    (folder.path / "run.json").write_text(json.dumps(meta, indent=2))
+    folder.sync()
 
 
 def plan_run(cfg: Config, *, resume: str | None) -> tuple[Config, RunPaths]:
     """Pick the run folder. ``resume`` = a run name, a run folder, or ``"latest"``."""
-    storage = Path(cfg.train.run_dir).resolve()
+    base = storage.absolute(cfg.train.run_dir)
     if resume is None:
         name = cfg.train.name or default_run_name(cfg)
-        if (storage / name).exists():
-            raise RunError(f"run folder {storage / name} exists; pass --resume {name} to "
-                           "continue it or choose another train.name")
-        return cfg, RunPaths(storage, name)
+        if storage.exists(storage.join(base, name)):
+            raise RunError(f"run folder {storage.join(base, name)} exists; pass --resume {name}"
+                           " to continue it or choose another train.name")
+        return cfg, RunPaths(base, name)
     if resume == "latest":
-        runs = sorted((p for p in storage.glob("*/config.yaml")), key=lambda p: p.stat().st_mtime)
+        if storage.is_uri(base):
+            raise RunError("--resume latest needs a local train.run_dir; name the run instead")
+        runs = sorted(Path(base).glob("*/config.yaml"), key=lambda p: p.stat().st_mtime)
         if not runs:
-            raise RunError(f"--resume latest: no runs under {storage}")
-        run_dir = runs[-1].parent
+            raise RunError(f"--resume latest: no runs under {base}")
+        paths = RunPaths(str(runs[-1].parent.parent), runs[-1].parent.name)
+    elif not storage.is_uri(resume) and Path(resume).is_dir():
+        paths = RunPaths(str(Path(resume).resolve().parent), Path(resume).resolve().name)
     else:
-        run_dir = Path(resume) if Path(resume).is_dir() else storage / resume
-    if not (run_dir / "config.yaml").is_file():
-        raise RunError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
-    return load_config(run_dir / "config.yaml"), RunPaths(run_dir.parent, run_dir.name)
+        paths = RunPaths(base, resume)
+    config_file = storage.join(paths.run_dir, "config.yaml")
+    if not storage.exists(config_file):
+        raise RunError(f"--resume: {paths.run_dir} is not a run folder (no config.yaml)")
+    return _load_remote_config(config_file), paths
+
+
+def _load_remote_config(config_file: str, overrides: tuple[str, ...] = ()) -> Config:
+    import yaml
+
+    from gtms.config import config_from_dict
+
+    return config_from_dict(yaml.safe_load(storage.read_text(config_file)), config_file,
+                            overrides)
 
 
 def _ray_worker(loop_config: dict) -> dict:
@@ -134,7 +150,9 @@ def fit(cfg: Config, *, resume: str | None = None, no_ray: bool = False,
     """
     cfg, paths = plan_run(cfg, resume=resume)
     if resume is not None and set_overrides:  # e.g. --set train.epochs=20 to train longer
-        cfg = load_config(paths.run_dir / "config.yaml", set_overrides)
+        cfg = _load_remote_config(storage.join(paths.run_dir, "config.yaml"), set_overrides)
+    if no_ray and storage.is_uri(paths.storage):
+        raise RunError("--no-ray needs a local train.run_dir (Ray writes URIs)")
     root = resolve_data_root(cfg)
     n_train = _limited(count_rows(root, cfg.data.train_split), cfg.data.limit_train_refs)
     if n_train == 0:
@@ -156,23 +174,26 @@ def fit(cfg: Config, *, resume: str | None = None, no_ray: bool = False,
                            val_split=cfg.data.val_split, train_spec=specs["train"],
                            val_spec=specs["val"], limit_train=cfg.data.limit_train_refs,
                            limit_eval=cfg.data.limit_eval_refs, strict=cfg.data.strict,
-                           checkpoint_root=paths.run_dir)
-        final = train_loop(config_to_dict(cfg), ctx, run_dir=str(paths.run_dir),
+                           checkpoint_root=Path(paths.run_dir))
+        final = train_loop(config_to_dict(cfg), ctx, run_dir=paths.run_dir,
                            steps_per_epoch=steps)
         summary = _local_summary(ctx, paths, final)
     else:
         summary = _fit_on_ray(cfg, paths, root, specs, steps, address, list(callbacks))
     summary["wall_time_s"] = round(time.time() - start, 1)
-    (paths.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    folder = storage.RunFolder(paths.run_dir)
+    (folder.path / "summary.json").write_text(json.dumps(summary, indent=2))
+    folder.sync()
     return summary
 
 
 def _local_summary(ctx: LocalContext, paths: RunPaths, final: dict) -> dict[str, Any]:
     reports = ctx.reports
     best = max(reports, key=lambda m: m["val_mean_iou"]) if reports else final
-    return {"run_dir": str(paths.run_dir), "final": final, "best": best,
-            "best_checkpoint": str(paths.run_dir / f"checkpoint_epoch_{best['epoch']:04d}"),
-            "latest_checkpoint": str(paths.run_dir / f"checkpoint_epoch_{final['epoch']:04d}")
+    run_dir = Path(paths.run_dir)
+    return {"run_dir": str(run_dir), "final": final, "best": best,
+            "best_checkpoint": str(run_dir / f"checkpoint_epoch_{best['epoch']:04d}"),
+            "latest_checkpoint": str(run_dir / f"checkpoint_epoch_{final['epoch']:04d}")
             if final else None}
 
 
@@ -204,14 +225,14 @@ def _fit_on_ray(cfg: Config, paths: RunPaths, root: str, specs: dict, steps: int
         resources["GPU"] = cfg.ray.gpus_per_worker
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"config": config_to_dict(cfg), "run_dir": str(paths.run_dir),
+        train_loop_config={"config": config_to_dict(cfg), "run_dir": paths.run_dir,
                            "steps_per_epoch": steps, "monitor": monitor_name,
                            "train_split": cfg.data.train_split,
                            "val_split": cfg.data.val_split, "seed": cfg.train.seed},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=paths.name, storage_path=str(paths.storage),
+            name=paths.name, storage_path=paths.storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute="val_mean_iou",
                                                checkpoint_score_order="max"),
@@ -224,9 +245,11 @@ def _fit_on_ray(cfg: Config, paths: RunPaths, root: str, specs: dict, steps: int
     ray.kill(monitor)
     best = max(result.best_checkpoints, key=lambda cm: cm[1]["val_mean_iou"]) \
         if result.best_checkpoints else (result.checkpoint, result.metrics)
-    return {"run_dir": str(paths.run_dir), "final": result.metrics, "best": best[1],
-            "best_checkpoint": best[0].path if best[0] else None,
-            "latest_checkpoint": result.checkpoint.path if result.checkpoint else None}
+    def location(checkpoint):  # Ray's paths drop the URI scheme; keep it for users
+        return storage.join(paths.run_dir, Path(checkpoint.path).name) if checkpoint else None
+
+    return {"run_dir": paths.run_dir, "final": result.metrics, "best": best[1],
+            "best_checkpoint": location(best[0]), "latest_checkpoint": location(result.checkpoint)}
 
 
 def print_summary(summary: dict[str, Any]) -> None:

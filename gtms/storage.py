@@ -1,0 +1,93 @@
+"""Run storage on a local folder or any URI pyarrow understands (``s3://``, ``gs://``, ``file://``).
+
+Ray Train writes checkpoints to the storage path itself. Our own run files (config, metrics,
+TensorBoard events, summary) are written to a local mirror and copied to the storage after each
+change, so TensorBoard and ``tail -f`` work on either side.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (workers change directory); URIs unchanged."""
+    return str(path) if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([str(base).rstrip("/"), *parts]) if is_uri(base) else \
+        str(Path(base, *parts))
+
+
+def _fs(uri: str):
+    from pyarrow import fs
+
+    return fs.FileSystem.from_uri(uri)
+
+
+def exists(path: str) -> bool:
+    if not is_uri(path):
+        return Path(path).exists()
+    from pyarrow import fs
+
+    filesystem, inner = _fs(path)
+    return filesystem.get_file_info(inner).type != fs.FileType.NotFound
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode()
+
+
+def read_bytes(path: str) -> bytes:
+    if not is_uri(path):
+        return Path(path).read_bytes()
+    filesystem, inner = _fs(path)
+    with filesystem.open_input_stream(inner) as f:
+        return f.read()
+
+
+def upload_dir(local: Path, remote: str) -> None:
+    """Copy the files of ``local`` into ``remote`` (overwriting)."""
+    from pyarrow import fs
+
+    filesystem, inner = _fs(remote)
+    filesystem.create_dir(inner, recursive=True)
+    fs.copy_files(str(local), inner, destination_filesystem=filesystem)
+
+
+def download_dir(remote: str, local: Path) -> None:
+    """Copy ``remote`` (if it exists) into the local folder ``local``."""
+    from pyarrow import fs
+
+    if not exists(remote):
+        return
+    filesystem, inner = _fs(remote)
+    local.mkdir(parents=True, exist_ok=True)
+    fs.copy_files(inner, str(local), source_filesystem=filesystem)
+
+
+class RunFolder:
+    """Where a run's own files go: ``path`` locally; synced to ``remote`` when storage is a URI."""
+
+    def __init__(self, run_dir: str, *, fetch: bool = False):
+        self.remote = run_dir if is_uri(run_dir) else None
+        if self.remote:
+            self.path = Path(tempfile.mkdtemp(prefix="gtms-run-"))
+            if fetch:
+                for name in ("metrics.jsonl", "config.yaml", "run.json"):
+                    remote = join(self.remote, name)
+                    if exists(remote):
+                        (self.path / name).write_text(read_text(remote))
+        else:
+            self.path = Path(run_dir)
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def sync(self) -> None:
+        if self.remote:
+            upload_dir(self.path, self.remote)

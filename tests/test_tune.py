@@ -1,0 +1,103 @@
+"""Ablation tables and sweeps: spec validation (unit) and real Tune runs (integration)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+import run
+from gtms.config import ConfigError, load_config
+from gtms.tune.sweep import load_sweep
+from gtms.tune.table import collect, markdown, write_tables
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((REPO / "experiments").glob("*sweep*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_sweep_file_validates(path):
+    cfg, spec = load_sweep(path)
+    assert spec.space and spec.metric == "val_mean_iou"
+    assert load_config(path) == cfg      # other commands ignore the sweep section
+
+
+def test_sweep_spec_errors(tmp_path):
+    base = "extends: " + str(REPO / "experiments" / "synthref.yaml") + "\n"
+    cases = {
+        "sweep:\n  space:\n    pseudo.sigmaa: {grid: [1]}\n": "not a config key",
+        "sweep:\n  space:\n    pseudo.sigma: {normal: [1, 2]}\n": "must be one of",
+        "sweep:\n  space:\n    pseudo.sigma: {uniform: [1]}\n": "[low, high]",
+        "sweep:\n  space:\n    loss.mode: {grid: [tree, nope]}\n": "'loss.mode'",
+        "sweep:\n  metric: x\n  spaces: {}\n": "unknown key 'sweep.spaces'",
+        "sweep:\n  space: {}\n": "empty 'space'",
+    }
+    for i, (text, needle) in enumerate(cases.items()):
+        path = tmp_path / f"s{i}.yaml"
+        path.write_text(base + text)
+        with pytest.raises(ConfigError) as info:
+            load_sweep(path)
+        assert needle in str(info.value), (text, str(info.value))
+    path = tmp_path / "none.yaml"
+    path.write_text(base)
+    with pytest.raises(ConfigError, match="no 'sweep:' section"):
+        load_sweep(path)
+
+
+def test_table_mean_std_and_files(tmp_path):
+    trials = [{"mode": m, "seed": s, "metrics": {"val_mean_iou": v, "val_overall_iou": v / 2}}
+              for m, s, v in [("tree", 0, 0.5), ("tree", 1, 0.7), ("box-bce", 0, 0.3)]]
+    table = collect(trials, ["box-bce", "tree"], ["val"])
+    assert table["tree"]["val"]["mean_iou"] == [0.5, 0.7]
+    text = write_tables(tmp_path, table, ["val"], dataset="refcoco", title="t", extra={})
+    assert "| tree | 60.00 ± 14.14 | 30.00 ± 7.07 | 61.72 |" in text
+    assert "| box-bce | 30.00 | 15.00 | 46.11 |" in text
+    rows = list(csv.DictReader((tmp_path / "ablation.csv").open()))
+    assert len(rows) == 3 and {r["row"] for r in rows} == {"tree", "box-bce"}
+    payload = json.loads((tmp_path / "ablation.json").read_text())
+    assert payload["rows"]["tree"]["val"]["mean_iou_mean"] == pytest.approx(0.6)
+    assert "val paper" not in markdown(table, ["val"], dataset="synthref", title="t")
+
+
+TINY = ["--set", "data.input_size=64", "--set", "data.limit_train_refs=16", "--set",
+        "data.limit_eval_refs=4", "--set", "train.epochs=1", "--set", "train.batch_size=8",
+        "--set", "data.eval_splits=val,testA", "--set", "ray.num_workers=1"]
+
+
+@pytest.mark.integration
+def test_ablation_of_two_rows_writes_matching_tables(synthref_small, tmp_path, ray_cluster):
+    out = tmp_path / "ablation"
+    assert run.main(["ablate", "--config", str(REPO / "experiments" / "synthref_ablation.yaml"),
+                     "--rows", "box-lloc,tree", "--out", str(out), "--set",
+                     f"data.root={synthref_small}", *TINY]) == 0
+    payload = json.loads((out / "ablation.json").read_text())
+    assert set(payload["rows"]) == {"box-lloc", "tree"} and payload["splits"] == ["val", "testA"]
+    text = (out / "ablation.md").read_text()
+    assert "| box-lloc |" in text and "| tree |" in text
+    # The numbers in the table are the trials' own evaluation results.
+    for trial in payload["trials"]:
+        evaluated = json.loads(Path(trial["run_dir"], "summary.json").read_text())
+        assert evaluated["best_checkpoint"] == trial["best_checkpoint"]
+    rows = list(csv.DictReader((out / "ablation.csv").open()))
+    assert len(rows) == 4
+    for row in rows:
+        cell = payload["rows"][row["row"]][row["split"]]
+        assert float(row["mean_iou"]) == pytest.approx(cell["mean_iou"][0], abs=1e-6)
+    with pytest.raises(Exception, match="exists"):
+        run.main(["ablate", "--rows", "tree", "--out", str(out), "--set",
+                  f"data.root={synthref_small}", *TINY])
+
+
+@pytest.mark.integration
+def test_two_point_sweep_writes_loadable_best_yaml(synthref_small, tmp_path, ray_cluster):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"extends: {REPO / 'experiments' / 'synthref.yaml'}\n"
+                     "sweep:\n  space:\n    pseudo.sigma: {grid: [0.01, 0.1]}\n")
+    out = tmp_path / "sweep-out"
+    assert run.main(["sweep", "--config", str(sweep), "--out", str(out), "--set",
+                     f"data.root={synthref_small}", *TINY]) == 0
+    best = load_config(out / "best.yaml")
+    assert best.pseudo.sigma in (0.01, 0.1) and best.data.input_size == 64
+    assert (out / "best.yaml").read_text().startswith("# python run.py train --config")
