@@ -102,9 +102,11 @@ def test_eval_writes_metrics_json_and_bad_inputs(synthref_small, tmp_path, ray_c
 
 @pytest.mark.integration
 def test_ray_two_workers_end_to_end(synthref_small, tmp_path, ray_cluster, capsys):
-    assert run.main(["train", "--set", f"data.root={synthref_small}", "--set",
+    """Two CPU workers (gloo DDP), shards and run storage both given as file:// URIs."""
+    assert run.main(["train", "--set", f"data.root=file://{synthref_small}", "--set",
                      "data.input_size=64", "--set", "data.limit_train_refs=24", "--set",
-                     "data.limit_eval_refs=8", "--set", f"train.run_dir={tmp_path}", "--set",
+                     "data.limit_eval_refs=8", "--set", f"train.run_dir=file://{tmp_path}",
+                     "--set",
                      "train.name=ray2", "--set", "train.batch_size=4", "--set",
                      "train.epochs=2", "--set", "ray.num_workers=2"]) == 0
     printed = capsys.readouterr().out
@@ -113,9 +115,11 @@ def test_ray_two_workers_end_to_end(synthref_small, tmp_path, ray_cluster, capsy
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [0, 1]
     assert all(m["val_n"] >= 8 for m in metrics)
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert Path(summary["latest_checkpoint"], "model.pt").is_file()
+    assert summary["latest_checkpoint"].startswith("file://")
     assert load_checkpoint(summary["latest_checkpoint"])["epoch"] == 1
+    assert (run_dir / "checkpoint_epoch_0001" / "model.pt").is_file()
 
 
 @pytest.mark.integration
