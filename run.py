@@ -11,7 +11,7 @@ from gtms.config import ConfigError
 from gtms.errors import UserError
 
 # Subcommands in the order --help lists them; each module registers its own parser.
-COMMANDS = ("config", "prepare", "train", "eval", "ablate", "sweep")
+COMMANDS = ("config", "prepare", "train", "eval", "ablate", "sweep", "predict", "visualize")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,16 +44,27 @@ def cluster_address(cfg: RayConfig, cli_address: str | None = None) -> str | Non
 
 
 def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
-    """Fail fast with a clear message when a ``host:port`` / ``ray://`` / ``http://`` address
-    does not answer (``ray.init`` would otherwise retry for a long time)."""
+    """Fail fast with a clear message when a ``host:port`` / ``ray://`` address cannot be parsed
+    or does not answer (``ray.init`` would otherwise retry for a long time)."""
     if address == "auto":
         return
+    if address.lower().startswith(("http://", "https://")):
+        # ray.init rejects these with a ValueError; it is the dashboard / Jobs API address.
+        raise RayStartError(
+            f"{address!r} is a dashboard (job submission) address, not a Ray cluster address. "
+            f"Submit the command as a job: 'ray job submit --address {address} --working-dir . "
+            "-- python run.py ...' (see cluster/README.md), or join with --address HEAD:6379 / "
+            "ray://HEAD:10001.")
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
-    if not parsed.hostname or not parsed.port:
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:  # a port that is not a number or is out of range
+        host = port = None
+    if not host or not port:
         raise RayStartError(f"cannot parse Ray address {address!r}; expected host:port, "
                             "ray://host:port or 'auto'")
     try:
-        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s):
+        with socket.create_connection((host, port), timeout=timeout_s):
             pass
     except OSError as err:
         raise RayStartError(
@@ -73,12 +84,22 @@ def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trial
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    address = cluster_address(cfg, cli_address)
+    if address:  # checked even when Ray is already up, so a bad address never passes silently
+        _check_reachable(address)
     if ray.is_initialized():
         return ray.get_runtime_context()
-    address = cluster_address(cfg, cli_address)
     if address:
-        _check_reachable(address)
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, ray.exceptions.AuthenticationError) as err:
+            # A token mismatch shows up as a ConnectionError after ~20 s of retries.
+            reason = str(getattr(err, "message", err)).splitlines()[0]
+            raise RayStartError(
+                f"could not join the Ray cluster at {address!r} ({reason}). Is it the head's GCS "
+                "port (6379 by default)? A cluster started with token authentication also needs "
+                "RAY_AUTH_MODE=token here and its token in ~/.ray/auth_token or RAY_AUTH_TOKEN."
+            ) from None
     else:
         # The dashboard stays on loopback; it also serves the State API that Ray Train's
         # placement-group cleaner and Tune's early stopping rely on.

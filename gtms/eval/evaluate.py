@@ -19,7 +19,7 @@ from gtms.config import Config, config_from_dict
 from gtms.data.pipeline import PoolSpec, build_dataset, spec_for
 from gtms.errors import UserError
 from gtms.eval.metrics import PREC_THRESHOLDS, SegmentationMeter, score_prediction
-from gtms.model.build import build_model
+from gtms.model.build import CRISArch, build_from_arch, build_model
 from gtms.train.checkpoint import CheckpointError, is_gtms_checkpoint, load_checkpoint
 
 
@@ -49,7 +49,10 @@ def load_model_for_eval(checkpoint: str | Path, cfg: Config | None) -> tuple[tor
                                     f"{section}.{key} is {have!r} but {checkpoint} was trained "
                                     f"with {want!r}")
         use = cfg or trained
-        model = build_model(trained.model.preset, word_len=trained.data.word_len)
+        if payload.get("arch"):  # exact shapes, also for CLIP weights of non-standard sizes
+            model = build_from_arch(CRISArch.from_dict(payload["arch"]))
+        else:
+            model = build_model(trained.model.preset, word_len=trained.data.word_len)
         try:
             model.load_state_dict(payload["model"])
         except RuntimeError as err:

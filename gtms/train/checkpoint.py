@@ -2,7 +2,8 @@
 
 Keys: ``model`` (CRIS-named state dict, no ``module.`` prefix), ``optimizer``, ``scheduler``,
 ``scaler`` (AMP, may be None), ``epoch`` (last finished), ``step`` (global iteration), ``config``
-(the resolved config as a plain dict), ``metrics``, ``format`` = :data:`FORMAT`. Everything is
+(the resolved config as a plain dict), ``arch`` (the exact model shapes), ``metrics``,
+``format`` = :data:`FORMAT`. Everything is
 plain tensors and containers, so loading uses ``torch.load(weights_only=True)``: loading is not
 executing.
 """

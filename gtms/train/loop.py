@@ -192,7 +192,8 @@ def train_loop(config: dict, ctx: LoopContext, *, run_dir: str | None,
                     checkpoint_dir, model=unwrap(model).state_dict(),
                     optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                     scaler=scaler.state_dict() if scaler else None, epoch=epoch, step=step,
-                    config=config_to_dict(cfg), metrics=metrics)
+                    config=config_to_dict(cfg), arch=unwrap(model).arch.to_dict(),
+                    metrics=metrics)
             ctx.report(metrics, checkpoint_dir)
     if log:
         log.close()

@@ -1,0 +1,103 @@
+"""``run.py predict``: masks for your own image + sentence pairs, at the original resolution."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "predict", help="segment the object a sentence refers to in your own images",
+        description="For each image + sentence pair: letterbox, CRIS, sigmoid, inverse letterbox "
+                    "to the original image, threshold. Writes <out>/NNNN_<image>_mask.png (0/255, "
+                    "the image's original size), <out>/NNNN_<image>_overlay.png (mask tinted "
+                    "on the image, the sentence above) and <out>/predictions.jsonl (one record "
+                    "per pair: image, text, mask, overlay, mask_area_fraction, error). A pair "
+                    "that fails (missing or undecodable image, empty text) is reported and the "
+                    "others go on. Images are read as viewers show them (EXIF orientation "
+                    "applied). Exit code: 0 all pairs ok, 1 some failed, 2 the checkpoint "
+                    "or config cannot be used.",
+        epilog='example: python run.py predict --checkpoint runs/<run>/checkpoint_epoch_0009 '
+               '--image cat.jpg --text "the cat on the left" --image dogs.png --text '
+               '"the smaller dog"')
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="checkpoint folder or .pt file (ours or CRIS-layout)")
+    parser.add_argument("--image", dest="images", action="append", default=[], metavar="IMG",
+                        help="an image file; repeat --image/--text in pairs (the k-th image "
+                             "goes with the k-th text)")
+    parser.add_argument("--text", dest="texts", action="append", default=[], metavar="TEXT",
+                        help="the referring expression of the matching --image")
+    parser.add_argument("--jsonl", default=None, metavar="FILE",
+                        help='more pairs, one JSON object a line: {"image": path, "text": '
+                             '"..."}; relative paths are resolved against the file\'s folder')
+    parser.add_argument("--out", default="predictions", metavar="DIR",
+                        help="output folder (default: ./predictions)")
+    parser.add_argument("--threshold", type=float, default=None, metavar="T",
+                        help="probability threshold, i.e. --set train.threshold=T (default: "
+                             "the checkpoint's config, 0.35 as CRIS)")
+    parser.add_argument("--input-size", type=int, default=None, metavar="S",
+                        help="letterbox size, a multiple of 32, i.e. --set data.input_size=S "
+                             "(default: the checkpoint's config)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
+                        help="pairs per forward pass (default 8)")
+    parser.add_argument("--ignore-orientation", action="store_true",
+                        help="use the stored pixels of JPEGs with an EXIF orientation (as COCO "
+                             "annotations do); default: the image as viewers show it")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="experiment YAML; default: the config stored in the checkpoint "
+                             "(a CRIS-layout checkpoint needs one naming model.preset)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override a config key")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gtms.infer.predict import (
+        InferenceError,
+        Predictor,
+        config_for_checkpoint,
+        pair_requests,
+        pick_device,
+        predict_pairs,
+        read_jsonl_requests,
+    )
+
+    requests = pair_requests(args.images, args.texts)
+    if args.jsonl:
+        requests += read_jsonl_requests(args.jsonl)
+    if not requests:
+        raise InferenceError("nothing to predict: give --image IMG --text TEXT pairs and/or "
+                             "--jsonl FILE")
+    overrides = list(args.overrides)
+    if args.threshold is not None:
+        overrides.append(f"train.threshold={args.threshold}")
+    if args.input_size is not None:
+        overrides.append(f"data.input_size={args.input_size}")
+    cfg = config_for_checkpoint(args.checkpoint, args.config, overrides)
+    predictor = Predictor.from_checkpoint(args.checkpoint, cfg, device=pick_device(args.device))
+    print(f"predicting {len(requests)} pair(s) on {predictor.device}: input {predictor.input_size}"
+          f", threshold {predictor.threshold}, batch {args.batch_size}", flush=True)
+
+    def echo(record, number: int, total: int) -> None:
+        head = f"[{number}/{total}] {record.image} {record.text!r}"
+        if record.ok:
+            print(f"{head}: mask {record.mask}, overlay {record.overlay} "
+                  f"(area {100 * record.mask_area_fraction:.1f}%)", flush=True)
+        else:
+            print(f"{head}: FAILED: {record.error}", flush=True)
+
+    records = predict_pairs(predictor, requests, args.out, batch_size=args.batch_size,
+                            apply_orientation=not args.ignore_orientation, echo=echo)
+    failed = sum(not r.ok for r in records)
+    print(f"{len(records) - failed} ok, {failed} failed; records in "
+          f"{args.out}/predictions.jsonl")
+    return 1 if failed else 0

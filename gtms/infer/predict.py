@@ -1,0 +1,316 @@
+"""``run.py predict``: masks for image + sentence pairs, at each image's original resolution.
+
+Per pair: read and decode the image -> letterbox to the input size -> CLIP-normalise; tokenise
+the sentence -> CRIS (batched) -> sigmoid of the stride-4 logits -> inverse letterbox to the
+original image -> threshold. The same steps and settings as the CRIS evaluation
+(``gtms.eval.evaluate``), so a mask here is the mask that evaluation scores.
+
+A pair that cannot be used (missing or undecodable image, empty sentence, malformed JSONL line)
+is reported in its record and the others go on; a checkpoint or config that cannot be used stops
+everything with a :class:`~gtms.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from gtms.config import Config, config_from_dict, load_config
+from gtms.data.tokenizer import ClipTokenizer
+from gtms.data.transforms import ImageDecodeError, Letterbox, decode_image, normalize
+from gtms.errors import UserError
+from gtms.eval.evaluate import load_model_for_eval
+from gtms.model.weights import CheckpointError as WeightsError
+from gtms.train.checkpoint import (
+    CheckpointError,
+    is_gtms_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint_file,
+)
+from gtms.viz import overlay_mask, write_png
+
+RECORDS_FILE = "predictions.jsonl"
+
+
+class InferenceError(UserError, ValueError):
+    """Inference cannot start: bad device, pairs that do not pair up, missing JSONL file."""
+
+
+class PairError(ValueError):
+    """One image + sentence pair cannot be used; the message says why."""
+
+
+# --------------------------------------------------------------------------- model + config
+
+
+def config_for_checkpoint(checkpoint: str | Path, config: str | None,
+                          overrides: Sequence[str]) -> Config | None:
+    """The config to run a checkpoint with, as ``run.py eval`` resolves it.
+
+    ``config`` (a YAML path) wins; otherwise ``overrides`` are applied to the config stored in
+    one of our checkpoints (the defaults for a CRIS-layout one); neither -> ``None``, i.e. the
+    checkpoint's own config.
+    """
+    if config is not None and config.lower() not in ("", "none"):
+        return load_config(config, list(overrides))
+    if not overrides:
+        return None
+    file = resolve_checkpoint_file(checkpoint)
+    payload = load_checkpoint(file)
+    stored = payload["config"] if is_gtms_checkpoint(payload) else {}
+    return config_from_dict(stored, f"{file} (stored config)", list(overrides))
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """``None``/``"auto"`` -> CUDA when available, else CPU; otherwise the named device."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise InferenceError(f"--device {name!r} is not a torch device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InferenceError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def load_for_inference(checkpoint: str | Path,
+                       cfg: Config | None) -> tuple[torch.nn.Module, Config]:
+    """:func:`gtms.eval.evaluate.load_model_for_eval`, with every refusal a ``UserError``."""
+    try:
+        return load_model_for_eval(checkpoint, cfg)
+    except WeightsError as err:  # CRIS-layout file that does not fit the config's preset
+        raise CheckpointError(str(err)) from None
+
+
+# --------------------------------------------------------------------------- the predictor
+
+
+@dataclass(frozen=True)
+class PreparedPair:
+    """One pair ready for the model."""
+
+    image: np.ndarray        # [3, S, S] float32, letterboxed, CLIP-normalised
+    tokens: np.ndarray       # [L] int64
+    letterbox: Letterbox     # maps the prediction back to the original (H, W)
+
+
+class Predictor:
+    """A CRIS model ready for arbitrary images: :meth:`prepare`, then :meth:`probabilities` or
+    :meth:`masks` for a batch of prepared pairs."""
+
+    def __init__(self, model: torch.nn.Module, *, input_size: int, word_len: int,
+                 threshold: float, device: torch.device):
+        self.model = model.to(device).eval()
+        self.input_size = input_size
+        self.word_len = word_len
+        self.threshold = threshold
+        self.device = device
+        self.tokenizer = ClipTokenizer()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, cfg: Config | None = None, *,
+                        device: torch.device | None = None) -> Predictor:
+        """Input size, word length and threshold come from ``cfg`` or the checkpoint's own
+        config (``data.input_size``, ``data.word_len``, ``train.threshold``)."""
+        model, cfg = load_for_inference(checkpoint, cfg)
+        return cls(model, input_size=cfg.data.input_size, word_len=cfg.data.word_len,
+                   threshold=cfg.train.threshold, device=device or pick_device())
+
+    def prepare(self, image_rgb: np.ndarray, text: str) -> PreparedPair:
+        """RGB uint8 ``[H, W, 3]`` + sentence -> model inputs. ``PairError`` for an empty
+        sentence."""
+        try:
+            tokens = self.tokenizer.encode(text, self.word_len)
+        except (TypeError, ValueError) as err:
+            raise PairError(str(err)) from None
+        letterbox = Letterbox(image_rgb.shape[0], image_rgb.shape[1], self.input_size)
+        return PreparedPair(normalize(letterbox.apply_image(image_rgb)), tokens, letterbox)
+
+    @torch.inference_mode()
+    def probabilities(self, pairs: Sequence[PreparedPair]) -> list[np.ndarray]:
+        """Prepared pairs (one batch) -> float32 ``[H, W]`` probabilities on each original."""
+        if not pairs:
+            return []
+        images = torch.from_numpy(np.stack([p.image for p in pairs])).to(self.device)
+        tokens = torch.from_numpy(np.stack([p.tokens for p in pairs])).to(self.device)
+        logits = self.model(images, tokens).logits  # [B, 1, S/4, S/4]
+        probs = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+        return [pair.letterbox.invert_prediction(p) for pair, p in zip(pairs, probs)]
+
+    def masks(self, pairs: Sequence[PreparedPair]) -> list[np.ndarray]:
+        """Prepared pairs -> bool ``[H, W]`` masks (probability > threshold)."""
+        return [probs > self.threshold for probs in self.probabilities(pairs)]
+
+
+def read_image(path: str | Path, *, apply_orientation: bool = True) -> np.ndarray:
+    """An image file -> RGB uint8 ``[H, W, 3]``; ``PairError`` naming the file otherwise.
+
+    With ``apply_orientation`` the EXIF orientation is applied, so the array (and the mask) is
+    the image as viewers show it and as the sentence's writer saw it ("left" stays left);
+    without, the stored pixels are used, as the datasets' annotations are.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PairError(f"image not found: {path}") from None
+    except OSError as err:
+        raise PairError(f"cannot read image {path}: {err.strerror or err}") from None
+    try:
+        if not apply_orientation:
+            return decode_image(data)
+        buf = np.frombuffer(data, dtype=np.uint8)
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+        if bgr is None:
+            raise ImageDecodeError(f"cannot decode image from {buf.size} bytes")
+    except (ImageDecodeError, cv2.error) as err:
+        raise PairError(f"{path} is not an image OpenCV can decode ({err})") from None
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """One pair to predict. ``problem`` marks a request that was malformed where it was read
+    (a bad JSONL line): it is reported as that pair's failure."""
+
+    image: str
+    text: str
+    problem: str | None = None
+
+
+def pair_requests(images: Sequence[str], texts: Sequence[str]) -> list[PredictRequest]:
+    """``--image`` / ``--text`` given in pairs -> requests (the k-th image with the k-th text)."""
+    if len(images) != len(texts):
+        raise InferenceError(f"--image and --text come in pairs: got {len(images)} image(s) "
+                             f"and {len(texts)} text(s)")
+    return [PredictRequest(str(image), text) for image, text in zip(images, texts)]
+
+
+def read_jsonl_requests(path: str | Path) -> list[PredictRequest]:
+    """Lines ``{"image": path, "text": "..."}``; relative paths are resolved against the
+    file's folder. A malformed line becomes a failed request naming the line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InferenceError(f"cannot read --jsonl {path}: {err}") from None
+    requests = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            requests.append(_jsonl_request(line, f"{path}:{number}", path.parent))
+    return requests
+
+
+def _jsonl_request(line: str, where: str, folder: Path) -> PredictRequest:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as err:
+        return PredictRequest("", "", problem=f"{where}: not valid JSON ({err.msg})")
+    if not isinstance(entry, dict):
+        return PredictRequest("", "", problem=f"{where}: expected an object "
+                                              '{"image": ..., "text": ...}')
+    image, text = entry.get("image"), entry.get("text")
+    bad = [key for key, value in (("image", image), ("text", text))
+           if not isinstance(value, str)]
+    if bad:
+        return PredictRequest(str(image or ""), str(text or ""),
+                              problem=f"{where}: {' and '.join(bad)} missing or not a string")
+    resolved = Path(image).expanduser()
+    if not resolved.is_absolute():
+        resolved = folder / resolved
+    return PredictRequest(str(resolved), text)
+
+
+# --------------------------------------------------------------------------- running pairs
+
+
+@dataclass
+class PredictionRecord:
+    """One line of ``predictions.jsonl``."""
+
+    image: str
+    text: str
+    mask: str | None = None
+    overlay: str | None = None
+    mask_area_fraction: float | None = None
+    height: int | None = None
+    width: int | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def output_stem(index: int, image: str) -> str:
+    """``0007_<image stem>``: unique per pair (an image may come with several sentences)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(image).stem)[:48] or "image"
+    return f"{index:04d}_{stem}"
+
+
+def predict_pairs(predictor: Predictor, requests: Sequence[PredictRequest], out_dir: str | Path,
+                  *, batch_size: int = 8, apply_orientation: bool = True,
+                  echo: Callable[[PredictionRecord, int, int], None] | None = None,
+                  ) -> list[PredictionRecord]:
+    """Predict every request, ``batch_size`` pairs per forward pass; write the mask (PNG, 0/255,
+    original size) and the overlay of each good pair and one record per pair to
+    ``<out_dir>/predictions.jsonl``. ``echo(record, number, total)`` is called in input order;
+    ``apply_orientation``: see :func:`read_image`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records: list[PredictionRecord] = []
+    with (out_dir / RECORDS_FILE).open("w", encoding="utf-8") as log:
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start:start + batch_size]
+            for record in _predict_chunk(predictor, chunk, start + 1, out_dir,
+                                         apply_orientation):
+                records.append(record)
+                log.write(json.dumps(record.to_json()) + "\n")
+                log.flush()
+                if echo is not None:
+                    echo(record, len(records), len(requests))
+    return records
+
+
+def _predict_chunk(predictor: Predictor, chunk: Sequence[PredictRequest], first: int,
+                   out_dir: Path, apply_orientation: bool) -> Iterator[PredictionRecord]:
+    records = [PredictionRecord(r.image, r.text) for r in chunk]
+    ready: list[tuple[int, np.ndarray, PreparedPair]] = []
+    for k, request in enumerate(chunk):
+        try:
+            if request.problem:
+                raise PairError(request.problem)
+            image = read_image(request.image, apply_orientation=apply_orientation)
+            ready.append((k, image, predictor.prepare(image, request.text)))
+        except PairError as err:
+            records[k].error = str(err)
+    masks = predictor.masks([pair for _, _, pair in ready])
+    for (k, image, _), mask in zip(ready, masks):
+        record = records[k]
+        stem = output_stem(first + k, record.image)
+        mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
+        try:
+            write_png(mask_path, mask.astype(np.uint8) * 255)
+            write_png(overlay_path, overlay_mask(image, mask, record.text))
+        except OSError as err:
+            record.error = str(err)
+            continue
+        record.mask, record.overlay = str(mask_path), str(overlay_path)
+        record.mask_area_fraction = round(float(mask.mean()), 6)
+        record.height, record.width = int(mask.shape[0]), int(mask.shape[1])
+    yield from records

@@ -1,0 +1,147 @@
+"""``run.py visualize``: Fig. 5-style panels of a split, computed in this process (no Ray).
+
+Rows of the prepared dataset are read with pyarrow (:func:`gtms.train.contexts.iter_shard_rows`)
+and preprocessed with the validation spec (trees, forest, ground truth, eval meta). The model
+predicts and the GTMS pseudo labels are made in mode ``forest-gradcam`` whatever the checkpoint
+was trained with, so every checkpoint shows what full GTMS would have trained it towards. Per
+sample one PNG of seven panels (image + box + sentence, structural forest, GradCAM attention A,
+vertex weights W, pseudo label P-hat, prediction, ground truth), plus a contact sheet of all
+samples and ``samples.jsonl`` (IoU of the prediction and of P-hat).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gtms.config import Config
+from gtms.data.pipeline import (
+    BadRowError,
+    SampleSpec,
+    preprocess_ref,
+    shard_uri,
+    spec_for,
+    stack_samples,
+)
+from gtms.data.tokenizer import ClipTokenizer
+from gtms.errors import UserError
+from gtms.eval.metrics import iou_from_counts
+from gtms.train.contexts import iter_shard_rows
+from gtms.train.step import new_meters, validation_step
+from gtms.viz import PANEL_TITLES, sample_row, write_png
+
+PSEUDO_MODE = "forest-gradcam"
+CONTACT_SHEET = "contact_sheet.png"
+RECORDS_FILE = "samples.jsonl"
+
+
+class VisualizeError(UserError, ValueError):
+    """The split to draw is missing or has no usable sample."""
+
+
+@dataclass
+class SampleFigure:
+    """What was drawn for one sample."""
+
+    ref_id: int
+    sent_index: int
+    sentence: str
+    iou: float                  # prediction vs mask, original resolution (CRIS protocol)
+    pseudo_label_iou: float     # P-hat > threshold vs mask, at stride 4
+    path: str = ""
+
+
+def check_split(root: str, split: str) -> None:
+    if "://" in root:
+        return
+    where = Path(shard_uri(root, split))
+    if not where.is_dir() or not any(where.glob("*.parquet")):
+        shards = Path(root) / "shards"
+        have = sorted(p.name for p in shards.iterdir() if p.is_dir()) if shards.is_dir() else []
+        raise VisualizeError(f"split {split!r} has no shards under {root}; available: "
+                             f"{', '.join(have) or 'none'}")
+
+
+def collect_samples(root: str, split: str, spec: SampleSpec, n: int, *,
+                    all_sentences: bool = False,
+                    seed: int | None = None) -> tuple[list[dict[str, Any]], Counter]:
+    """The first ``n`` samples of a split (one sentence per ref unless ``all_sentences``; refs
+    in shard order, or shuffled with ``seed``) and the bad rows skipped, by reason."""
+    tokenizer = ClipTokenizer()
+    samples: list[dict[str, Any]] = []
+    skipped: Counter = Counter()
+    for row in iter_shard_rows(root, split, shuffle_seed=seed):
+        try:
+            produced = preprocess_ref(row, spec, tokenizer)
+        except BadRowError as err:
+            skipped[err.reason] += 1
+            continue
+        samples.extend(produced if all_sentences else produced[:1])
+        if len(samples) >= n:
+            break
+    return samples[:n], skipped
+
+
+def draw_samples(model: torch.nn.Module, cfg: Config, samples: list[dict[str, Any]],
+                 spec: SampleSpec, *, panel_size: int, batch_size: int = 8,
+                 ) -> list[tuple[SampleFigure, np.ndarray]]:
+    """Predict, make the pseudo labels and draw one row of panels per sample."""
+    model.eval()
+    out = []
+    for start in range(0, len(samples), batch_size):
+        batch = stack_samples(samples[start:start + batch_size], spec)
+        meters = new_meters()
+        result = validation_step(model, batch, meters, input_size=cfg.data.input_size,
+                                 threshold=cfg.train.threshold, pseudo_mode=PSEUDO_MODE,
+                                 sigma=cfg.pseudo.sigma)
+        ious = iou_from_counts(meters.prediction.inter, meters.prediction.union)
+        pseudo_ious = iou_from_counts(meters.pseudo_label.inter, meters.pseudo_label.union)
+        for i in range(len(batch["image"])):
+            titles = list(PANEL_TITLES)
+            titles[4] = f"{PANEL_TITLES[4]} (IoU {pseudo_ious[i]:.2f})"
+            titles[5] = f"{PANEL_TITLES[5]} (IoU {ious[i]:.2f})"
+            row = np.concatenate(sample_row(batch, result, i, panel_size=panel_size,
+                                            titles=titles), axis=1)
+            figure = SampleFigure(int(batch["ref_id"][i]), int(batch["sent_index"][i]),
+                                  str(batch["sentence"][i]), round(float(ious[i]), 4),
+                                  round(float(pseudo_ious[i]), 4))
+            out.append((figure, row))
+    return out
+
+
+def visualize(model: torch.nn.Module, cfg: Config, root: str, split: str, out_dir: str | Path,
+              *, n: int = 8, panel_size: int = 256, all_sentences: bool = False,
+              seed: int | None = None,
+              echo: Callable[[SampleFigure], None] | None = None) -> dict[str, Any]:
+    """Write ``ref<id>_s<sentence>.png`` per sample, the contact sheet and ``samples.jsonl``
+    into ``out_dir``; returns a summary (paths, per-sample IoU, skipped rows)."""
+    check_split(root, split)
+    spec = spec_for("val", input_size=cfg.data.input_size, word_len=cfg.data.word_len,
+                    mode=PSEUDO_MODE, seed=cfg.train.seed)
+    samples, skipped = collect_samples(root, split, spec, n, all_sentences=all_sentences,
+                                       seed=seed)
+    if not samples:
+        raise VisualizeError(f"split {split!r} under {root} has no usable samples "
+                             f"(skipped: {dict(skipped) or 'none'})")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drawn = draw_samples(model, cfg, samples, spec, panel_size=panel_size)
+    with (out_dir / RECORDS_FILE).open("w", encoding="utf-8") as log:
+        for figure, row in drawn:
+            path = out_dir / f"ref{figure.ref_id}_s{figure.sent_index}.png"
+            write_png(path, row)
+            figure.path = str(path)
+            log.write(json.dumps(asdict(figure)) + "\n")
+            if echo is not None:
+                echo(figure)
+    sheet = out_dir / CONTACT_SHEET
+    write_png(sheet, np.concatenate([row for _, row in drawn], axis=0))
+    return {"samples": [asdict(f) for f, _ in drawn], "contact_sheet": str(sheet),
+            "skipped": dict(skipped), "out_dir": str(out_dir)}
