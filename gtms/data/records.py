@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from gtms.data.transforms import rle_decode
+from gtms.errors import UserError
 
 # Reasons a ref is skipped (the keys of the manifest's "skipped" counts).
 MISSING_IMAGE = "missing_image"
@@ -34,7 +35,7 @@ MALFORMED_REF = "malformed_ref"
 MAX_EXAMPLES_PER_REASON = 10
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Input data that cannot be prepared (base of the data layer's errors)."""
 
 

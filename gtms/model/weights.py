@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from gtms.errors import UserError
 from gtms.model.cris import CRIS
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ STATE_DICT_ENTRIES = ("state_dict", "model")  # CRIS's / our training checkpoint
 _MAX_LISTED = 12
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A weights file cannot be used; the message names the file and the reason."""
 
 
