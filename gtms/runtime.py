@@ -85,11 +85,12 @@ def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trial
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     address = cluster_address(cfg, cli_address)
-    if address:  # checked even when Ray is already up, so a bad address never passes silently
-        _check_reachable(address)
     if ray.is_initialized():
+        if cli_address:  # an explicit --address is still checked, never ignored silently
+            _check_reachable(cli_address)
         return ray.get_runtime_context()
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, ray.exceptions.AuthenticationError) as err:

@@ -26,6 +26,13 @@ def synthref_small(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_data(synthref_small) -> list[str]:
+    """Config overrides that name the small SynthRef exactly (so nothing is regenerated)."""
+    return [f"data.root={synthref_small}", f"data.synthref_images={SMALL_IMAGES}",
+            f"data.synthref_seed={SMALL_SEED}"]
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for every integration test, sized by the project's own resource plan."""
     import ray

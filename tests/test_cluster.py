@@ -238,14 +238,15 @@ def _stop_processes_of(marker: str) -> None:
 
 @pytest.fixture
 def ray_head():
-    """A real ``ray start --head`` in its own short temp dir (unix socket paths are limited to
-    ~107 bytes), with every port chosen here so it cannot collide with another cluster."""
+    """A real ``ray start --head`` (this interpreter's Ray) in its own short temp dir (unix
+    socket paths are limited to ~107 bytes), with every port chosen here so it cannot collide
+    with another cluster on this machine."""
     temp_dir = Path(f"/tmp/rt{secrets.token_hex(4)}")
     gcs, dashboard, client, agent, agent_grpc, runtime_env, metrics = free_ports(7)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     command = [
-        shutil.which("ray") or "ray", "start", "--head", f"--port={gcs}",
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={gcs}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
         "--disable-usage-stats", f"--temp-dir={temp_dir}", f"--ray-client-server-port={client}",
         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",

@@ -20,8 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def small_config(root: Path, run_dir: Path, *extra: str):
+    generator = json.loads((root / "shards" / "manifest.json").read_text())["generator"]
     return load_config(REPO / "experiments" / "synthref.yaml", [
-        f"data.root={root}", "data.input_size=64", "data.limit_train_refs=24",
+        f"data.root={root}", f"data.synthref_images={generator['num_images']}",
+        f"data.synthref_seed={generator['seed']}", "data.input_size=64", "data.limit_train_refs=24",
         "data.limit_eval_refs=8", f"train.run_dir={run_dir}", "train.batch_size=8",
         "train.eval_batch_size=16", "train.epochs=2", "train.image_grid_every=1",
         "loss.gamma_warmup_epochs=1", *extra])
@@ -45,6 +47,10 @@ def test_plain_loop_trains_checkpoints_and_resumes(synthref_small, tmp_path):
     assert 0 <= first["val_mean_iou"] <= 1 and "val_pseudo_label_mean_iou" in first
     payload = load_checkpoint(run_dir / "checkpoint_epoch_0000")
     assert payload["epoch"] == 0 and payload["config"]["data"]["input_size"] == 64
+    # A SynthRef of other settings at data.root is never silently regenerated.
+    with pytest.raises(RunError, match="synthref_images"):
+        fit(load_config(None, [f"data.root={synthref_small}", "data.synthref_images=3"]),
+            no_ray=True)
     # An existing run is never silently overwritten.
     with pytest.raises(RunError, match="--resume"):
         fit(cfg, no_ray=True)
@@ -94,9 +100,8 @@ def test_eval_writes_metrics_json_and_bad_inputs(synthref_small, tmp_path, ray_c
     model = torch.load(ckpt / "model.pt", weights_only=True)["model"]
     cris = tmp_path / "cris.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.items()}}, cris)
-    report = evaluate(cris, load_config(REPO / "experiments" / "synthref.yaml",
-                                        [f"data.root={synthref_small}", "data.input_size=64",
-                                         "data.limit_eval_refs=4"]), ["val"], None)
+    report = evaluate(cris, small_config(synthref_small, tmp_path, "data.limit_eval_refs=4"),
+                      ["val"], None)
     assert report["splits"]["val"]["n"] >= 4
 
 

@@ -61,7 +61,8 @@ def test_table_mean_std_and_files(tmp_path):
     assert "val paper" not in markdown(table, ["val"], dataset="synthref", title="t")
 
 
-TINY = ["--set", "data.input_size=64", "--set", "data.limit_train_refs=16", "--set",
+TINY = ["--set", "data.synthref_images=24", "--set", "data.synthref_seed=5",
+        "--set", "data.input_size=64", "--set", "data.limit_train_refs=16", "--set",
         "data.limit_eval_refs=4", "--set", "train.epochs=1", "--set", "train.batch_size=8",
         "--set", "data.eval_splits=val,testA", "--set", "ray.num_workers=1"]
 

@@ -50,10 +50,20 @@ def resolve_data_root(cfg: Config) -> str:
         return root
     root = str(Path(root).resolve())
     if cfg.data.dataset == "synthref":
+        from gtms.data.shards import read_manifest, shards_dir
         from gtms.data.synthref import ensure_synthref
 
-        ensure_synthref(root, num_images=cfg.data.synthref_images, seed=cfg.data.synthref_seed,
-                        difficulty=cfg.data.synthref_difficulty)
+        wanted = {"num_images": cfg.data.synthref_images, "seed": cfg.data.synthref_seed,
+                  "difficulty": cfg.data.synthref_difficulty}
+        manifest = read_manifest(shards_dir(root)) or {}
+        have = manifest.get("generator")
+        if manifest.get("complete") and have and \
+                {k: have.get(k) for k in wanted} != wanted:
+            raise RunError(
+                f"{root} holds SynthRef generated with {have}, but the config asks for {wanted}"
+                "; set data.synthref_images / synthref_seed / synthref_difficulty to match, or "
+                "point data.root elsewhere (nothing is overwritten)")
+        ensure_synthref(root, **wanted)
     elif not (Path(root) / "shards" / "manifest.json").is_file():
         raise RunError(f"no prepared {cfg.data.dataset} dataset at {root} (manifest.json "
                        f"missing); run: python run.py prepare --dataset {cfg.data.dataset} "
