@@ -25,17 +25,19 @@ class RayStartError(UserError, RuntimeError):
     """Ray could not be started or joined."""
 
 
-def local_num_cpus(cfg: RayConfig, concurrent_trials: int = 1) -> int:
+def local_num_cpus(cfg: RayConfig, concurrent_trials: int = 1, trial_cpus: float = 0.0) -> int:
     """Logical CPUs for a local cluster running ``concurrent_trials`` trainings at once.
 
     Each training needs its workers (``num_workers * cpus_per_worker``; none when the loop runs
-    in the driver), its preprocessing actors at their maximum pool size, and one CPU for reads.
+    in the driver), its preprocessing actors at their maximum pool size, one whole CPU for Ray
+    Data's read tasks (they cannot run on a fraction), and under Tune the trial's own process
+    (``trial_cpus``).
     """
     if cfg.local_num_cpus:
         return cfg.local_num_cpus
     actors = max(cfg.preprocess_actors, cfg.preprocess_actors_max)
     per_trial = cfg.num_workers * cfg.cpus_per_worker + actors * cfg.actor_cpus + READ_TASK_CPUS
-    return max(2, math.ceil(per_trial * concurrent_trials))
+    return max(2, math.ceil((per_trial + trial_cpus) * concurrent_trials))
 
 
 def cluster_address(cfg: RayConfig, cli_address: str | None = None) -> str | None:
@@ -73,7 +75,8 @@ def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
         ) from None
 
 
-def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trials: int = 1):
+def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trials: int = 1,
+             trial_cpus: float = 0.0):
     """Join the configured cluster, or start a local one sized by :func:`local_num_cpus`.
 
     Inside a submitted job ``RAY_ADDRESS`` is set, so the job joins its own cluster and never
@@ -104,7 +107,8 @@ def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trial
     else:
         # The dashboard stays on loopback; it also serves the State API that Ray Train's
         # placement-group cleaner and Tune's early stopping rely on.
-        ray.init(num_cpus=local_num_cpus(cfg, concurrent_trials), include_dashboard=True,
+        ray.init(num_cpus=local_num_cpus(cfg, concurrent_trials, trial_cpus),
+                 include_dashboard=True,
                  dashboard_host="127.0.0.1", log_to_driver=True)
     quiet_ray_data()
     return ray.get_runtime_context()

@@ -60,7 +60,8 @@ def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: Path, res
     root = resolve_data_root(cfg)
     cfg = replace(cfg, data={"root": root})
     splits = list(cfg.data.eval_splits)
-    init_ray(cfg.ray, cli_address=address, concurrent_trials=max_concurrent)
+    init_ray(cfg.ray, cli_address=address, concurrent_trials=max_concurrent,
+             trial_cpus=trial_resources()["cpu"])
     seed_values = [cfg.train.seed + i for i in range(seeds)]
     param_space = {"base": config_to_dict(cfg), "storage": str(out_dir / "trials"),
                    "splits": splits, "loss.mode": tune.grid_search(rows),

@@ -131,7 +131,8 @@ def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: Path, resume: bool,
 
     out_dir = out_dir.resolve()
     cfg = replace(cfg, data={"root": resolve_data_root(cfg)})
-    init_ray(cfg.ray, cli_address=address, concurrent_trials=spec.max_concurrent_trials)
+    init_ray(cfg.ray, cli_address=address, concurrent_trials=spec.max_concurrent_trials,
+             trial_cpus=trial_resources()["cpu"])
     scheduler = None
     if spec.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 1,
