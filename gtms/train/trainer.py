@@ -158,6 +158,11 @@ def fit(cfg: Config, *, resume: str | None = None, no_ray: bool = False,
 
     ``callbacks``: Ray Train ``UserCallback`` objects (e.g. Tune's report forwarding).
     """
+    if not no_ray:  # fail fast on a bad --address before writing anything
+        from gtms.runtime import init_ray
+
+        init_ray(cfg.ray, cli_address=address)
+    cfg = _absolute_model_paths(cfg)
     cfg, paths = plan_run(cfg, resume=resume)
     if resume is not None and set_overrides:  # e.g. --set train.epochs=20 to train longer
         cfg = _load_remote_config(storage.join(paths.run_dir, "config.yaml"), set_overrides)
@@ -195,6 +200,15 @@ def fit(cfg: Config, *, resume: str | None = None, no_ray: bool = False,
     (folder.path / "summary.json").write_text(json.dumps(summary, indent=2))
     folder.sync()
     return summary
+
+
+def _absolute_model_paths(cfg: Config) -> Config:
+    """Weights paths made absolute: Ray Train workers run in another directory."""
+    from gtms.config import replace
+
+    changes = {key: storage.absolute(value) for key in ("clip_weights", "init_checkpoint")
+               if (value := getattr(cfg.model, key))}
+    return replace(cfg, model=changes) if changes else cfg
 
 
 def _local_summary(ctx: LocalContext, paths: RunPaths, final: dict) -> dict[str, Any]:
