@@ -68,7 +68,8 @@ TINY = ["--set", "data.synthref_images=24", "--set", "data.synthref_seed=5",
 
 
 @pytest.mark.integration
-def test_ablation_of_two_rows_writes_matching_tables(synthref_small, tmp_path, ray_cluster):
+def test_ablation_of_two_rows_writes_matching_tables(synthref_small, tmp_path, ray_cluster,
+                                                    capsys):
     out = tmp_path / "ablation"
     assert run.main(["ablate", "--config", str(REPO / "experiments" / "synthref_ablation.yaml"),
                      "--rows", "box-lloc,tree", "--out", str(out), "--set",
@@ -86,9 +87,10 @@ def test_ablation_of_two_rows_writes_matching_tables(synthref_small, tmp_path, r
     for row in rows:
         cell = payload["rows"][row["row"]][row["split"]]
         assert float(row["mean_iou"]) == pytest.approx(cell["mean_iou"][0], abs=1e-6)
-    with pytest.raises(Exception, match="exists"):
-        run.main(["ablate", "--rows", "tree", "--out", str(out), "--set",
-                  f"data.root={synthref_small}", *TINY])
+    # An existing experiment is never overwritten: it must be resumed explicitly.
+    assert run.main(["ablate", "--rows", "tree", "--out", str(out), "--set",
+                     f"data.root={synthref_small}", *TINY]) == 2
+    assert "--resume" in capsys.readouterr().err
 
 
 @pytest.mark.integration
