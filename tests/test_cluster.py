@@ -308,4 +308,4 @@ def test_submitted_job_joins_the_cluster_and_trains(ray_head, synthref_small, tm
                .splitlines()]
     assert [m["epoch"] for m in metrics] == [0]
     assert 0.0 <= metrics[0]["val_mean_iou"] <= 1.0
-    assert list((tmp_path / "job").glob("checkpoint_epoch_0000/model.pt"))
+    assert list((tmp_path / "job").glob("checkpoint_epoch_0001/model.pt"))

@@ -45,7 +45,7 @@ def test_plain_loop_trains_checkpoints_and_resumes(synthref_small, tmp_path):
     (first,) = read_jsonl(run_dir / "metrics.jsonl")
     assert first["epoch"] == 0 and first["train_samples"] == 24 and first["val_n"] >= 8
     assert 0 <= first["val_mean_iou"] <= 1 and "val_pseudo_label_mean_iou" in first
-    payload = load_checkpoint(run_dir / "checkpoint_epoch_0000")
+    payload = load_checkpoint(run_dir / "checkpoint_epoch_0001")  # named 1-based, as printed
     assert payload["epoch"] == 0 and payload["config"]["data"]["input_size"] == 64
     # A SynthRef of other settings at data.root is never silently regenerated.
     with pytest.raises(RunError, match="synthref_images"):
@@ -58,7 +58,7 @@ def test_plain_loop_trains_checkpoints_and_resumes(synthref_small, tmp_path):
     summary = fit(cfg, no_ray=True, resume="plain", set_overrides=("train.epochs=2",))
     epochs = [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")]
     assert epochs == [0, 1]
-    assert load_checkpoint(run_dir / "checkpoint_epoch_0001")["step"] == 2 * 3
+    assert load_checkpoint(run_dir / "checkpoint_epoch_0002")["step"] == 2 * 3
 
 
 def test_modes_and_gtms_step_cost(synthref_small, tmp_path):
@@ -124,7 +124,7 @@ def test_ray_two_workers_end_to_end(synthref_small, tmp_path, ray_cluster, capsy
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["latest_checkpoint"].startswith("file://")
     assert load_checkpoint(summary["latest_checkpoint"])["epoch"] == 1
-    assert (run_dir / "checkpoint_epoch_0001" / "model.pt").is_file()
+    assert (run_dir / "checkpoint_epoch_0002" / "model.pt").is_file()
 
 
 @pytest.mark.integration

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
                     "others go on. Images are read as viewers show them (EXIF orientation "
                     "applied). Exit code: 0 all pairs ok, 1 some failed, 2 the checkpoint "
                     "or config cannot be used.",
-        epilog='example: python run.py predict --checkpoint runs/<run>/checkpoint_epoch_0009 '
+        epilog='example: python run.py predict --checkpoint runs/<run>/checkpoint_epoch_0010 '
                '--image cat.jpg --text "the cat on the left" --image dogs.png --text '
                '"the smaller dog"')
     parser.add_argument("--checkpoint", required=True, metavar="PATH",

@@ -18,7 +18,7 @@ def register(subparsers) -> None:
                     "truth. Writes one PNG per sample (ref<id>_s<sentence>.png), "
                     "contact_sheet.png (all samples) and samples.jsonl (prediction IoU, P^ "
                     "IoU). Runs in this process; no Ray.",
-        epilog="example: python run.py visualize --checkpoint runs/<run>/checkpoint_epoch_0009 "
+        epilog="example: python run.py visualize --checkpoint runs/<run>/checkpoint_epoch_0010 "
                "--split testA --n 12 --seed 3")
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="checkpoint folder or .pt file (ours or CRIS-layout)")

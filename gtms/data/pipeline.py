@@ -273,7 +273,7 @@ class PoolSpec:
     size: int = 1
     max_size: int = 0
     actor_cpus: float = 1.0
-    batch_size: int = 16
+    batch_size: int = 32
 
     def compute(self):
         import ray.data

@@ -138,7 +138,7 @@ def evaluate(checkpoint: str | Path, cfg: Config | None, splits: list[str] | Non
     root = resolve_data_root(cfg)
     init_ray(cfg.ray, cli_address=address)
     pool = PoolSpec(cfg.ray.preprocess_actors, cfg.ray.preprocess_actors_max,
-                    cfg.ray.actor_cpus, batch_size=8)
+                    cfg.ray.actor_cpus, batch_size=cfg.ray.preprocess_batch_size)
     results = {}
     for split in splits or list(cfg.data.eval_splits):
         _check_split(root, split)

@@ -116,7 +116,7 @@ class LocalContext:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         self.reports.append(metrics)
         if checkpoint_dir is not None:
-            target = self.checkpoint_root / f"checkpoint_epoch_{metrics['epoch']:04d}"
+            target = self.checkpoint_root / f"checkpoint_epoch_{metrics['epoch'] + 1:04d}"
             target.mkdir(parents=True, exist_ok=True)
             for file in checkpoint_dir.iterdir():
                 (target / file.name).write_bytes(file.read_bytes())
@@ -174,7 +174,7 @@ class RayTrainContext:
         import ray.train
 
         shard = ray.train.get_dataset_shard("train")
-        return shard.iter_torch_batches(batch_size=batch_size,
+        return shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=4,
                                         local_shuffle_buffer_size=4 * batch_size,
                                         local_shuffle_seed=self.seed + 1000 * epoch + self.rank)
 
@@ -208,7 +208,7 @@ class RayTrainContext:
 
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}")
+                         checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch'] + 1:04d}")
 
     def gather(self, obj: Any) -> list[Any]:
         import torch.distributed as dist

@@ -75,8 +75,15 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
     amp = scaler is not None
     # Uneven shards (every ref exactly once per epoch) are handled by DDP's join().
     joiner = model.join() if hasattr(model, "join") else contextlib.nullcontext()
+    data_wait = 0.0
     with joiner:
-        for batch in ctx.train_batches(epoch, cfg.train.batch_size):
+        batch_iter = iter(ctx.train_batches(epoch, cfg.train.batch_size))
+        while True:
+            waited = time.perf_counter()
+            batch = next(batch_iter, None)
+            data_wait += time.perf_counter() - waited
+            if batch is None:
+                break
             batch = to_device(batch, ctx.device)
             gamma = gamma_at(step, steps_per_epoch, gamma_max=cfg.loss.gamma_max,
                              warmup_epochs=cfg.loss.gamma_warmup_epochs,
@@ -110,10 +117,12 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
                 log.scalars("train_step", terms, step)
     seconds = time.perf_counter() - start
     stats = _mean_terms(sums, batches)
-    stats["gamma"] = gamma_at(step, steps_per_epoch, gamma_max=cfg.loss.gamma_max,
-                              warmup_epochs=cfg.loss.gamma_warmup_epochs,
-                              shape=cfg.loss.gamma_schedule)
-    stats.update(samples=samples, seconds=seconds, samples_per_s=samples / max(seconds, 1e-9))
+    if cfg.loss.mode in PSEUDO_LABEL_MODES:  # gamma weighs L_pix, which only these modes have
+        stats["gamma"] = gamma_at(step, steps_per_epoch, gamma_max=cfg.loss.gamma_max,
+                                  warmup_epochs=cfg.loss.gamma_warmup_epochs,
+                                  shape=cfg.loss.gamma_schedule)
+    stats.update(samples=samples, seconds=seconds, samples_per_s=samples / max(seconds, 1e-9),
+                 data_wait=data_wait / max(seconds, 1e-9))
     return step, stats
 
 

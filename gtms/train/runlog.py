@@ -14,8 +14,19 @@ import numpy as np
 
 CONSOLE_KEYS = (("train_loss", "loss"), ("train_loc", "loc"), ("train_pix", "pix"),
                 ("train_bce", "bce"), ("train_gamma", "gamma"), ("lr", "lr"),
-                ("train_samples_per_s", "samples/s"), ("val_mean_iou", "val mIoU"),
+                ("train_samples_per_s", "samples/s/worker"), ("train_data_wait", "data wait"),
+                ("val_mean_iou", "val mIoU"),
                 ("val_overall_iou", "val oIoU"), ("val_pseudo_label_mean_iou", "P^ mIoU"))
+
+
+def _format(key: str, label: str, value: Any) -> str:
+    if key == "lr":
+        return f"{label} {value:.3g}"
+    if key == "train_data_wait":
+        return f"{label} {100 * value:.0f}%"
+    if key == "train_samples_per_s" or not isinstance(value, float):
+        return f"{label} {value:.1f}"
+    return f"{label} {value:.4f}"
 
 
 class RunLogger:
@@ -49,9 +60,7 @@ class RunLogger:
         for key, label in CONSOLE_KEYS:
             if key in metrics:
                 value = metrics[key]
-                parts.append(f"{label} {value:.3g}" if key in ("lr",) else f"{label} {value:.4f}"
-                             if isinstance(value, float) and value < 100 else
-                             f"{label} {value:.1f}")
+                parts.append(_format(key, label, value))
         skipped = {k: v for k, v in metrics.items() if k.startswith("skipped_")}
         if skipped:
             parts.append("skipped " + ", ".join(f"{k[8:]}={v}" for k, v in skipped.items()))

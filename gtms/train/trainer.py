@@ -2,7 +2,7 @@
 
 A run lives in ``<train.run_dir>/<name>/``: ``config.yaml`` (resolved), ``run.json`` (git SHA,
 package versions, seeds, command), ``metrics.jsonl``, ``tb/`` (TensorBoard), Ray's
-``checkpoint_epoch_XXXX/model.pt`` folders, and ``summary.json`` at the end.
+``checkpoint_epoch_XXXX/model.pt`` folders (numbered from 1, as printed), and ``summary.json`` at the end.
 """
 
 from __future__ import annotations
@@ -216,8 +216,8 @@ def _local_summary(ctx: LocalContext, paths: RunPaths, final: dict) -> dict[str,
     best = max(reports, key=lambda m: m["val_mean_iou"]) if reports else final
     run_dir = Path(paths.run_dir)
     return {"run_dir": str(run_dir), "final": final, "best": best,
-            "best_checkpoint": str(run_dir / f"checkpoint_epoch_{best['epoch']:04d}"),
-            "latest_checkpoint": str(run_dir / f"checkpoint_epoch_{final['epoch']:04d}")
+            "best_checkpoint": str(run_dir / f"checkpoint_epoch_{best['epoch'] + 1:04d}"),
+            "latest_checkpoint": str(run_dir / f"checkpoint_epoch_{final['epoch'] + 1:04d}")
             if final else None}
 
 
@@ -234,7 +234,7 @@ def _fit_on_ray(cfg: Config, paths: RunPaths, root: str, specs: dict, steps: int
     monitor_name = f"gtms-monitor-{paths.name}"
     monitor = start_monitor(monitor_name)
     pool = PoolSpec(cfg.ray.preprocess_actors, cfg.ray.preprocess_actors_max,
-                    cfg.ray.actor_cpus, batch_size=8)
+                    cfg.ray.actor_cpus, batch_size=cfg.ray.preprocess_batch_size)
     datasets = {
         "train": build_dataset(root, cfg.data.train_split, specs["train"], pool,
                                monitor_name=monitor_name, strict=cfg.data.strict,
