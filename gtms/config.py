@@ -95,6 +95,8 @@ class LossConfig:
     gamma_max: float = field(default=1.0, metadata=_non_negative())
     gamma_warmup_epochs: float = field(default=10.0, metadata=_non_negative())
     gamma_schedule: Literal["linear", "constant", "cosine"] = "linear"
+    # Epochs with gamma = 0 before the warm-up starts (ours; the paper has none).
+    gamma_delay_epochs: float = field(default=0.0, metadata=_non_negative())
 
 
 @dataclass(frozen=True)

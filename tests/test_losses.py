@@ -138,7 +138,13 @@ def test_gamma_schedule_options_and_errors():
     assert set(GAMMA_SHAPES) == {"linear", "constant", "cosine"}
     assert gamma_at(30, 10, gamma_max=2.0, warmup_epochs=6) == pytest.approx(1.0)
     assert gamma_at(0, 10, warmup_epochs=0) == 1.0
+    # A delay keeps gamma at 0, then the ramp starts from 0 (here 2 epochs delay, 4 of warm-up).
+    assert [gamma_at(s, 10, warmup_epochs=4, delay_epochs=2) for s in (0, 19, 20, 40, 60, 99)] \
+        == pytest.approx([0.0, 0.0, 0.0, 0.5, 1.0, 1.0])
+    assert gamma_at(25, 10, warmup_epochs=0, delay_epochs=2.5) == 1.0
+    assert gamma_at(24, 10, warmup_epochs=0, delay_epochs=2.5) == 0.0
     for kwargs in (
+        {"step": 0, "steps_per_epoch": 10, "delay_epochs": -1.0},
         {"step": -1, "steps_per_epoch": 10},
         {"step": 1.5, "steps_per_epoch": 10},
         {"step": 0, "steps_per_epoch": 0},

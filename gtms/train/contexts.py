@@ -129,10 +129,13 @@ def _quiet_ray_train_worker() -> None:
     """Ray Train logs every report and checkpoint at INFO on each worker, which buries our
     one progress line per epoch; keep its warnings and errors."""
     import logging
+    import warnings
 
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+    # DDP's note that a 1x1 conv's gradient is not laid out like its bucket: harmless here.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     logging.getLogger("ray.train.v2._internal.execution.storage").setLevel(logging.WARNING)
     try:  # this module names its logger by file path
         import ray.train.v2._internal.execution.context as report_module
@@ -218,6 +221,10 @@ class RayTrainContext:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def close(self) -> None:
+        """Remove the restored-checkpoint copies of this worker."""
+        self._tmp.cleanup()
 
 
 def steps_per_epoch(n_refs: int, batch_size: int, world_size: int) -> int:

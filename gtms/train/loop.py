@@ -87,7 +87,8 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
             batch = to_device(batch, ctx.device)
             gamma = gamma_at(step, steps_per_epoch, gamma_max=cfg.loss.gamma_max,
                              warmup_epochs=cfg.loss.gamma_warmup_epochs,
-                             shape=cfg.loss.gamma_schedule)
+                             shape=cfg.loss.gamma_schedule,
+                             delay_epochs=cfg.loss.gamma_delay_epochs)
             with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=amp):
                 result = compute_losses(model, batch, mode=cfg.loss.mode,
                                         sigma=cfg.pseudo.sigma, gamma=gamma)
@@ -120,7 +121,8 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
     if cfg.loss.mode in PSEUDO_LABEL_MODES:  # gamma weighs L_pix, which only these modes have
         stats["gamma"] = gamma_at(step, steps_per_epoch, gamma_max=cfg.loss.gamma_max,
                                   warmup_epochs=cfg.loss.gamma_warmup_epochs,
-                                  shape=cfg.loss.gamma_schedule)
+                                  shape=cfg.loss.gamma_schedule,
+                             delay_epochs=cfg.loss.gamma_delay_epochs)
     stats.update(samples=samples, seconds=seconds, samples_per_s=samples / max(seconds, 1e-9),
                  data_wait=data_wait / max(seconds, 1e-9))
     return step, stats

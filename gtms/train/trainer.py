@@ -144,8 +144,11 @@ def _ray_worker(loop_config: dict) -> dict:
     ctx = RayTrainContext(monitor_name=loop_config["monitor"],
                           train_split=loop_config["train_split"],
                           val_split=loop_config["val_split"], seed=loop_config["seed"])
-    return train_loop(loop_config["config"], ctx, run_dir=loop_config["run_dir"],
-                      steps_per_epoch=loop_config["steps_per_epoch"])
+    try:
+        return train_loop(loop_config["config"], ctx, run_dir=loop_config["run_dir"],
+                          steps_per_epoch=loop_config["steps_per_epoch"])
+    finally:
+        ctx.close()
 
 
 def _limited(n: int, limit: int) -> int:
