@@ -26,7 +26,7 @@ def small_config(root: Path, run_dir: Path, *extra: str):
         f"data.synthref_seed={generator['seed']}", "data.input_size=64", "data.limit_train_refs=24",
         "data.limit_eval_refs=8", f"train.run_dir={run_dir}", "train.batch_size=8",
         "train.eval_batch_size=16", "train.epochs=2", "train.image_grid_every=1",
-        "loss.gamma_warmup_epochs=1", *extra])
+        "loss.gamma_warmup_epochs=1", "loss.gamma_delay_epochs=0", *extra])
 
 
 def read_jsonl(path: Path) -> list[dict]:
