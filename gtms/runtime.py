@@ -91,6 +91,7 @@ def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trial
     if ray.is_initialized():
         if cli_address:  # an explicit --address is still checked, never ignored silently
             _check_reachable(cli_address)
+        quiet_ray_data()  # DataContext is per process: a Tune trial's process needs it too
         return ray.get_runtime_context()
     if address:
         _check_reachable(address)
