@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gtms.commands.common import NO_CONFIG
+from gtms.commands.common import NO_CONFIG, add_checkpoint_config_flags
 
 
 def register(subparsers) -> None:
@@ -21,12 +21,8 @@ def register(subparsers) -> None:
                         help="checkpoint folder or .pt file")
     parser.add_argument("--splits", default=None, metavar="A,B",
                         help="comma-separated splits (default: data.eval_splits of the config)")
-    parser.add_argument("--config", default=None, metavar="YAML",
-                        help="experiment YAML; default: the config stored in the checkpoint "
-                             "(a CRIS-layout checkpoint needs one naming model.preset)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE", help="override a key, e.g. "
-                        "--set train.threshold=0.5 --set data.root=/data/refcoco")
+    add_checkpoint_config_flags(
+        parser, example="--set train.threshold=0.5 --set data.root=/data/refcoco")
     parser.add_argument("--out", default=None, metavar="JSON",
                         help="where to write the metrics (default: eval.json next to the "
                              "checkpoint)")

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+from gtms.commands.common import add_checkpoint_config_flags, positive_int
 
 
 def register(subparsers) -> None:
@@ -52,11 +47,7 @@ def register(subparsers) -> None:
                              "annotations do); default: the image as viewers show it")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--config", default=None, metavar="YAML",
-                        help="experiment YAML; default: the config stored in the checkpoint "
-                             "(a CRIS-layout checkpoint needs one naming model.preset)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE", help="override a config key")
+    add_checkpoint_config_flags(parser, example="--set model.preset=rn50")
     parser.set_defaults(func=run)
 
 

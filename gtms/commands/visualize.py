@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gtms.commands.predict import positive_int
+from gtms.commands.common import add_checkpoint_config_flags, positive_int
 
 
 def register(subparsers) -> None:
@@ -35,12 +35,8 @@ def register(subparsers) -> None:
                         help="pick refs at random with this seed (default: shard order)")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when available, else CPU), cpu, cuda, ...")
-    parser.add_argument("--config", default=None, metavar="YAML",
-                        help="experiment YAML; default: the config stored in the checkpoint "
-                             "(a CRIS-layout checkpoint needs one naming model.preset)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE", help="override a key, e.g. --set "
-                        "data.root=/data/refcoco --set pseudo.sigma=0.05")
+    add_checkpoint_config_flags(
+        parser, example="--set data.root=/data/refcoco --set pseudo.sigma=0.05")
     parser.set_defaults(func=run)
 
 

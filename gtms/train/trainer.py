@@ -2,7 +2,7 @@
 
 A run lives in ``<train.run_dir>/<name>/``: ``config.yaml`` (resolved), ``run.json`` (git SHA,
 package versions, seeds, command), ``metrics.jsonl``, ``tb/`` (TensorBoard), Ray's
-``checkpoint_epoch_XXXX/model.pt`` folders (numbered from 1, as printed), and ``summary.json``
+``checkpoint_epoch_0001/model.pt`` … folders (numbered from 1, as printed), and ``summary.json``
 at the end.
 """
 
