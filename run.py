@@ -11,7 +11,8 @@ from gtms.config import ConfigError
 from gtms.errors import UserError
 
 # Subcommands in the order --help lists them; each module registers its own parser.
-COMMANDS = ("config", "prepare", "train", "eval", "ablate", "sweep", "predict", "visualize")
+COMMANDS = ("config", "prepare", "pretrain", "train", "eval", "ablate", "sweep", "predict",
+            "visualize")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from gtms.data.images import DEFAULT_MAX_IMAGE_PIXELS
+
 ABLATION_MODES = ("mask-bce", "box-bce", "box-lloc", "tree", "forest-gradcam")
 DATASETS = ("synthref", "refcoco", "refcoco+", "refcocog")
 
@@ -68,6 +70,11 @@ class DataConfig:
     limit_train_refs: int = field(default=0, metadata=_non_negative())
     limit_eval_refs: int = field(default=0, metadata=_non_negative())
     strict: bool = False
+    # Images with more pixels are refused before decoding (header size); 0 = no limit.
+    max_image_pixels: int = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata=_non_negative())
+    # Preprocessed splits (val first, then train) are kept in memory when their estimated size
+    # fits this budget, and streamed through the actors every epoch otherwise. 0: always stream.
+    memory_budget_mb: int = field(default=2048, metadata=_non_negative())
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,10 @@ class PseudoConfig:
     """GTMS pseudo-label generator (tree filter range)."""
 
     sigma: float = field(default=0.02, metadata=_check(lambda v: v > 0, "must be > 0"))
+    # 0: the paper's soft P-hat (Eq. 4). In (0, 1]: P-hat = 1 where it reaches this fraction of
+    # its in-box maximum, else 0 (ours; the soft label collapses, see gtms/pseudo/pseudo_label.py).
+    binarize_at: float = field(default=0.0, metadata=_check(lambda v: 0 <= v <= 1,
+                                                             "must be in [0, 1]"))
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,7 @@ class TrainConfig:
     run_dir: str = "runs"
     name: str = ""
     log_every: int = field(default=20, metadata=_positive())
+    val_every: int = field(default=1, metadata=_positive())  # epochs; the last one always
     image_grid_every: int = field(default=5, metadata=_non_negative())
     keep_checkpoints: int = field(default=2, metadata=_positive())
 
@@ -151,6 +163,28 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """SynthCLIP: CLIP-style contrastive pretraining of the preset's image and text towers on
+    the dataset's train split (``run.py pretrain``), the stand-in for OpenAI's CLIP weights on
+    SynthRef. With ``before_train``, ``run.py train`` pretrains once (cached beside the data)
+    and starts from those weights when ``model.clip_weights`` is not set."""
+
+    before_train: bool = False
+    epochs: int = field(default=10, metadata=_positive())
+    batch_size: int = field(default=128, metadata=_positive())
+    lr: float = field(default=1e-3, metadata=_check(lambda v: v > 0, "must be > 0"))
+    weight_decay: float = field(default=0.05, metadata=_non_negative())
+    # Object-centred crops captioned "colour noun" beside the (scene, expression) pairs.
+    crops: bool = True
+    scenes: bool = True       # (scene, expression) pairs
+    # Crop side in pixels (0 = data.input_size). 96 at input 160 shows an object at about the
+    # scale it has in the scenes, for a third of the compute.
+    crop_size: int = field(default=96, metadata=_non_negative())
+    seed: int = 0
+    limit_refs: int = field(default=0, metadata=_non_negative())
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -159,6 +193,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
@@ -252,16 +287,72 @@ def _build_section(name: str, values: dict[str, Any], sources: dict[str, str]):
 # --------------------------------------------------------------------------- files
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (PyYAML keeps the
+    last value silently). Keys brought in by a ``<<`` merge may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in first:
+                        raise _DuplicateKeyError(key, key_node.start_mark.line + 1, first[key])
+                    first[key] = key_node.start_mark.line + 1
+                except TypeError:  # unhashable: the base class reports it
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_file(path: str | Path) -> Any:
+    """A YAML file's document (see :func:`parse_yaml_bytes`); a missing or unreadable file is
+    a :class:`ConfigError` too."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    return parse_yaml_bytes(data, str(path))
+
+
+def parse_yaml_bytes(data: bytes, where: str) -> Any:
+    """YAML bytes read as UTF-8 with :class:`UniqueKeyLoader`. Text that is not UTF-8, not
+    YAML, or has a key written twice is a :class:`ConfigError` naming ``where``."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{where} is not UTF-8 text: byte {data[err.start]:#04x} at line "
+                          f"{line} (offset {err.start}); save the file as UTF-8") from None
+    loader = UniqueKeyLoader(text)
+    loader.name = where  # marks in YAML errors name the file
+    try:
+        return loader.get_single_data()
+    except _DuplicateKeyError as err:
+        raise ConfigError(f"{where}: duplicate key {err.key!r} at line {err.line} (first at "
+                          f"line {err.first_line}); write each key once") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where} is not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
     """Return [(file, mapping)] for ``path`` and its ``extends`` chain, base first."""
     if path in chain:
         raise ConfigError(f"'extends' cycle: {' -> '.join(str(p) for p in chain + (path,))}")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    doc = read_yaml_file(path) or {}
     if not isinstance(doc, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, not {type(doc).__name__}")
     layers: list[tuple[Path, dict]] = []
@@ -311,6 +402,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 def config_from_dict(doc: dict, where: str = "<dict>",
                      overrides: typing.Sequence[str] = ()) -> Config:
     """Build a Config from a nested mapping (e.g. a checkpoint's saved config) and overrides."""
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where} must hold a mapping of sections, not {type(doc).__name__}")
     merged: dict[str, dict] = {s: {} for s in SECTIONS}
     sources: dict[str, dict] = {s: {} for s in SECTIONS}
     _merge_layer(merged, sources, doc, where)

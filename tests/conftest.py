@@ -45,3 +45,53 @@ def ray_cluster():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthref_bad(synthref_small, tmp_path_factory) -> Path:
+    """A copy of the small SynthRef with known bad rows (same manifest, same file names).
+
+    ``train/part-00000.parquet``: row 0 has an undecodable image, row 1 only sentences that are
+    empty after cleaning (2 of them), row 2 one extra empty sentence; ``val/part-00000``: row 0
+    has an undecodable image. Returns its root.
+    """
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("synthref_bad")
+    shutil.copytree(synthref_small / "shards", root / "shards")
+    edits = {"train": {"image": {0: b"not an image"},
+                       "sentences": {1: ["   ", "&nbsp;"], 2: None}},
+             "val": {"image": {0: b"not an image"}}}
+    for split, columns in edits.items():
+        path = root / "shards" / split / "part-00000.parquet"
+        table = pq.read_table(path)
+        for name, rows in columns.items():
+            values = table.column(name).to_pylist()
+            for i, value in rows.items():
+                values[i] = value if value is not None else [" "] + values[i]
+            index = table.schema.get_field_index(name)
+            table = table.set_column(index, name, pa.array(values, table.schema.field(name).type))
+        pq.write_table(table, path, row_group_size=8)
+    _rerecord_in_manifest(root / "shards", [f"{split}/part-00000.parquet" for split in edits])
+    return root
+
+
+def _rerecord_in_manifest(shard_dir: Path, names: list[str]) -> None:
+    """Record the new size and sha256 of hand-edited shard files, so that ``verify_shards``
+    accepts them (it refuses any file that differs from what ``prepare`` wrote)."""
+    import json
+
+    from gtms.data.refer import file_sha256
+    from gtms.data.shards import MANIFEST_NAME
+
+    manifest_path = shard_dir / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["shards"]:
+        if entry["path"] in names:
+            path = shard_dir / entry["path"]
+            entry["bytes"] = path.stat().st_size
+            entry["sha256"] = file_sha256(path)
+    manifest_path.write_text(json.dumps(manifest, indent=1))

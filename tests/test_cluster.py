@@ -181,7 +181,7 @@ def test_unreachable_address_fails_fast_naming_it(synthref_small, tmp_path, caps
     start = time.time()
     code = run.main(["train", "--address", address, "--set", f"data.root=file://{synthref_small}",
                      "--set", f"train.run_dir={tmp_path}", "--set", "train.name=unreachable",
-                     "--set", "data.input_size=64"])
+                     "--set", "data.input_size=64", "--set", "pretrain.before_train=false"])
     elapsed = time.time() - start
     err = capsys.readouterr().err
     assert code == 2, err
@@ -275,7 +275,7 @@ def test_submitted_job_joins_the_cluster_and_trains(ray_head, synthref_small, tm
         f"--set data.synthref_difficulty={generator['difficulty']}",
         "--set data.input_size=64 --set data.limit_train_refs=16 --set data.limit_eval_refs=8",
         "--set train.epochs=1 --set train.batch_size=8", f"--set train.run_dir={tmp_path}",
-        "--set train.name=job --set ray.num_workers=1"])
+        "--set train.name=job --set ray.num_workers=1 --set pretrain.before_train=false"])
     runtime_env = {
         "working_dir": str(REPO),
         # Anchored patterns: a bare "data" would also drop the gtms/data package.

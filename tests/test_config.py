@@ -122,6 +122,60 @@ def test_missing_file_and_invalid_yaml(tmp_path):
         load_config(write(tmp_path / "broken.yaml", "train: [1,\n"))
 
 
+def test_non_utf8_file_is_a_config_error_naming_it(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# caf\u00e9 settings\ntrain:\n  epochs: 3\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8") as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "0xe9 at line 1" in str(info.value)
+    assert run.main(["config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: ") and str(path) in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("text", "key", "line", "first"), [
+    ("train:\n  epochs: 3\n  epochs: 4\n", "epochs", 3, 2),
+    ("train:\n  epochs: 3\nmodel:\n  preset: tiny\ntrain:\n  batch_size: 2\n", "train", 5, 1),
+    ("optim: {lr: 0.1, lr: 0.2}\n", "lr", 1, 1),
+])
+def test_duplicate_keys_are_refused_naming_key_and_file(tmp_path, text, key, line, first):
+    path = write(tmp_path / "dup.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert f"duplicate key {key!r} at line {line} (first at line {first})" in message
+    assert str(path) in message
+
+
+def test_yaml_merge_keys_may_still_override(tmp_path):
+    path = write(tmp_path / "merge.yaml", "base: &b {epochs: 3, batch_size: 2}\n"
+                 "train:\n  <<: *b\n  epochs: 5\n".replace("base: &b", "x-base: &b"))
+    with pytest.raises(ConfigError, match="unknown section 'x-base'"):
+        load_config(path)   # merges are read (then the unknown section is refused as usual)
+    from gtms.config import read_yaml_file
+
+    assert read_yaml_file(path)["train"] == {"epochs": 5, "batch_size": 2}
+
+
+def test_run_folder_config_is_read_with_the_same_rules(tmp_path):
+    from gtms.train.trainer import _load_remote_config
+
+    path = write(tmp_path / "config.yaml", "train:\n  epochs: 3\n  epochs: 4\n")
+    with pytest.raises(ConfigError, match="duplicate key 'epochs'"):
+        _load_remote_config(str(path))
+    path.write_bytes(b"train:\n  name: \xff\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        _load_remote_config(str(path))
+
+
+def test_syntax_error_names_the_file(tmp_path):
+    path = write(tmp_path / "broken.yaml", "train:\n  epochs: [1,\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f'in "{path}", line' in str(info.value)
+
+
 def test_dump_load_round_trip(tmp_path):
     cfg = load_config(None, ["optim.milestones=[2,5]", "model.clip_weights=/x.pt",
                              "ray.use_gpu=true", "data.eval_splits=val"])

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import pickle
 import shutil
+import struct
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from gtms.commands import prepare as prepare_command
-from gtms.data.records import BadInputError, DataError, SkipLog, UnsafePickleError
+from gtms.data.records import (
+    SENTENCE_REASONS,
+    BadInputError,
+    DataError,
+    SkipLog,
+    UnsafePickleError,
+)
 from gtms.data.refer import ReferSource, load_refer, load_refs_pickle
-from gtms.data.shards import build_shards, read_manifest
+from gtms.data.shards import build_shards, read_manifest, read_shard_records
 from gtms.data.synthref import SynthRefSettings, generate_synthref
 from gtms.data.synthref.generate import assign_splits, synthesize_image
 from gtms.data.synthref.scene import DIFFICULTIES
@@ -137,9 +146,122 @@ def test_pickle_of_builtins_loads(tmp_path):
         path = tmp_path / f"p{protocol}.p"
         path.write_bytes(pickle.dumps(refs, protocol=protocol))
         assert load_refs_pickle(path) == refs
-    # bytes need a class (_codecs.encode) below protocol 3, and are admitted from protocol 3 on
+    # bytes need a class (_codecs.encode) below protocol 3, and are admitted from protocol 3 on;
+    # a refs pickle holds no binary data, so they are text (as Python 2 str values are)
     path.write_bytes(pickle.dumps([{"b": b"raw"}], protocol=3))
-    assert load_refs_pickle(path) == [{"b": b"raw"}]
+    assert load_refs_pickle(path) == [{"b": "raw"}]
+
+
+# A refs pickle as Python 2's cPickle writes it (protocol 2): keys and values are Python 2 `str`,
+# i.e. SHORT_BINSTRING bytes, one of them latin-1 (0xe9 = é), one UTF-8, and one `unicode`.
+PY2_PICKLE = (
+    b"\x80\x02"                                        # PROTO 2
+    b"]q\x00"                                          # EMPTY_LIST, BINPUT 0
+    b"}q\x01("                                         # EMPTY_DICT, BINPUT 1, MARK
+    b"U\x06ref_idq\x02K\x07"                           # 'ref_id': BININT1 7
+    b"U\x05splitq\x03U\x05trainq\x04"                  # 'split': 'train'
+    b"U\tsentencesq\x05]q\x06("                        # 'sentences': [ MARK
+    b"}q\x07(U\x04sentq\x08U\x04caf\xe9q\t"            #   {'sent': 'caf\xe9' (latin-1),
+    b"U\x03rawq\nX\x05\x00\x00\x00caf\xc3\xa9q\x0bu"     #    'raw': u'café'}  SETITEMS
+    b"}q\x0cU\x04sentq\rU\x05caf\xc3\xa9q\x0es"        #   {'sent': 'caf\xc3\xa9' (UTF-8)}
+    b"e"                                               # ] APPENDS
+    b"u"                                               # } SETITEMS
+    b"a."                                              # APPEND, STOP
+)
+
+
+# The same kind of file at protocol 0 (text opcodes): STRING 'caf\xe9', UNICODE u'café'.
+PY2_PICKLE_PROTOCOL_0 = (b"(lp0\n(dp1\nS'sent'\np2\nS'caf\\xe9'\np3\n"
+                         b"sS'raw'\np4\nVcaf\\u00e9\np5\nsa.")
+
+
+def test_python2_pickle_with_latin1_and_utf8_str_loads(tmp_path):
+    with pytest.raises(UnicodeDecodeError):  # what a plain Python 3 load does with it
+        pickle.loads(PY2_PICKLE)
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(PY2_PICKLE)
+    assert load_refs_pickle(path) == [{"ref_id": 7, "split": "train", "sentences": [
+        {"sent": "café", "raw": "café"}, {"sent": "café"}]}]
+    with pytest.raises(UnicodeDecodeError):
+        pickle.loads(PY2_PICKLE_PROTOCOL_0)
+    path.write_bytes(PY2_PICKLE_PROTOCOL_0)
+    assert load_refs_pickle(path) == [{"sent": "café", "raw": "café"}]
+
+
+def py2_dumps(value) -> bytes:
+    """``value`` pickled as Python 2 does at protocol 2: ``bytes`` stand for Python 2 ``str``
+    (SHORT_BINSTRING / BINSTRING), ``str`` for ``unicode`` (BINUNICODE)."""
+    out = [b"\x80\x02"]
+
+    def put(v):
+        if v is None or isinstance(v, bool):
+            out.append({None: b"N", True: b"\x88", False: b"\x89"}[v])
+        elif isinstance(v, int):
+            out.append(b"J" + struct.pack("<i", v) if -2**31 <= v < 2**31 else
+                       b"\x8a" + bytes([8]) + v.to_bytes(8, "little", signed=True))
+        elif isinstance(v, float):
+            out.append(b"G" + struct.pack(">d", v))
+        elif isinstance(v, bytes):
+            out.append(b"U" + bytes([len(v)]) + v if len(v) < 256 else
+                       b"T" + struct.pack("<i", len(v)) + v)
+        elif isinstance(v, str):
+            data = v.encode("utf-8")
+            out.append(b"X" + struct.pack("<I", len(data)) + data)
+        elif isinstance(v, (list, tuple)):
+            out.append(b"](" if isinstance(v, list) else b"(")
+            for item in v:
+                put(item)
+            out.append(b"e" if isinstance(v, list) else b"t")
+        elif isinstance(v, dict):
+            out.append(b"}(")
+            for key, item in v.items():
+                put(key)
+                put(item)
+            out.append(b"u")
+        else:
+            raise TypeError(type(v))
+
+    put(value)
+    return b"".join(out) + b"."
+
+
+def as_py2_str(value):
+    """Every str of ``value`` (dict keys too) as a Python 2 ``str`` in UTF-8."""
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, list):
+        return [as_py2_str(v) for v in value]
+    if isinstance(value, dict):
+        return {as_py2_str(k): as_py2_str(v) for k, v in value.items()}
+    return value
+
+
+def test_python2_refs_pickle_prepares_with_its_accents(refcoco, tmp_path):
+    refs = load_refs_pickle(refcoco.refs_path)
+    py2 = as_py2_str(refs)
+    py2[0][b"sentences"][0][b"sent"] = b"the caf\xe9 on the left"   # latin-1
+    py2[1][b"sentences"][0][b"sent"] = "the café".encode()           # UTF-8
+    py2[2][b"sentences"][0][b"sent"] = "the crème brûlée"            # unicode
+    refcoco.refs_path.write_bytes(py2_dumps(py2))
+    records = load_refer(refcoco, SkipLog(strict=True))
+    assert [r.ref_id for r in records] == [r["ref_id"] for r in refs]
+    assert [r.sentences[0] for r in records[:3]] == [
+        "the café on the left", "the café", "the crème brûlée"]
+    assert records[3].sentences == tuple(s["sent"] for s in refs[3]["sentences"])
+    assert cli(["--dataset", "refcoco", "--refer-root", str(refcoco.refer_root), "--images",
+                str(refcoco.images_dir), "--out", str(tmp_path / "out")]) == 0
+    shard_rows = {row.record.ref_id: row.record for row in read_shard_records(
+        tmp_path / "out" / "shards")}
+    assert shard_rows[refs[0]["ref_id"]].sentences[0] == "the café on the left"
+
+
+def test_deeply_nested_refs_pickle_is_a_clear_error(tmp_path):
+    path = tmp_path / "refs(unc).p"
+    depth = 200_000
+    path.write_bytes(b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b".")
+    with pytest.raises(DataError, match="nested too deeply") as info:
+        load_refs_pickle(path)
+    assert str(path) in str(info.value)
 
 
 def test_damaged_pickle_is_a_clear_error(tmp_path):
@@ -167,9 +289,37 @@ def damage(source: ReferSource, case: str) -> tuple[set[int], str, int]:
     if case == "undecodable_image":
         image_file.write_bytes(b"this is not a jpeg")
         return on_image, "undecodable_image", len(on_image)
+    if case == "oversized_image":  # refused from the header, before decoding
+        from tests.test_images import png_header_only
+        image_file.write_bytes(png_header_only(20000, 20000))
+        return on_image, "image_too_large", len(on_image)
     if case == "truncated_image":
         image_file.write_bytes(image_file.read_bytes()[:600])
         return on_image, "undecodable_image", len(on_image)
+    if case.endswith("_format_image"):  # Pillow reads these, OpenCV (training's decoder) not
+        buffer = io.BytesIO()
+        Image.open(image_file).convert("RGB").save(buffer, format=case.split("_")[0].upper())
+        image_file.write_bytes(buffer.getvalue())
+        return on_image, "undecodable_image", len(on_image)
+    on_ann = {r["ref_id"] for r in refs if r["ann_id"] == ref["ann_id"]}
+    if case == "ann_without_image_id":
+        del anns[ref["ann_id"]]["image_id"]
+        reason, blamed = "malformed_annotation", on_ann
+    elif case == "bbox_with_null":
+        anns[ref["ann_id"]]["bbox"][1] = None
+        reason, blamed = "malformed_annotation", on_ann
+    elif case == "image_without_height":
+        del images[ref["image_id"]]["height"]
+        reason, blamed = "malformed_image_info", on_image
+    elif case in MALFORMED_REFS:
+        key, value = MALFORMED_REFS[case]
+        ref[key] = value(ref) if callable(value) else value
+        reason, blamed = "malformed_ref", {ref["ref_id"] if key != "ref_id" else None}
+    if case in MALFORMED_REFS or case in ("ann_without_image_id", "bbox_with_null",
+                                          "image_without_height"):
+        source.instances_path.write_text(json.dumps(instances))
+        source.refs_path.write_bytes(pickle.dumps(refs))
+        return blamed, reason, len(blamed)
     if case == "box_outside_image":
         anns[ref["ann_id"]]["bbox"][0] = images[ref["image_id"]]["width"] + 5.0
         reason = "box_outside_image"
@@ -179,8 +329,8 @@ def damage(source: ReferSource, case: str) -> tuple[set[int], str, int]:
     elif case == "no_sentences":
         ref["sentences"] = []
         reason = "no_sentences"
-    elif case == "only_empty_sentences":
-        ref["sentences"] = [{"sent": "  ", "tokens": []}, {"sent": "", "tokens": []}]
+    elif case == "only_malformed_sentences":
+        ref["sentences"] = [{"sent": None}, "not a sentence dict"]
         reason = "no_sentences"
     elif case == "missing_annotation":
         ref["ann_id"] = 987654
@@ -192,8 +342,20 @@ def damage(source: ReferSource, case: str) -> tuple[set[int], str, int]:
     return {ref["ref_id"]}, reason, 1
 
 
-CASES = ["missing_image", "undecodable_image", "truncated_image", "box_outside_image",
-         "box_zero_area", "no_sentences", "only_empty_sentences", "missing_annotation"]
+MALFORMED_REFS = {  # case -> (key, bad value or a function of the ref giving it)
+    "ref_id_text": ("ref_id", "abc"),
+    "ref_id_none": ("ref_id", None),
+    "ann_id_list": ("ann_id", lambda ref: [ref["ann_id"]]),
+    "category_id_text": ("category_id", "person"),
+    "sentences_not_list": ("sentences", "the man on the left"),
+    "split_none": ("split", None),
+}
+CASES = ["missing_image", "undecodable_image", "oversized_image", "truncated_image",
+         "box_outside_image", "box_zero_area", "no_sentences", "only_malformed_sentences",
+         "missing_annotation",
+         "ann_without_image_id", "bbox_with_null", "image_without_height",
+         "pcx_format_image", "tga_format_image", "sgi_format_image", "qoi_format_image",
+         *MALFORMED_REFS]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -206,10 +368,10 @@ def test_bad_input_is_skipped_and_counted(refcoco, tmp_path, case, capsys):
     assert cli(argv) == 0
     printed = capsys.readouterr().out
     manifest = read_manifest(out / "shards")
-    skipped = dict(manifest["skipped"])
-    skipped.pop("empty_sentence", None)  # counts dropped sentences, not refs
-    assert skipped == {reason: expected}
-    assert f"{reason}: {expected}" in printed
+    skipped = {r: n for r, n in manifest["skipped"].items() if r not in SENTENCE_REASONS}
+    assert skipped == {reason: expected} and manifest["skipped_refs"] == expected
+    assert f"skipped {expected} ref(s)" in printed and f"{reason}: {expected}" in printed
+    assert "None" not in manifest["counts"]
     assert {e["ref_id"] for e in manifest["skipped_examples"][reason]} == ref_ids
     assert sum(manifest["counts"].values()) == total - expected
 
@@ -221,22 +383,41 @@ def test_bad_input_stops_strict_mode_naming_file_and_ref(refcoco, tmp_path, case
         build_shards(refcoco, tmp_path / "out", strict=True, progress=False)
     assert info.value.reason == reason
     message = str(info.value)
-    assert info.value.ref_id in ref_ids and f"ref {info.value.ref_id}:" in message
+    # a ref without a usable ref_id is named by its place in the pickle
+    where = f"ref {info.value.ref_id}:" if info.value.ref_id is not None else "entry 3 "
+    assert info.value.ref_id in ref_ids and where in message
     assert str(refcoco.refer_root) in message or str(refcoco.images_dir) in message
     argv = ["--dataset", "refcoco", "--refer-root", str(refcoco.refer_root), "--images",
             str(refcoco.images_dir), "--out", str(tmp_path / "out2"), "--strict"]
     assert cli(argv) == 2
-    assert f"ref {info.value.ref_id}:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert where in err and "Traceback" not in err and err.count("error:") == 1
 
 
-def test_partly_empty_sentences_keep_the_ref_and_are_counted(refcoco):
+def test_empty_sentences_are_kept_malformed_ones_dropped_and_counted(refcoco, tmp_path, capsys):
     refs = load_refs_pickle(refcoco.refs_path)
     refs[0]["sentences"].append({"sent": " ", "tokens": []})
+    refs[1]["sentences"].append("not a sentence dict")
+    refs[1]["sentences"].append({"sent": None})
+    refs[1]["sentences"].append({"sent": None})
+    refs[2]["sentences"] = [{"sent": "", "tokens": []}]  # kept: CRIS scores it in evaluation
     refcoco.refs_path.write_bytes(pickle.dumps(refs))
     skips = SkipLog(strict=False)
     records = load_refer(refcoco, skips)
-    assert records[0].ref_id == refs[0]["ref_id"] and all(records[0].sentences)
-    assert skips.counts == {"empty_sentence": 1}
+    assert records[0].ref_id == refs[0]["ref_id"] and records[0].sentences[-1] == ""
+    assert len(records[0].sentences) == len(refs[0]["sentences"])
+    assert len(records[1].sentences) == len(refs[1]["sentences"]) - 3
+    assert records[2].sentences == ("",)
+    assert skips.counts == {"malformed_sentence": 3}
+    # the summary counts dropped sentences apart from skipped refs
+    assert cli(["--dataset", "refcoco", "--refer-root", str(refcoco.refer_root), "--images",
+                str(refcoco.images_dir), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped: none" in printed and "ref(s)" not in printed
+    assert "dropped 3 sentence(s)" in printed
+    manifest = read_manifest(tmp_path / "out" / "shards")
+    assert manifest["skipped_refs"] == 0 and manifest["dropped_sentences"] == 3
+    assert sum(manifest["counts"].values()) == len(refs)
 
 
 def test_partition_and_arguments_are_checked(refcoco, tmp_path, capsys):
@@ -250,3 +431,40 @@ def test_partition_and_arguments_are_checked(refcoco, tmp_path, capsys):
     assert cli(["--dataset", "refcocog", "--refer-root", str(refcoco.refer_root), "--images",
                 str(refcoco.images_dir), "--out", str(tmp_path / "g")]) == 2
     assert "refs(umd).p" in capsys.readouterr().err
+
+
+def test_deeply_nested_instances_json_is_a_clear_error(refcoco, tmp_path, capsys):
+    depth = 200_000
+    refcoco.instances_path.write_text(
+        '{"images": ' + "[" * depth + "]" * depth + ', "annotations": [], "categories": []}')
+    with pytest.raises(DataError, match="nested too deeply") as info:
+        load_refer(refcoco, SkipLog(strict=False))
+    assert str(refcoco.instances_path) in str(info.value)
+    assert cli(["--dataset", "refcoco", "--refer-root", str(refcoco.refer_root), "--images",
+                str(refcoco.images_dir), "--out", str(tmp_path / "out")]) == 2
+    assert str(refcoco.instances_path) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("images", ["empty", "absent"])
+def test_wrong_images_folder_fails_naming_it(refcoco, tmp_path, images, capsys):
+    folder = tmp_path / "wrong"
+    if images == "empty":
+        folder.mkdir()
+    out = tmp_path / "out"
+    assert cli(["--dataset", "refcoco", "--refer-root", str(refcoco.refer_root), "--images",
+                str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(folder) in err and "Traceback" not in err and err.count("error:") == 1
+    manifest = read_manifest(out / "shards")
+    assert manifest is None or not manifest["complete"]
+    if images == "empty":
+        assert "nothing usable" in err and "missing_image" in err
+        assert manifest["skipped"]["missing_image"] == len(load_refs_pickle(refcoco.refs_path))
+
+
+def test_refs_pickle_without_refs_fails(refcoco, tmp_path, capsys):
+    refcoco.refs_path.write_bytes(pickle.dumps([]))
+    assert cli(["--dataset", "refcoco", "--refer-root", str(refcoco.refer_root), "--images",
+                str(refcoco.images_dir), "--out", str(tmp_path / "out")]) == 2
+    assert f"{refcoco.refs_path} holds no ref" in capsys.readouterr().err
+    assert not read_manifest(tmp_path / "out" / "shards")["complete"]

@@ -42,7 +42,7 @@ def train_tiny_checkpoint(root: Path, run_dir: Path) -> Path:
         *synthref_overrides(root), "data.input_size=64", "data.limit_train_refs=8",
         "data.limit_eval_refs=4", f"train.run_dir={run_dir}", "train.name=tiny",
         "train.batch_size=8", "train.eval_batch_size=8", "train.epochs=1",
-        "train.image_grid_every=0"])
+        "train.image_grid_every=0", "pretrain.before_train=false"])
     return Path(fit(cfg, no_ray=True)["latest_checkpoint"])
 
 
@@ -190,6 +190,39 @@ def test_unusable_checkpoint_or_arguments_exit_2(checkpoint, images, tmp_path, c
     cris = tmp_path / "cris.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in weights.items()}}, cris)
     assert run.main(["predict", "--checkpoint", str(cris), *pair, *config]) == 0
+
+
+def test_huge_image_is_refused_from_its_header(tmp_path):
+    from test_images import png_header_only
+
+    from gtms.infer.predict import PairError
+
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_header_only(20000, 20000))
+    with pytest.raises(PairError) as info:
+        read_image(huge)
+    message = str(info.value)
+    for needle in (str(huge), "20000 x 20000 = 400,000,000 pixels", "limit of 89,478,485",
+                   "--max-image-pixels 400000000", "data.max_image_pixels"):
+        assert needle in message
+    unknown = tmp_path / "scene.hdr"
+    ok, encoded = cv2.imencode(".hdr", np.ones((6, 8, 3), np.float32))
+    unknown.write_bytes(encoded.tobytes())
+    with pytest.raises(PairError, match="size Pillow can read"):
+        read_image(unknown)
+    assert read_image(unknown, max_pixels=0).shape == (6, 8, 3)   # no limit: decoded as before
+
+
+def test_pixel_limit_flag_refuses_and_raising_it_accepts(checkpoint, images, tmp_path):
+    height, width = read_image(images[0]).shape[:2]
+    base = ["predict", "--checkpoint", str(checkpoint), "--image", str(images[0]), "--text",
+            "the top star"]
+    assert run.main([*base, "--out", str(tmp_path / "small"),
+                     "--max-image-pixels", str(height * width - 1)]) == 1
+    (record,) = read_records(tmp_path / "small")
+    assert f"{width} x {height}" in record["error"] and str(images[0]) in record["error"]
+    assert run.main([*base, "--out", str(tmp_path / "exact"), "--set",
+                     f"data.max_image_pixels={height * width}"]) == 0
 
 
 def test_exif_orientation_is_applied_unless_ignored(checkpoint, images, tmp_path):

@@ -90,3 +90,21 @@ def test_forest_gradcam_names_missing_inputs_and_bad_mode():
                            forest_labels=forest)
     with pytest.raises(ValueError, match="mode"):
         make_pseudo_labels(logits, box, *trees, mode="box-lloc", sigma=0.02)
+
+
+def test_binarized_pseudo_label_is_half_of_the_in_box_maximum():
+    logits, box, trees, _ = make_batch()
+    parent, order, dist = (torch.from_numpy(a) for a in trees)
+    soft = make_pseudo_labels(logits, box, parent, order, dist, mode="tree", sigma=0.02)
+    hard = make_pseudo_labels(logits, box, parent, order, dist, mode="tree", sigma=0.02,
+                              binarize_at=0.5)
+    label, inside = soft.pseudo_label.numpy(), box.numpy() > 0
+    for b in range(2):
+        peak = label[b][inside[b]].max()
+        expected = (label[b] >= 0.5 * peak) & inside[b]
+        np.testing.assert_array_equal(hard.pseudo_label[b].numpy(), expected.astype(np.float32))
+        assert 0 < expected.sum() < inside[b].sum()  # a real split, neither empty nor the box
+    # An all-zero prediction gives an all-zero label, not the whole box.
+    zero = make_pseudo_labels(torch.full_like(logits, -1e4), box, parent, order, dist,
+                              mode="tree", sigma=0.02, binarize_at=0.5)
+    assert zero.pseudo_label.sum() == 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +22,17 @@ from gtms.data.shards import (
     MANIFEST_NAME,
     SHARD_COLUMNS,
     SHARD_SCHEMA,
+    ShardError,
     read_manifest,
     read_shard_records,
     records_to_table,
     split_files,
+    verify_shards,
     write_shards,
 )
 from gtms.data.synthref import SynthRefSettings, ensure_synthref, prepare_synthref, refer_source
 from gtms.data.transforms import rle_encode
+from gtms.errors import UserError
 
 SETTINGS = SynthRefSettings(num_images=24, seed=5)
 
@@ -78,7 +83,7 @@ def test_manifest_describes_the_files(prepared):
     assert len(train) >= 3  # several files for a big split
     for entry in manifest["shards"]:
         file = shard_dir / entry["path"]
-        assert sha(file) == entry["sha256"]
+        assert sha(file) == entry["sha256"] and file.stat().st_size == entry["bytes"]
         meta = pq.ParquetFile(file).metadata
         assert meta.num_row_groups == entry["num_row_groups"]
         assert all(meta.row_group(i).num_rows <= 8 for i in range(meta.num_row_groups))
@@ -237,3 +242,135 @@ def test_ray_data_reads_the_shards(prepared, ray_cluster):
     assert set(batch) == set(SHARD_COLUMNS)
     assert np.stack(batch["box_xywh"]).shape == (5, 4)
     assert isinstance(batch["image"][0], bytes)
+
+
+# ------------------------------------------------------------------ shards checked before a run
+
+
+@pytest.fixture()
+def copied(prepared, tmp_path) -> Path:
+    """A copy of the prepared dataset that a test may damage."""
+    shutil.copytree(prepared, tmp_path / "ds")
+    return tmp_path / "ds"
+
+
+def first_file(root: Path, split: str) -> Path:
+    manifest = read_manifest(root / "shards")
+    return root / "shards" / next(e["path"] for e in manifest["shards"] if e["split"] == split)
+
+
+def repair(message: str) -> None:
+    """Run the prepare command a ShardError names (through run.py)."""
+    import run
+
+    command = message.split("with: ")[-1]
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "run.py", "prepare"]
+    assert run.main(argv[2:]) == 0
+
+
+def test_verify_accepts_what_prepare_wrote(prepared):
+    manifest = verify_shards(prepared, ["train", "val", "testA", "testB"])
+    assert manifest == read_manifest(prepared / "shards")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "same_size_bytes_changed"])
+def test_damaged_shard_is_named_with_the_command_that_repairs_it(copied, damage, capsys):
+    file = first_file(copied, "val")
+    original = file.read_bytes()
+    if damage == "truncated":
+        file.write_bytes(original[: len(original) // 2])
+    elif damage == "missing":
+        file.unlink()
+    else:  # one image byte flipped: size and footer stay right, only the checksum sees it
+        middle = len(original) // 2
+        file.write_bytes(original[:middle] + bytes([original[middle] ^ 1]) + original[middle + 1:])
+        verify_shards(copied, ["val"], checksums=False)
+    verify_shards(copied, ["train"])  # other splits are not looked at
+    with pytest.raises(ShardError) as info:
+        verify_shards(copied, ["train", "val"])
+    message = str(info.value)
+    assert isinstance(info.value, UserError) and message.startswith(f"{file}: ")
+    assert f"python run.py prepare --out {copied} --num-images 24 --seed 5" in message
+    assert "--rows-per-file 20 --rows-per-row-group 8" in message
+    repair(message)
+    capsys.readouterr()
+    assert file.read_bytes() == original
+    verify_shards(copied, ["train", "val"])
+
+
+def test_interrupted_prepare_is_refused(copied):
+    manifest = read_manifest(copied / "shards")
+    manifest["complete"] = False
+    (copied / "shards" / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="prepare did not finish") as info:
+        verify_shards(copied, ["train"])
+    assert str(copied / "shards" / MANIFEST_NAME) in str(info.value)
+    repair(str(info.value))
+    assert verify_shards(copied, ["train"])["complete"]
+
+
+def test_unknown_split_unreadable_manifest_and_stray_file(copied):
+    with pytest.raises(ShardError, match="no shards for split test; the prepared splits are "
+                                         "train, val, testA, testB"):
+        verify_shards(copied, ["train", "test"])
+    stray = copied / "shards" / "val" / "part-00099.parquet"
+    shutil.copy(first_file(copied, "val"), stray)
+    with pytest.raises(ShardError, match="not written by prepare") as info:
+        verify_shards(copied, ["val"])
+    assert str(info.value).startswith(f"{stray}: ")
+    stray.unlink()
+    (copied / "shards" / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ShardError, match="no readable shard manifest"):
+        verify_shards(copied, ["val"])
+
+
+def test_refcoco_repair_command_names_the_sources(prepared, tmp_path):
+    root = tmp_path / "refer" / "refcoco"
+    root.mkdir(parents=True)
+    src = refer_source(prepared)
+    (root / "refs(unc).p").write_bytes(src.refs_path.read_bytes())
+    (root / "instances.json").write_bytes(src.instances_path.read_bytes())
+    out = tmp_path / "my data"
+    assert cli(["--dataset", "refcoco", "--refer-root", str(root.parent), "--images",
+                str(src.images_dir), "--out", str(out)]) == 0
+    file = first_file(out, "testB")
+    file.write_bytes(file.read_bytes()[:100])
+    with pytest.raises(ShardError, match="not a readable Parquet file|bytes, the manifest") as \
+            info:
+        verify_shards(out, ["testB"])
+    assert shlex.quote(str(out)) in str(info.value)
+    repair(str(info.value))
+    verify_shards(out, ["testB"])
+
+
+def test_train_and_eval_check_the_shards_before_starting(copied, tmp_path, monkeypatch,
+                                                         capsys):
+    import torch
+
+    import run
+    from gtms.config import load_config
+    from gtms.eval import evaluate as evaluate_module
+    from gtms.train.trainer import fit
+
+    file = first_file(copied, "train")
+    file.write_bytes(file.read_bytes()[:-1000])
+    cfg = load_config(None, [f"data.root={copied}", "data.synthref_images=24",
+                             "data.synthref_seed=5", f"train.run_dir={tmp_path / 'runs'}"])
+    with pytest.raises(ShardError, match="truncated") as info:
+        fit(cfg, no_ray=True)
+    assert str(file) in str(info.value)
+    assert not (tmp_path / "runs").exists()
+    # eval (its model is a stand-in: the shards are checked before the model is used)
+    monkeypatch.setattr(evaluate_module, "load_model_for_eval",
+                        lambda checkpoint, given: (torch.nn.Identity(), cfg))
+    with pytest.raises(ShardError, match="truncated"):
+        evaluate_module.evaluate("ckpt", None, ["val", "train"], None)
+    # the CLI: exit 2, one line naming the file and the repair
+    capsys.readouterr()
+    assert run.main(["train", "--no-ray", "--config", "none", "--set", f"data.root={copied}",
+                     "--set", "data.synthref_images=24", "--set", "data.synthref_seed=5",
+                     "--set", f"train.run_dir={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {file}: ") and err.count("\n") == 1
+    assert "python run.py prepare --out" in err

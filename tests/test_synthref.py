@@ -328,3 +328,43 @@ def test_difficulty_changes_crowding(tmp_path):
         counts[level] = len(instances["annotations"]) / len(instances["images"])
     print("objects per image:", counts)
     assert counts["easy"] + 1 < counts["hard"]
+
+
+# ------------------------------------------------------------------ v2 scale statistics
+
+
+def test_statistics_of_hand_made_refs():
+    from gtms.data.synthref.stats import reference_statistics
+
+    images = [{"id": 1, "height": 100, "width": 200}]
+    anns = [{"id": 10, "image_id": 1, "category_id": 5, "bbox": [0, 0, 100, 50], "area": 2500},
+            {"id": 11, "image_id": 1, "category_id": 5, "bbox": [0, 0, 20, 20], "area": 400},
+            {"id": 12, "image_id": 1, "category_id": 6, "bbox": [0, 0, 40, 10], "area": 100}]
+    refs = [{"ann_id": 10, "image_id": 1, "split": "train", "sentences": [1, 2]},
+            {"ann_id": 12, "image_id": 1, "split": "val", "sentences": [1]}]
+    stats = reference_statistics(refs, anns, images)
+    assert stats["train"]["box_fraction_median"] == 0.25       # 5000 / 20000
+    assert stats["train"]["mask_box_ratio_mean"] == 0.5
+    assert stats["train"]["same_category_distractor"] == 1.0  # another category-5 object
+    assert stats["val"]["same_category_distractor"] == 0.0
+    assert stats["all"]["refs"] == 2 and stats["all"]["objects_per_image"] == 3.0
+    assert stats["all"]["sentences_per_ref"] == 1.5
+
+
+def test_v2_is_refcoco_like_in_scale_and_the_manifest_says_so(dataset):
+    from gtms.data.shards import read_manifest, shards_dir
+    from gtms.data.synthref.stats import (
+        MAX_MEAN_MASK_BOX_RATIO,
+        MIN_MEDIAN_BOX_FRACTION,
+        reference_statistics,
+    )
+
+    instances, refs, _ = load(dataset)
+    stats = reference_statistics(refs, instances["annotations"], instances["images"])
+    overall = stats["all"]
+    assert overall["box_fraction_median"] >= MIN_MEDIAN_BOX_FRACTION
+    assert overall["mask_box_ratio_mean"] <= MAX_MEAN_MASK_BOX_RATIO
+    assert overall["same_category_distractor"] >= 0.5
+    manifest = read_manifest(shards_dir(dataset))
+    assert manifest["generator"]["version"] == 2
+    assert manifest["statistics"] == json.loads(json.dumps(stats))

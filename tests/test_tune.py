@@ -6,12 +6,14 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import run
 from gtms.config import ConfigError, load_config
+from gtms.tune.plot import plot_ablation, read_curves
 from gtms.tune.sweep import load_sweep
-from gtms.tune.table import collect, markdown, write_tables
+from gtms.tune.table import collect, markdown, ordering_verdict, write_tables
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "experiments").glob("*sweep*.yaml"))
@@ -33,6 +35,8 @@ def test_sweep_spec_errors(tmp_path):
         "sweep:\n  space:\n    loss.mode: {grid: [tree, nope]}\n": "'loss.mode'",
         "sweep:\n  metric: x\n  spaces: {}\n": "unknown key 'sweep.spaces'",
         "sweep:\n  space: {}\n": "empty 'space'",
+        "sweep:\n  space:\n    pseudo.sigma: {grid: [1]}\n    pseudo.sigma: {grid: [2]}\n":
+            "duplicate key 'pseudo.sigma' at line 5 (first at line 4)",
     }
     for i, (text, needle) in enumerate(cases.items()):
         path = tmp_path / f"s{i}.yaml"
@@ -61,10 +65,53 @@ def test_table_mean_std_and_files(tmp_path):
     assert "val paper" not in markdown(table, ["val"], dataset="synthref", title="t")
 
 
+def _table(values: dict[str, list[float]]) -> dict:
+    return {row: {"val": {"mean_iou": v}} for row, v in values.items()}
+
+
+def test_ordering_verdict_checks_order_noise_and_share_of_mask():
+    held = ordering_verdict(_table({"box-bce": [0.10, 0.11], "box-lloc": [0.30, 0.31],
+                                    "tree": [0.40, 0.41], "forest-gradcam": [0.50, 0.51],
+                                    "mask-bce": [0.52, 0.53]}))
+    assert len(held) == 5 and all(line.startswith("holds") for line in held), held
+    assert "96.2 %" in held[-1]
+    # tree above forest-gradcam; a gap within seed noise; forest-gradcam far below mask-bce.
+    failed = ordering_verdict(_table({"box-lloc": [0.30, 0.50], "tree": [0.42, 0.42],
+                                      "forest-gradcam": [0.40, 0.40], "mask-bce": [0.80, 0.80]}))
+    assert [line.split(":")[0] for line in failed] == ["fails", "fails", "holds", "fails"]
+    assert "gap +2.00 against seed std 14.14" in failed[0]
+    # forest-gradcam may equal mask-bce; a missing row is skipped, not counted as a failure.
+    tie = ordering_verdict(_table({"forest-gradcam": [0.5], "mask-bce": [0.5]}))
+    assert tie[0].startswith("holds") and "gap +0.00" in tie[0] and tie[1].startswith("holds")
+    above = ordering_verdict(_table({"forest-gradcam": [0.6, 0.62], "mask-bce": [0.5, 0.52]}))
+    assert above[0].startswith("fails")
+
+
+def test_read_curves_and_plot(tmp_path):
+    trials = []
+    for mode, seed, values in [("box-lloc", 0, [0.1, 0.2]), ("tree", 0, [0.2, 0.3]),
+                               ("tree", 1, [0.25])]:
+        run_dir = tmp_path / f"{mode}-{seed}"
+        run_dir.mkdir()
+        lines = [{"epoch": 1, "train_loss": 1.0}]  # a train-only record (no validation)
+        lines += [{"epoch": e + 2, "val_mean_iou": v, "val_pseudo_label_mean_iou": v + 0.1,
+                   "val_weights_mean_iou": v + 0.2} for e, v in enumerate(values)]
+        (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+        trials.append({"mode": mode, "run_dir": str(run_dir)})
+    curves = read_curves(trials)
+    assert curves["tree"]["epoch"].tolist() == [2, 3]
+    tree = curves["tree"]["val_mean_iou"]
+    assert tree.shape == (2, 2) and tree[0].tolist() == [0.2, 0.3] and np.isnan(tree[1, 1])
+    assert curves["tree"]["val_weights_mean_iou"][1, 0] == pytest.approx(0.45)
+    path = plot_ablation(curves, tmp_path / "ablation.png", title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
 TINY = ["--set", "data.synthref_images=24", "--set", "data.synthref_seed=5",
         "--set", "data.input_size=64", "--set", "data.limit_train_refs=16", "--set",
         "data.limit_eval_refs=4", "--set", "train.epochs=1", "--set", "train.batch_size=8",
-        "--set", "data.eval_splits=val,testA", "--set", "ray.num_workers=1"]
+        "--set", "data.eval_splits=val,testA", "--set", "ray.num_workers=1",
+        "--set", "pretrain.before_train=false"]
 
 
 @pytest.mark.integration

@@ -15,10 +15,10 @@ def register(subparsers) -> None:
                     "the image's original size), <out>/NNNN_<image>_overlay.png (mask tinted "
                     "on the image, the sentence above) and <out>/predictions.jsonl (one record "
                     "per pair: image, text, mask, overlay, mask_area_fraction, error). A pair "
-                    "that fails (missing or undecodable image, empty text) is reported and the "
-                    "others go on. Images are read as viewers show them (EXIF orientation "
-                    "applied). Exit code: 0 all pairs ok, 1 some failed, 2 the checkpoint "
-                    "or config cannot be used.",
+                    "that fails (missing or undecodable image, image over the pixel limit, "
+                    "empty text) is reported and the others go on. Images are read as "
+                    "viewers show them (EXIF orientation applied). Exit code: 0 all pairs "
+                    "ok, 1 some failed, 2 the checkpoint or config cannot be used.",
         epilog='example: python run.py predict --checkpoint runs/<run>/checkpoint_epoch_0010 '
                '--image cat.jpg --text "the cat on the left" --image dogs.png --text '
                '"the smaller dog"')
@@ -40,6 +40,11 @@ def register(subparsers) -> None:
     parser.add_argument("--input-size", type=int, default=None, metavar="S",
                         help="letterbox size, a multiple of 32, i.e. --set data.input_size=S "
                              "(default: the checkpoint's config)")
+    parser.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                        help="refuse images with more pixels than N, read from the file header "
+                             "before decoding, i.e. --set data.max_image_pixels=N (default: "
+                             "the checkpoint's config, 89478485 as Pillow's limit; 0 = no "
+                             "limit)")
     parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                         help="pairs per forward pass (default 8)")
     parser.add_argument("--ignore-orientation", action="store_true",
@@ -73,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.threshold={args.threshold}")
     if args.input_size is not None:
         overrides.append(f"data.input_size={args.input_size}")
+    if args.max_image_pixels is not None:
+        overrides.append(f"data.max_image_pixels={args.max_image_pixels}")
     cfg = config_for_checkpoint(args.checkpoint, args.config, overrides)
     predictor = Predictor.from_checkpoint(args.checkpoint, cfg, device=pick_device(args.device))
     print(f"predicting {len(requests)} pair(s) on {predictor.device}: input {predictor.input_size}"

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gtms.data.records import DataError
+from gtms.data.records import SENTENCE_REASONS, DataError
 from gtms.data.refer import SPLITS_BY, ReferSource, default_split_by
 from gtms.data.shards import (
     DEFAULT_ROWS_PER_FILE,
@@ -28,6 +28,7 @@ from gtms.data.synthref import (
     prepare_synthref,
 )
 from gtms.data.synthref.scene import DIFFICULTIES
+from gtms.data.synthref.stats import format_statistics
 
 SYNTHREF_ONLY = ("num_images", "seed", "difficulty")
 REFER_ONLY = ("split_by", "refer_root", "images")
@@ -126,12 +127,24 @@ def _print_report(report: ShardReport) -> None:
           f"{report.reused} kept from an earlier run")
     for split, count in m["counts"].items():
         print(f"  {split}: {count} refs, {m['sentences'][split]} sentences")
-    if m["skipped"]:
-        print(f"  skipped {sum(m['skipped'].values())} ref(s) (details in the manifest):")
-        for reason, count in m["skipped"].items():
-            example = m["skipped_examples"].get(reason, [{}])[0]
-            print(f"    {reason}: {count}  e.g. ref {example.get('ref_id')} in "
-                  f"{example.get('file')}: {example.get('detail')}")
-    else:
-        print("  skipped: none")
+    refs = {r: n for r, n in m["skipped"].items() if r not in SENTENCE_REASONS}
+    sentences = {r: n for r, n in m["skipped"].items() if r in SENTENCE_REASONS}
+    _print_skips(m, refs, "skipped", "ref(s)", "skipped: none")
+    _print_skips(m, sentences, "dropped", "sentence(s) of kept refs", "dropped sentences: none")
+    if m.get("statistics"):
+        print("  statistics of the referred objects:")
+        for line in format_statistics(m["statistics"]):
+            print(f"    {line}")
     print(f"manifest: {report.manifest_path}")
+
+
+def _print_skips(manifest: dict, counts: dict[str, int], verb: str, what: str,
+                 none: str) -> None:
+    if not counts:
+        print(f"  {none}")
+        return
+    print(f"  {verb} {sum(counts.values())} {what} (details in the manifest):")
+    for reason, count in counts.items():
+        example = manifest["skipped_examples"].get(reason, [{}])[0]
+        print(f"    {reason}: {count}  e.g. ref {example.get('ref_id')} in "
+              f"{example.get('file')}: {example.get('detail')}")

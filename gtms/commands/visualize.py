@@ -41,10 +41,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gtms.data.roots import prepare_data_root
     from gtms.infer.predict import config_for_checkpoint, load_for_inference, pick_device
     from gtms.infer.visualize import visualize
     from gtms.train.checkpoint import resolve_checkpoint_file
-    from gtms.train.trainer import resolve_data_root
 
     file = resolve_checkpoint_file(args.checkpoint)
     device = pick_device(args.device)
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                                                                 args.overrides))
     model.to(device)
     split = args.split or cfg.data.val_split
-    root = resolve_data_root(cfg)
+    root = prepare_data_root(cfg)
     out = Path(args.out) if args.out else file.parent / f"visualize_{split}"
     print(f"drawing {args.n} sample(s) of {cfg.data.dataset} {split} ({root}) on {device}",
           flush=True)

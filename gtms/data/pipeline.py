@@ -1,43 +1,53 @@
-"""Streaming input on Ray Data: Parquet shards -> stateful preprocessing actors -> trainer.
+"""Ray Data input: Parquet shards -> stateful preprocessing actors -> (kept in memory) -> trainer.
 
 One shard row is one ref (image bytes, box, all sentences, mask RLE; see ``gtms.data.shards``).
 :func:`preprocess_ref` turns a row into samples with plain functions; :class:`Preprocessor` is the
 stateful ``map_batches`` actor that calls it (tokenizer loaded once per actor);
-:func:`build_dataset` wires read -> shuffle -> actor pool. Per sample the trainer receives
+:func:`build_dataset` wires read -> shuffle -> actor pool. The preprocessing does not depend on
+the epoch, so a split whose samples fit the memory budget is preprocessed once and kept
+(:func:`fits_in_memory`, ``Dataset.materialize()``); a larger one is streamed every epoch.
 
-=============  =====================  ==========================================================
-column         shape / dtype          meaning
-=============  =====================  ==========================================================
-image          [3, S, S] float32      letterboxed RGB, CLIP mean/std normalised
-tokens         [L] int64              CLIP BPE ids, SOT ... EOT, zero padded (L = word_len)
-box            [S/4, S/4] float32     box indicator at the output stride (cell centres)
-parent         [N] int32              MST of the stride-4 guide image (N = (S/4)^2), root -1
-order          [N] int32              BFS order of that tree, root first
-dist           [N] float32            squared colour distance to the parent (0 for the root)
-forest         [N] int32              structural-forest label, -1 outside the box
-mask           [S/4, S/4] float32     ground-truth mask at the output stride (when requested)
-ref_id         int64                  the ref
-sent_index     int32                  which of the ref's sentences was used
-orig_hw        [2] int32              original (H, W), evaluation only
-mask_rle       object (str)           original-resolution COCO RLE counts, evaluation only
-sentence       object (str)           the sentence text, evaluation only
-=============  =====================  ==========================================================
+Per sample the pipeline emits
 
-Training picks one random sentence per ref per epoch (seeded by ``seed``, epoch and ref id);
-evaluation emits every sentence as its own sample. A row that cannot be used is counted by
-reason in the :class:`PipelineMonitor` actor (and stops the run only with ``strict``).
+===============  =====================  =======================================================
+column           shape / dtype          meaning
+===============  =====================  =======================================================
+image            [3, S, S] float32      letterboxed RGB, CLIP mean/std normalised
+tokens           [L] int64              CLIP BPE ids, SOT ... EOT, zero padded (L = word_len);
+                 [K, L] (training)      every sentence of the ref (an empty one is SOT, EOT)
+box              [S/4, S/4] float32     box indicator at the output stride (cell centres)
+parent           [N] int32              MST of the stride-4 guide image (N = (S/4)^2), root -1
+order            [N] int32              BFS order of that tree, root first
+dist             [N] float32            squared colour distance to the parent (0 for the root)
+forest           [N] int32              structural-forest label, -1 outside the box
+mask             [S/4, S/4] float32     ground-truth mask at the output stride (when requested)
+ref_id           int64                  the ref
+sent_index       int32                  which of the ref's sentences (evaluation)
+empty_sentences  int16                  sentences empty after cleaning (training)
+skip             object (str)           "" for a usable row, else why the ref cannot be used
+orig_hw          [2] int32              original (H, W), evaluation only
+mask_rle         object (str)           original-resolution COCO RLE counts, evaluation only
+sentence         object (str)           the sentence text, evaluation only
+===============  =====================  =======================================================
+
+Training emits one row per ref with all its sentences; the training loop picks the sentence of
+each ref per epoch (:func:`select_sentences`, seeded by ``seed``, epoch and ref id) among the
+sentences that are not empty after cleaning, which it skips and counts. Evaluation emits every
+sentence as its own sample. A row that cannot be used travels as a placeholder row whose
+``skip`` names the reason, so the consumer counts it exactly once per pass
+(:func:`drop_skipped`); with ``strict`` the actor raises instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from gtms.data.tokenizer import ClipTokenizer
+from gtms.data.tokenizer import EOT_ID, SOT_ID, ClipTokenizer
 from gtms.data.transforms import (
     BoxOutsideImageError,
     ImageDecodeError,
@@ -52,17 +62,17 @@ from gtms.pseudo.tree import build_grid_tree
 
 STRIDE = 4
 SHARD_COLUMNS = ("ref_id", "image", "height", "width", "box_xywh", "sentences", "mask_rle_counts")
-TRAIN_TENSOR_COLUMNS = ("image", "tokens", "box", "parent", "order", "dist", "forest", "mask",
-                        "ref_id", "sent_index")
+EMPTY_SENTENCE = "empty_sentence"  # counting key of sentences skipped in training
 
 
 class BadRowError(ValueError):
     """A shard row that cannot become a sample; ``reason`` is the counting key."""
 
-    def __init__(self, reason: str, ref_id: int, detail: str):
+    def __init__(self, reason: str, ref_id: int, detail: str, *, empty_sentences: int = 0):
         super().__init__(f"ref {ref_id}: {reason}: {detail}")
         self.reason = reason
         self.ref_id = ref_id
+        self.empty_sentences = empty_sentences
 
 
 @dataclass(frozen=True)
@@ -71,7 +81,7 @@ class SampleSpec:
 
     input_size: int
     word_len: int = 17
-    training: bool = True       # one random sentence per ref per epoch, else every sentence
+    training: bool = True       # one row per ref (all sentences), else one per sentence
     with_tree: bool = True      # tree + forest arrays (GTMS pseudo labels)
     with_mask: bool = False     # ground-truth mask at stride 4
     with_eval_meta: bool = False  # original size, original mask RLE, sentence text
@@ -84,11 +94,29 @@ def pick_sentence(seed: int, epoch: int, ref_id: int, n_sentences: int) -> int:
     return int(rng.integers(n_sentences))
 
 
-def preprocess_ref(row: dict[str, Any], spec: SampleSpec, tokenizer: ClipTokenizer,
-                   epoch: int = 0) -> list[dict[str, Any]]:
-    """One shard row -> its samples (one in training, one per sentence in evaluation).
+def tokenize_sentences(sentences: list[str], tokenizer: ClipTokenizer,
+                       word_len: int) -> np.ndarray:
+    """Every sentence -> ``[K, word_len]`` ids; one empty after cleaning is ``[SOT, EOT]``."""
+    tokens = np.zeros((len(sentences), word_len), np.int64)
+    for k, sentence in enumerate(sentences):
+        try:
+            tokens[k] = tokenizer.encode(sentence, word_len)
+        except ValueError:  # an empty expression (tokenizers that refuse it)
+            tokens[k, :2] = (SOT_ID, EOT_ID)
+    return tokens
 
-    Raises :class:`BadRowError` (with a counting reason) for an unusable row.
+
+def empty_rows(tokens: np.ndarray) -> np.ndarray:
+    """``[K, L]`` ids -> ``[K]`` bool: the sentence was empty after cleaning (SOT then EOT)."""
+    return tokens[:, 1] == EOT_ID
+
+
+def preprocess_ref(row: dict[str, Any], spec: SampleSpec,
+                   tokenizer: ClipTokenizer) -> list[dict[str, Any]]:
+    """One shard row -> its samples (one per ref in training, one per sentence in evaluation).
+
+    Nothing here depends on the epoch. Raises :class:`BadRowError` (with a counting reason) for
+    an unusable row.
     """
     ref_id = int(row["ref_id"])
     height, width = int(row["height"]), int(row["width"])
@@ -106,21 +134,37 @@ def preprocess_ref(row: dict[str, Any], spec: SampleSpec, tokenizer: ClipTokeniz
     sentences = [str(s) for s in row["sentences"]]
     if not sentences:
         raise BadRowError("no_sentences", ref_id, "the ref has no sentences")
+    tokens = tokenize_sentences(sentences, tokenizer, spec.word_len)
+    n_empty = int(empty_rows(tokens).sum())
+    if spec.training and n_empty == len(sentences):
+        raise BadRowError("no_sentences", ref_id, f"all {n_empty} sentences are empty after "
+                          "cleaning", empty_sentences=n_empty)
+    shared = _image_columns(row, spec, image, box_xywh)
+    shared["ref_id"] = np.int64(ref_id)
+    shared["skip"] = ""
     if spec.training:
-        chosen = [pick_sentence(spec.seed, epoch, ref_id, len(sentences))]
-    else:
-        chosen = list(range(len(sentences)))
-    try:
-        tokens = tokenizer([sentences[i] for i in chosen], spec.word_len)
-    except ValueError as err:
-        raise BadRowError("empty_sentence", ref_id, str(err)) from None
+        return [dict(shared, tokens=tokens, sent_index=np.int32(-1),
+                     empty_sentences=np.int16(n_empty))]
+    samples = []
+    for k, sentence in enumerate(sentences):
+        sample = dict(shared, tokens=tokens[k], sent_index=np.int32(k),
+                      empty_sentences=np.int16(0))
+        if spec.with_eval_meta:
+            sample["sentence"] = sentence
+        samples.append(sample)
+    return samples
 
+
+def _image_columns(row: dict[str, Any], spec: SampleSpec, image: np.ndarray,
+                   box_xywh) -> dict[str, Any]:
+    """Image, box, tree, forest and mask columns of one ref."""
+    ref_id = int(row["ref_id"])
+    height, width = image.shape[:2]
     letterbox = Letterbox(height, width, spec.input_size)
     image01 = letterbox.apply_image(image)
     shared: dict[str, Any] = {
         "image": normalize(image01),
         "box": letterbox.box_at_stride(box_xywh, STRIDE),
-        "ref_id": np.int64(ref_id),
     }
     if spec.with_tree:
         tree = build_grid_tree(letterbox.guide_image(image01, STRIDE))
@@ -136,52 +180,104 @@ def preprocess_ref(row: dict[str, Any], spec: SampleSpec, tokenizer: ClipTokeniz
         if spec.with_eval_meta:
             shared["orig_hw"] = np.array([height, width], np.int32)
             shared["mask_rle"] = row["mask_rle_counts"]
-    samples = []
-    for k, index in enumerate(chosen):
-        sample = dict(shared, tokens=tokens[k], sent_index=np.int32(index))
-        if spec.with_eval_meta:
-            sample["sentence"] = sentences[index]
-        samples.append(sample)
-    return samples
+    return shared
+
+
+def placeholder_sample(spec: SampleSpec, err: BadRowError) -> dict[str, Any]:
+    """The row that stands for an unusable ref: zeros, its id and ``skip`` = the reason."""
+    sample = {key: column[0] for key, column in _zero_columns(spec, 1).items()}
+    sample.update(ref_id=np.int64(err.ref_id), skip=err.reason,
+                  empty_sentences=np.int16(err.empty_sentences))
+    return sample
 
 
 def stack_samples(samples: list[dict[str, Any]], spec: SampleSpec) -> dict[str, np.ndarray]:
-    """Samples -> a numpy batch; an empty list gives correctly shaped empty columns."""
-    if samples:
-        out = {}
-        for key in samples[0]:
-            values = [s[key] for s in samples]
-            if isinstance(values[0], str):
-                out[key] = np.array(values, dtype=object)
-            else:
-                out[key] = np.stack(values)
-        return out
-    side, n = spec.input_size, (spec.input_size // STRIDE) ** 2
-    cells = (side // STRIDE, side // STRIDE)
-    empty = {"image": np.zeros((0, 3, side, side), np.float32),
-             "box": np.zeros((0, *cells), np.float32), "ref_id": np.zeros(0, np.int64),
-             "tokens": np.zeros((0, spec.word_len), np.int64),
-             "sent_index": np.zeros(0, np.int32)}
+    """Samples -> a numpy batch; an empty list gives correctly shaped empty columns.
+
+    Arrays of different shapes (training ``tokens`` of refs with different sentence counts)
+    become an object array of arrays, which Ray Data stores as a variable-shaped tensor column.
+    """
+    if not samples:
+        return _zero_columns(spec, 0)
+    out = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if isinstance(values[0], str):
+            out[key] = np.array(values, dtype=object)
+        elif isinstance(values[0], np.ndarray) and \
+                len({v.shape for v in values}) > 1:
+            out[key] = np.empty(len(values), object)
+            out[key][:] = values
+        else:
+            out[key] = np.stack(values)
+    return out
+
+
+def _zero_columns(spec: SampleSpec, n: int) -> dict[str, np.ndarray]:
+    """Every column of ``spec`` for ``n`` rows, zero filled (strings empty)."""
+    side, cells = spec.input_size, (spec.input_size // STRIDE) ** 2
+    grid = (side // STRIDE, side // STRIDE)
+    tokens = (n, 1, spec.word_len) if spec.training else (n, spec.word_len)
+    out = {"image": np.zeros((n, 3, side, side), np.float32),
+           "box": np.zeros((n, *grid), np.float32)}
     if spec.with_tree:
-        empty.update(parent=np.zeros((0, n), np.int32), order=np.zeros((0, n), np.int32),
-                     dist=np.zeros((0, n), np.float32), forest=np.zeros((0, n), np.int32))
+        out.update(parent=np.zeros((n, cells), np.int32), order=np.zeros((n, cells), np.int32),
+                   dist=np.zeros((n, cells), np.float32), forest=np.zeros((n, cells), np.int32))
     if spec.with_mask:
-        empty["mask"] = np.zeros((0, *cells), np.float32)
+        out["mask"] = np.zeros((n, *grid), np.float32)
     if spec.with_eval_meta:
-        empty.update(orig_hw=np.zeros((0, 2), np.int32), mask_rle=np.zeros(0, object),
-                     sentence=np.zeros(0, object))
-    return empty
+        out.update(orig_hw=np.zeros((n, 2), np.int32), mask_rle=np.full(n, "", object))
+    out.update(ref_id=np.zeros(n, np.int64), skip=np.full(n, "", object),
+               tokens=np.zeros(tokens, np.int64), sent_index=np.zeros(n, np.int32),
+               empty_sentences=np.zeros(n, np.int16))
+    if spec.with_eval_meta and not spec.training:
+        out["sentence"] = np.full(n, "", object)
+    return out
 
 
-def sample_nbytes(spec: SampleSpec) -> int:
-    """Approximate bytes of one preprocessed sample (for block sizing)."""
+def sample_nbytes(spec: SampleSpec, sentences: float = 1.0) -> int:
+    """Approximate bytes of one preprocessed row (``sentences``: token rows it carries)."""
     cells = (spec.input_size // STRIDE) ** 2
-    total = 3 * spec.input_size ** 2 * 4 + cells * 4 + spec.word_len * 8
+    total = 3 * spec.input_size ** 2 * 4 + cells * 4 + int(sentences * spec.word_len * 8) + 64
     if spec.with_tree:
         total += 4 * cells * 4
     if spec.with_mask:
         total += cells * 4
+    if spec.with_eval_meta:
+        total += cells * 2  # the original mask's RLE string and the sentence, roughly
     return total
+
+
+def split_size(root: str, split: str, limit: int = 0) -> tuple[int, int]:
+    """(refs, sentences) of a split's shards (the first ``limit`` refs when set)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(shard_uri(root, split), format="parquet").to_table(
+        columns=["sentences"])
+    if limit:
+        table = table.slice(0, limit)
+    lengths = pc.list_value_length(table.column("sentences"))
+    return table.num_rows, int(pc.sum(lengths).as_py() or 0)
+
+
+def preprocessed_nbytes(spec: SampleSpec, refs: int, sentences: int) -> int:
+    """Approximate bytes of a split's preprocessed samples (what materialising it holds)."""
+    if spec.training:
+        return refs * sample_nbytes(spec, sentences / max(refs, 1))
+    return max(sentences, refs) * sample_nbytes(spec)
+
+
+def fits_in_memory(sizes: list[int], budget_bytes: int) -> list[bool]:
+    """Which splits to keep in memory, in order of priority (e.g. [val, train]): each one that
+    fits what the ones before it left of ``budget_bytes``; after the first that does not fit,
+    none."""
+    keep, used = [], 0
+    for size in sizes:
+        fits = bool(keep == [] or keep[-1]) and used + size <= budget_bytes
+        keep.append(fits)
+        used += size if fits else 0
+    return keep
 
 
 def batch_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -193,72 +289,64 @@ def batch_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- Ray parts
 
 
-class PipelineMonitor:
-    """Named Ray actor: the current epoch (read by the preprocessing actors) and bad-row counts
-    per (split, epoch) and reason, with a few example ref ids per reason."""
-
-    def __init__(self):
-        self._epoch = 0
-        self._counts: dict[tuple[str, int], Counter] = defaultdict(Counter)
-        self._examples: dict[tuple[str, int, str], list[int]] = defaultdict(list)
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
-
-    def epoch(self) -> int:
-        return self._epoch
-
-    def record(self, split: str, epoch: int, failures: list[tuple[str, int]]) -> None:
-        for reason, ref_id in failures:
-            self._counts[(split, epoch)][reason] += 1
-            examples = self._examples[(split, epoch, reason)]
-            if len(examples) < 5:
-                examples.append(ref_id)
-
-    def counts(self, split: str, epoch: int) -> dict[str, int]:
-        return dict(self._counts.get((split, epoch), {}))
-
-    def examples(self, split: str, epoch: int) -> dict[str, list[int]]:
-        return {reason: list(self._examples[(split, epoch, reason)])
-                for reason in self._counts.get((split, epoch), {})}
-
-
-def start_monitor(name: str):
-    """Create (or find) the named monitor actor; it takes no CPU so it can never block."""
-    import ray
-
-    cls = ray.remote(num_cpus=0)(PipelineMonitor)
-    return cls.options(name=name, get_if_exists=True).remote()
-
-
 class Preprocessor:
-    """Stateful ``map_batches`` UDF: tokenizer and settings loaded once per actor."""
+    """Stateful ``map_batches`` UDF: tokenizer and settings loaded once per actor.
 
-    def __init__(self, spec: SampleSpec, split: str, monitor_name: str | None = None,
-                 strict: bool = False):
-        import ray
+    An unusable row becomes a placeholder row naming the reason (see :func:`drop_skipped`), or
+    stops the pipeline with ``strict``.
+    """
 
+    def __init__(self, spec: SampleSpec, strict: bool = False):
         self.spec = spec
-        self.split = split
         self.strict = strict
         self.tokenizer = ClipTokenizer()
-        self.monitor = ray.get_actor(monitor_name) if monitor_name else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import ray
-
-        epoch = ray.get(self.monitor.epoch.remote()) if self.monitor else 0
-        samples, failures = [], []
+        samples = []
         for row in batch_rows(batch):
             try:
-                samples.extend(preprocess_ref(row, self.spec, self.tokenizer, epoch))
+                samples.extend(preprocess_ref(row, self.spec, self.tokenizer))
             except BadRowError as err:
                 if self.strict:
                     raise
-                failures.append((err.reason, err.ref_id))
-        if failures and self.monitor is not None:
-            self.monitor.record.remote(self.split, epoch, failures)
+                samples.append(placeholder_sample(self.spec, err))
         return stack_samples(samples, self.spec)
+
+
+def drop_skipped(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Counter]:
+    """Remove the placeholder rows of unusable refs; returns (batch, counts by reason)."""
+    skip = np.asarray(batch["skip"])
+    bad = skip != ""
+    counts = Counter(str(reason) for reason in skip[bad])
+    if bad.any():
+        batch = {key: value[~bad] for key, value in batch.items()}
+    return batch, counts
+
+
+def select_sentences(batch: dict[str, np.ndarray], *, seed: int,
+                     epoch: int) -> tuple[dict[str, np.ndarray], Counter]:
+    """A training batch (one row per ref, ``tokens`` ``[K, L]`` each) -> samples of this epoch.
+
+    Drops the placeholder rows (counted by reason), picks each ref's sentence with
+    :func:`pick_sentence` among its sentences that are not empty after cleaning, and counts
+    those empty ones under ``empty_sentence``. Returns (batch with ``tokens [B, L]`` and
+    ``sent_index``, counts).
+    """
+    empty = int(np.asarray(batch["empty_sentences"]).sum())
+    batch, counts = drop_skipped(batch)
+    if empty:
+        counts[EMPTY_SENTENCE] += empty
+    all_tokens = batch["tokens"]
+    n, word_len = len(batch["ref_id"]), all_tokens[0].shape[-1] if len(all_tokens) else 0
+    tokens = np.zeros((n, word_len), np.int64)
+    sent_index = np.zeros(n, np.int32)
+    for i in range(n):
+        usable = np.flatnonzero(~empty_rows(all_tokens[i]))
+        k = usable[pick_sentence(seed, epoch, int(batch["ref_id"][i]), len(usable))]
+        tokens[i], sent_index[i] = all_tokens[i][k], k
+    batch = dict(batch, tokens=tokens, sent_index=sent_index)
+    del batch["empty_sentences"], batch["skip"]
+    return batch, counts
 
 
 def shard_uri(root: str, split: str) -> str:
@@ -284,8 +372,7 @@ class PoolSpec:
 
 
 def build_dataset(root: str, split: str, spec: SampleSpec, pool: PoolSpec, *,
-                  monitor_name: str | None = None, strict: bool = False, limit: int = 0,
-                  shuffle_seed: int | None = None):
+                  strict: bool = False, limit: int = 0, shuffle_seed: int | None = None):
     """Read a split's shards and map them through the preprocessing actor pool (lazy)."""
     import ray.data
 
@@ -296,8 +383,7 @@ def build_dataset(root: str, split: str, spec: SampleSpec, pool: PoolSpec, *,
         ds = ds.randomize_block_order(seed=shuffle_seed)
     ds = ds.map_batches(
         Preprocessor,
-        fn_constructor_kwargs={"spec": spec, "split": split, "monitor_name": monitor_name,
-                               "strict": strict},
+        fn_constructor_kwargs={"spec": spec, "strict": strict},
         batch_size=pool.batch_size, batch_format="numpy", compute=pool.compute(),
         num_cpus=pool.actor_cpus)
     # Small output blocks: a streaming split hands out whole blocks, so one big block (a whole

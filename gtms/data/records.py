@@ -22,15 +22,22 @@ from gtms.errors import UserError
 MISSING_IMAGE = "missing_image"
 UNDECODABLE_IMAGE = "undecodable_image"
 IMAGE_SIZE_MISMATCH = "image_size_mismatch"
+IMAGE_TOO_LARGE = "image_too_large"  # more pixels than images.DEFAULT_MAX_IMAGE_PIXELS
 BOX_OUTSIDE_IMAGE = "box_outside_image"
 BOX_ZERO_AREA = "box_zero_area"
 NO_SENTENCES = "no_sentences"
-EMPTY_SENTENCE = "empty_sentence"  # counts sentences (the ref stays if another one remains)
 BAD_SEGMENTATION = "bad_segmentation"
 MISSING_ANNOTATION = "missing_annotation"
 MISSING_IMAGE_INFO = "missing_image_info"
+MALFORMED_ANNOTATION = "malformed_annotation"  # no integer image_id, bbox not 4 numbers, ...
+MALFORMED_IMAGE_INFO = "malformed_image_info"  # no positive integer height/width, no file_name
 UNKNOWN_CATEGORY = "unknown_category"
 MALFORMED_REF = "malformed_ref"
+# Reasons that count dropped sentences, not refs (the ref stays if another sentence remains).
+# EMPTY_SENTENCE is counted by training only: prepare keeps empty sentences for evaluation.
+EMPTY_SENTENCE = "empty_sentence"
+MALFORMED_SENTENCE = "malformed_sentence"
+SENTENCE_REASONS = frozenset({EMPTY_SENTENCE, MALFORMED_SENTENCE})
 
 MAX_EXAMPLES_PER_REASON = 10
 
@@ -43,8 +50,8 @@ class BadInputError(DataError):
     """One bad ref under ``--strict``: the message names the file and the ref id."""
 
     def __init__(self, reason: str, *, file: str | Path, ref_id: int | None, detail: str):
-        where = f"ref {ref_id}" if ref_id is not None else "file"
-        super().__init__(f"{file}: {where}: {reason}: {detail}")
+        where = f"ref {ref_id}: " if ref_id is not None else ""
+        super().__init__(f"{file}: {where}{reason}: {detail}")
         self.reason = reason
         self.file = str(file)
         self.ref_id = ref_id
@@ -116,6 +123,14 @@ class SkipLog:
         examples = self.examples.setdefault(reason, [])
         if len(examples) < MAX_EXAMPLES_PER_REASON:
             examples.append({"ref_id": ref_id, "file": str(file), "detail": detail})
+
+    @property
+    def refs_skipped(self) -> int:
+        return sum(n for reason, n in self.counts.items() if reason not in SENTENCE_REASONS)
+
+    @property
+    def sentences_dropped(self) -> int:
+        return sum(n for reason, n in self.counts.items() if reason in SENTENCE_REASONS)
 
     def merge(self, counts: dict[str, int], examples: dict[str, list[dict]]) -> None:
         """Add counts and examples recorded elsewhere (e.g. by an earlier, resumed run)."""

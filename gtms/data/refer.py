@@ -10,24 +10,28 @@ RefCOCO, RefCOCO+, RefCOCOg and SynthRef all come in this layout::
 
 The pickle is read with :class:`RestrictedUnpickler`, which admits only builtin containers and
 scalars: a pickle that names any class (the only way a pickle can run code) is refused with
-:class:`~gtms.data.records.UnsafePickleError` before anything is called. Bad refs go through a
-:class:`~gtms.data.records.SkipLog` (skip and count, or raise under ``strict``). Image files are
-checked later, when the shard writer reads their bytes.
+:class:`~gtms.data.records.UnsafePickleError` before anything is called. The released pickles
+were written by Python 2: its ``str`` values are read as bytes and decoded one by one (UTF-8,
+else latin-1), so one accented byte cannot make the whole file unreadable.
+
+Every ref is checked before use (integer ids, a split name, a list of sentences, an annotation
+with an integer ``image_id`` and a 4-number ``bbox``, an image with a positive integer size and a
+file name, a segmentation that rasterises to the image's size); bad refs go through a
+:class:`~gtms.data.records.SkipLog` (skip and count by reason, or raise under ``strict``). Image
+files are checked later, when the shard writer reads their bytes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 
 from gtms.data import records as R
 from gtms.data.records import DataError, RefRecord, SkipLog, UnsafePickleError
@@ -86,10 +90,12 @@ class RestrictedUnpickler(pickle.Unpickler):
     Pickled dicts, lists, tuples, str, bytes, int, float, bool and None are built by opcodes of
     their own; everything else (objects, functions such as ``os.system``, even ``set`` under old
     protocols) needs ``find_class``, which raises here, so no pickled callable is ever reached.
+    Python 2 ``str`` values come back as ``bytes`` (``encoding="bytes"``), for
+    :func:`decode_py2_text` to decode one by one.
     """
 
     def __init__(self, file, path: str | Path):
-        super().__init__(file, encoding="utf-8")
+        super().__init__(file, encoding="bytes")
         self._path = path
 
     def find_class(self, module: str, name: str):
@@ -99,16 +105,55 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise DataError(f"{self._path}: refused to unpickle: it uses a persistent id ({pid!r})")
 
 
+def decode_py2_text(value):
+    """``value`` with every ``bytes`` (a Python 2 ``str``) decoded, dict keys included: UTF-8
+    where the bytes are valid UTF-8, else latin-1 (every byte is a latin-1 character).
+
+    A refs pickle holds no binary data, so bytes are always text. Unpickled values have exact
+    builtin types, which the walk dispatches on; repeated texts (keys, tokens) decode once.
+    """
+    texts: dict[bytes, str] = {}
+
+    def walk(v):
+        kind = type(v)
+        if kind is bytes:
+            if v not in texts:
+                texts[v] = _decode_text(v)
+            return texts[v]
+        if kind is list:
+            return [walk(x) for x in v]
+        if kind is dict:
+            decoded = {walk(k): walk(x) for k, x in v.items()}
+            if len(decoded) != len(v):
+                raise ValueError(f"two keys of one dict decode to the same text: {list(v)}")
+            return decoded
+        if kind is tuple:
+            return tuple(walk(x) for x in v)
+        return v
+
+    return walk(value)
+
+
+def _decode_text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
 def load_refs_pickle(path: str | Path) -> list[dict]:
-    """A refs pickle -> its list of ref dicts, read with :class:`RestrictedUnpickler`."""
+    """A refs pickle (Python 2 or 3) -> its list of ref dicts, read with
+    :class:`RestrictedUnpickler`, text decoded by :func:`decode_py2_text`."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: refs pickle not found")
     with open(path, "rb") as f:
         try:
-            refs = RestrictedUnpickler(f, path).load()
+            refs = decode_py2_text(RestrictedUnpickler(f, path).load())
         except DataError:
             raise
+        except RecursionError as err:
+            raise DataError(f"{path}: not a refs pickle: nested too deeply") from err
         except Exception as err:  # a damaged pickle raises many types; all mean "unreadable"
             raise DataError(
                 f"{path}: not a readable refs pickle: {type(err).__name__}: {err}") from err
@@ -117,24 +162,46 @@ def load_refs_pickle(path: str | Path) -> list[dict]:
     return refs
 
 
-def load_instances(path: str | Path) -> COCO:
-    """``instances.json`` -> an indexed pycocotools ``COCO`` (its console chatter silenced)."""
+@dataclass(frozen=True)
+class Instances:
+    """``instances.json`` indexed by id (entries whose ``id`` is not an integer are left out:
+    no ref can name them)."""
+
+    images: dict[int, dict]
+    anns: dict[int, dict]
+    cats: dict[int, dict]
+
+
+def load_instances(path: str | Path) -> Instances:
+    """``instances.json`` -> :class:`Instances`; a file that is not COCO JSON is a DataError."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: instances file not found")
     try:
         with open(path, encoding="utf-8") as f:
             dataset = json.load(f)
+    except RecursionError as err:
+        raise DataError(f"{path}: not a COCO instances file: JSON nested too deeply") from err
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: not readable as JSON: {err}") from err
-    if not isinstance(dataset, dict) or not {"images", "annotations", "categories"} <= set(dataset):
-        raise DataError(f"{path}: not a COCO instances file (needs images, annotations,"
-                        " categories)")
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
+    keys = ("images", "annotations", "categories")
+    if not isinstance(dataset, dict) or not all(isinstance(dataset.get(k), list) for k in keys):
+        raise DataError(f"{path}: not a COCO instances file (needs lists of images, "
+                        "annotations, categories)")
+    images, anns, cats = (_by_id(dataset[k]) for k in keys)
+    return Instances(images=images, anns=anns, cats=cats)
+
+
+def _by_id(entries: list) -> dict[int, dict]:
+    return {e["id"]: e for e in entries if isinstance(e, dict) and _is_int(e.get("id"))}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -148,14 +215,14 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 def load_refer(source: ReferSource, skips: SkipLog) -> list[RefRecord]:
     """All usable refs of one partition, in the pickle's order; bad ones go to ``skips``."""
     refs = load_refs_pickle(source.refs_path)
-    coco = load_instances(source.instances_path)
-    return list(_records(refs, coco, source, skips))
+    instances = load_instances(source.instances_path)
+    return list(_records(refs, instances, source, skips))
 
 
-def _records(refs: Iterable, coco: COCO, source: ReferSource, skips: SkipLog):
+def _records(refs: Iterable, instances: Instances, source: ReferSource, skips: SkipLog):
     seen: set[int] = set()
     for index, ref in enumerate(refs):
-        record = _record(index, ref, coco, source, skips)
+        record = _record(index, ref, instances, source, skips)
         if record is None:
             continue
         if record.ref_id in seen:
@@ -166,82 +233,167 @@ def _records(refs: Iterable, coco: COCO, source: ReferSource, skips: SkipLog):
         yield record
 
 
-def _record(index: int, ref, coco: COCO, source: ReferSource, skips: SkipLog):
-    refs_file = source.refs_path
-    if not isinstance(ref, dict) or any(k not in ref for k in REQUIRED_REF_KEYS):
+def _ref_problem(ref) -> str | None:
+    """Why a pickle entry is not a well-formed ref, or None."""
+    if not isinstance(ref, dict):
+        return f"is a {type(ref).__name__}, not a dict"
+    missing = [k for k in REQUIRED_REF_KEYS if k not in ref]
+    if missing:
+        return f"lacks {missing}"
+    for key in ("ref_id", "ann_id", "image_id"):
+        if not _is_int(ref[key]):
+            return f"{key} {ref[key]!r} is not an integer"
+    if "category_id" in ref and not _is_int(ref["category_id"]):
+        return f"category_id {ref['category_id']!r} is not an integer"
+    if not isinstance(ref["split"], str) or not ref["split"]:
+        return f"split {ref['split']!r} is not a split name"
+    if not isinstance(ref["sentences"], (list, tuple)):
+        return f"sentences is a {type(ref['sentences']).__name__}, not a list"
+    return None
+
+
+def _ann_problem(ann: dict) -> str | None:
+    """Why an annotation cannot give a box and a mask, or None."""
+    if not _is_int(ann.get("image_id")):
+        return f"ann {ann['id']} image_id {ann.get('image_id')!r} is not an integer"
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(map(_is_number, bbox)):
+        return f"ann {ann['id']} bbox {bbox!r} is not 4 numbers (x, y, w, h)"
+    if "category_id" in ann and not _is_int(ann["category_id"]):
+        return f"ann {ann['id']} category_id {ann['category_id']!r} is not an integer"
+    return None
+
+
+def _image_problem(image: dict) -> str | None:
+    """Why an image entry lacks a usable size or file name, or None."""
+    for key in ("height", "width"):
+        if not _is_int(image.get(key)) or image[key] <= 0:
+            return f"image {image['id']} {key} {image.get(key)!r} is not a positive integer"
+    if not isinstance(image.get("file_name"), str) or not image["file_name"]:
+        return f"image {image['id']} file_name {image.get('file_name')!r} is not a file name"
+    return None
+
+
+class _Problem(NamedTuple):
+    """Why a ref is skipped: the counting reason, a detail, and whether the fault lies in
+    instances.json (else in the refs pickle)."""
+
+    reason: str
+    detail: str
+    in_instances: bool = False
+
+
+def _record(index: int, ref, instances: Instances, source: ReferSource, skips: SkipLog):
+    """One pickle entry -> a :class:`RefRecord`, or None after telling ``skips`` why not."""
+
+    def skip(problem: _Problem, ref_id) -> None:
+        file = source.instances_path if problem.in_instances else source.refs_path
+        skips.skip(problem.reason, file=file, ref_id=ref_id, detail=problem.detail)
+
+    if (problem := _ref_problem(ref)) is not None:
         ref_id = ref.get("ref_id") if isinstance(ref, dict) else None
-        skips.skip(R.MALFORMED_REF, file=refs_file, ref_id=ref_id,
-                   detail=f"entry {index} lacks some of {REQUIRED_REF_KEYS}")
-        return None
-    ref_id = int(ref["ref_id"])
-
-    def bad(reason: str, detail: str, file: Path = refs_file) -> None:
-        skips.skip(reason, file=file, ref_id=ref_id, detail=detail)
-
-    ann = coco.anns.get(ref["ann_id"])
-    if ann is None:
-        return bad(R.MISSING_ANNOTATION, f"ann_id {ref['ann_id']} is not in instances.json",
-                   source.instances_path)
-    image = coco.imgs.get(ref["image_id"])
-    if image is None:
-        return bad(R.MISSING_IMAGE_INFO, f"image_id {ref['image_id']} is not in instances.json",
-                   source.instances_path)
-    if ann.get("image_id") != ref["image_id"]:
-        return bad(R.MALFORMED_REF, f"ann {ref['ann_id']} belongs to image {ann.get('image_id')}"
-                   f", the ref says image {ref['image_id']}")
-    category_id = int(ref.get("category_id", ann.get("category_id", -1)))
-    category = coco.cats.get(category_id)
-    if category is None:
-        return bad(R.UNKNOWN_CATEGORY, f"category_id {category_id} is not in instances.json")
-    sentences, empty = _sentences(ref)
+        return skip(_Problem(R.MALFORMED_REF, f"entry {index} {problem}"),
+                    ref_id if _is_int(ref_id) else None)
+    found = _lookup(ref, instances)
+    if isinstance(found, _Problem):
+        return skip(found, ref["ref_id"])
+    ann, image, category_id, category_name = found
+    sentences, malformed = _sentences(ref["sentences"])
     if not sentences:
-        return bad(R.NO_SENTENCES, f"the ref has no non-empty sentence ({empty} empty)")
-    for _ in range(empty):
-        bad(R.EMPTY_SENTENCE, "an empty sentence was dropped; the ref keeps the others")
-    height, width = int(image["height"]), int(image["width"])
-    box = tuple(float(v) for v in ann.get("bbox", ()))
-    if len(box) != 4:
-        return bad(R.MALFORMED_REF, f"ann {ann['id']} bbox {ann.get('bbox')} is not xywh")
-    if not box[2] > 0 or not box[3] > 0:
-        return bad(R.BOX_ZERO_AREA, f"box_xywh {box} has zero or negative width/height")
-    try:
-        validate_box(box, height, width)
-    except BoxOutsideImageError as err:
-        return bad(R.BOX_OUTSIDE_IMAGE, str(err))
-    counts = _mask_counts(ann, coco)
-    if counts is None:
-        return bad(R.BAD_SEGMENTATION, f"ann {ann['id']} segmentation does not rasterise to a"
-                   " non-empty mask", source.instances_path)
+        return skip(_Problem(R.NO_SENTENCES, f"the ref has no sentence with text ({malformed} "
+                             f"malformed)"), ref["ref_id"])
+    shape = _box_and_mask(ann, image)
+    if isinstance(shape, _Problem):
+        return skip(shape, ref["ref_id"])
+    for _ in range(malformed):
+        skip(_Problem(R.MALFORMED_SENTENCE, "a sentence without text was dropped; the ref keeps "
+                      "the others"), ref["ref_id"])
     return RefRecord(
-        ref_id=ref_id, ann_id=int(ann["id"]), image_id=int(image["id"]),
-        file_name=str(image["file_name"]), height=height, width=width,
-        box_xywh=box, category_id=category_id, category=str(category["name"]),
-        split=str(ref["split"]), sentences=sentences, mask_rle_counts=counts,
+        ref_id=ref["ref_id"], ann_id=ann["id"], image_id=image["id"],
+        file_name=image["file_name"], height=image["height"], width=image["width"],
+        box_xywh=shape[0], category_id=category_id, category=category_name,
+        split=ref["split"], sentences=sentences, mask_rle_counts=shape[1],
     )
 
 
-def _sentences(ref: dict) -> tuple[tuple[str, ...], int]:
-    """The non-empty ``sent`` texts of a ref and how many sentences were empty."""
-    texts = []
-    for sentence in ref["sentences"] or ():
-        text = sentence.get("sent", "") if isinstance(sentence, dict) else ""
-        text = text.strip() if isinstance(text, str) else ""
-        if text:
-            texts.append(text)
-    return tuple(texts), len(ref["sentences"] or ()) - len(texts)
+def _lookup(ref: dict, instances: Instances) -> tuple[dict, dict, int, str] | _Problem:
+    """The annotation, image, category id and name a well-formed ref names."""
+    ann = instances.anns.get(ref["ann_id"])
+    if ann is None:
+        return _Problem(R.MISSING_ANNOTATION, f"ann_id {ref['ann_id']} is not in "
+                        "instances.json", True)
+    image = instances.images.get(ref["image_id"])
+    if image is None:
+        return _Problem(R.MISSING_IMAGE_INFO, f"image_id {ref['image_id']} is not in "
+                        "instances.json", True)
+    if (problem := _ann_problem(ann)) is not None:
+        return _Problem(R.MALFORMED_ANNOTATION, problem, True)
+    if (problem := _image_problem(image)) is not None:
+        return _Problem(R.MALFORMED_IMAGE_INFO, problem, True)
+    if ann["image_id"] != ref["image_id"]:
+        return _Problem(R.MALFORMED_REF, f"ann {ref['ann_id']} belongs to image "
+                        f"{ann['image_id']}, the ref says image {ref['image_id']}")
+    category_id = ref.get("category_id", ann.get("category_id", -1))
+    category = instances.cats.get(category_id)
+    if category is None:
+        return _Problem(R.UNKNOWN_CATEGORY, f"category_id {category_id} is not in "
+                        "instances.json")
+    return ann, image, category_id, str(category.get("name", ""))
 
 
-def _mask_counts(ann: dict, coco: COCO) -> str | None:
-    """The annotation's mask as compressed COCO RLE counts, or None if it is unusable."""
+def _box_and_mask(ann: dict, image: dict) -> tuple[tuple[float, ...], str] | _Problem:
+    """The annotation's ``box_xywh`` and mask RLE counts on its ``(height, width)`` image."""
+    height, width = image["height"], image["width"]
+    box = tuple(float(v) for v in ann["bbox"])
+    if not box[2] > 0 or not box[3] > 0:
+        return _Problem(R.BOX_ZERO_AREA, f"box_xywh {box} has zero or negative width/height")
     try:
-        rle = coco.annToRLE(ann)
+        validate_box(box, height, width)
+    except BoxOutsideImageError as err:
+        return _Problem(R.BOX_OUTSIDE_IMAGE, str(err))
+    counts = _mask_counts(ann, height, width)
+    if counts is None:
+        return _Problem(R.BAD_SEGMENTATION, f"ann {ann['id']} segmentation does not rasterise "
+                        f"to a non-empty {height}x{width} mask", True)
+    return box, counts
+
+
+def _sentences(items) -> tuple[tuple[str, ...], int]:
+    """The ``sent`` texts of a ref (stripped) and how many were malformed (not a dict with a text
+    ``sent``). Empty texts are kept: CRIS scores them in evaluation (``[SOT, EOT]``) and training
+    skips and counts them (``empty_sentence``, see :mod:`gtms.data.pipeline`)."""
+    texts, malformed = [], 0
+    for sentence in items:
+        text = sentence.get("sent") if isinstance(sentence, dict) else None
+        if isinstance(text, str):
+            texts.append(text.strip())
+        else:
+            malformed += 1
+    return tuple(texts), malformed
+
+
+def _mask_counts(ann: dict, height: int, width: int) -> str | None:
+    """The annotation's mask as compressed COCO RLE counts, or None if it is unusable.
+
+    COCO segmentations are polygons (a list of ``[x0, y0, x1, y1, ...]``, merged into one
+    mask), uncompressed RLE (``counts`` a list) or compressed RLE (``counts`` a string).
+    """
+    segm = ann.get("segmentation")
+    try:
+        if isinstance(segm, list):
+            rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+        elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
+            rle = mask_utils.frPyObjects(segm, height, width)
+        elif isinstance(segm, dict):
+            rle = {"size": segm.get("size"), "counts": segm.get("counts")}
+        else:
+            return None
+        counts = rle["counts"]
+        counts = counts.encode("ascii") if isinstance(counts, str) else counts
+        if not isinstance(counts, bytes) or list(rle["size"]) != [height, width]:
+            return None
+        if float(mask_utils.area({"size": [height, width], "counts": counts})) <= 0:
+            return None
     except Exception:  # pycocotools raises assorted types on a malformed segmentation
-        return None
-    counts = rle.get("counts")
-    if isinstance(counts, str):
-        counts = counts.encode("ascii")
-    if not isinstance(counts, bytes):
-        return None
-    if float(mask_utils.area({"size": rle["size"], "counts": counts})) <= 0:
         return None
     return counts.decode("ascii")

@@ -35,29 +35,39 @@ Manifest keys: ``schema_version``, ``dataset``, ``split_by``, ``columns`` (name 
 ``rows_per_file``, ``rows_per_row_group``, ``source`` (refs/instances/images paths, relative to
 the manifest's folder when they lie beside it, and the sha256 of refs and instances),
 ``generator`` (SynthRef settings, else null), ``counts`` (refs per split), ``sentences``
-(sentences per split), ``shards`` (per file: split, path, num_rows, num_row_groups, sha256,
-plan_key, skipped), ``skipped`` (refs skipped per reason), ``skipped_examples`` (a few ref ids,
-files and details per reason) and ``complete``.
+(sentences per split), ``shards`` (per file: split, path, num_rows, bytes, num_sentences,
+num_row_groups, sha256, plan_key, skipped), ``skipped`` (per reason: refs skipped, or for
+``empty_sentence`` / ``malformed_sentence`` sentences dropped from kept refs), ``skipped_refs``
+and ``dropped_sentences`` (their totals), ``skipped_examples`` (a few ref ids, files and details
+per reason) and ``complete``.
+
+A run that writes no ref at all stops with a :class:`~gtms.data.records.DataError` (the manifest
+stays incomplete). :func:`verify_shards` is what ``train`` and ``eval`` call before reading.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-from collections.abc import Iterator, Sequence
+import shlex
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from PIL import Image
 from tqdm import tqdm
 
 from gtms.data import records as R
 from gtms.data.records import RecordWithImage, RefRecord, SkipLog
 from gtms.data.refer import ReferSource, file_sha256, load_refer
+from gtms.data.images import (DEFAULT_MAX_IMAGE_PIXELS, ImageHeaderError, ImageTooLargeError,
+                              check_image_pixels)
+from gtms.data.transforms import ImageDecodeError, decode_image
+from gtms.storage import is_uri
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -116,6 +126,150 @@ def split_files(shard_dir: str | Path, split: str) -> list[Path]:
     return files
 
 
+class ShardError(R.DataError):
+    """Prepared shards that a run cannot use (interrupted prepare, missing or damaged file)."""
+
+
+def verify_shards(root: str | Path, splits: Iterable[str], *, checksums: bool = True) -> dict:
+    """Check, before a run reads them, that the shards of ``splits`` under ``<root>/shards`` are
+    the ones ``prepare`` finished writing; returns the manifest.
+
+    Always: the manifest is complete and of this schema, names every split, and each of their
+    files exists with the recorded size and a readable Parquet footer holding the recorded number
+    of rows, and no unlisted file lies in a split folder (readers take every file there). With
+    ``checksums`` (local folders only; a URI would be downloaded whole) each file's sha256 is
+    compared too, on up to 8 threads: measured 0.7 s per GB per core from the page cache, 1.7
+    s per GB from disk (RefCOCO's train + val shards are about 7 GB). Raises
+    :class:`ShardError` naming the file and the ``prepare`` command that rewrites what is
+    damaged.
+    """
+    splits = tuple(dict.fromkeys(splits))
+    fs, shard_dir = _shards_filesystem(root)
+    manifest = _manifest_for_run(fs, shard_dir, root)
+    repair = repair_command(manifest, root)
+    missing = [s for s in splits if s not in manifest["counts"]]
+    if missing:
+        have = ", ".join(manifest["counts"]) or "none"
+        raise ShardError(f"{shard_dir}/{MANIFEST_NAME}: no shards for split "
+                         f"{', '.join(missing)}; the prepared splits are {have}")
+    entries = [e for e in manifest["shards"] if e["split"] in splits]
+    paths = [f"{shard_dir}/{e['path']}" for e in entries]
+    for entry, path, info in zip(entries, paths, fs.get_file_info(paths)):
+        _raise_if(path, _file_problem(fs, path, info, entry), repair)
+    for split in splits:
+        _check_no_stray_files(fs, shard_dir, split, set(paths), repair)
+    if checksums and not is_uri(str(root)):
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashlib frees the GIL
+            for path, problem in zip(paths, pool.map(_checksum_problem, paths, entries)):
+                _raise_if(path, problem, repair)
+    return manifest
+
+
+def _checksum_problem(path: str, entry: dict) -> str | None:
+    try:
+        digest = file_sha256(path)
+    except OSError as err:
+        return f"unreadable ({err})"
+    if digest != entry.get("sha256"):
+        return "its sha256 differs from the manifest's (the file was changed or damaged)"
+    return None
+
+
+def _raise_if(path: str, problem: str | None, repair: str) -> None:
+    if problem is not None:
+        raise ShardError(f"{path}: {problem}; rewrite the damaged files with: {repair}")
+
+
+def repair_command(manifest: dict, root: str | Path) -> str:
+    """The ``prepare`` command that (re)writes the shards ``manifest`` describes under ``root``
+    (a rerun keeps intact files and rewrites the others)."""
+    out = shlex.quote(str(root))
+    generator = manifest.get("generator")
+    if manifest.get("dataset") == "synthref" and generator:
+        command = (f"python run.py prepare --out {out} --num-images {generator['num_images']} "
+                   f"--seed {generator['seed']} --difficulty {generator['difficulty']}")
+    else:
+        source = manifest.get("source", {})
+        here = Path(str(root)) / "shards"
+        refs = here / source.get("refs", "REFER_ROOT/DATASET/refs(SPLIT_BY).p")
+        images = here / source.get("images", "IMAGES")
+        command = (f"python run.py prepare --dataset {manifest.get('dataset', 'DATASET')} "
+                   f"--split-by {manifest.get('split_by', 'SPLIT_BY')} --refer-root "
+                   f"{shlex.quote(os.path.normpath(refs.parent.parent))} --images "
+                   f"{shlex.quote(os.path.normpath(images))} --out {out}")
+    for flag, key, default in (("--rows-per-file", "rows_per_file", DEFAULT_ROWS_PER_FILE),
+                               ("--rows-per-row-group", "rows_per_row_group",
+                                DEFAULT_ROWS_PER_ROW_GROUP)):
+        if manifest.get(key, default) != default:
+            command += f" {flag} {manifest[key]}"
+    if is_uri(str(root)):
+        return command.replace(f"--out {out}", "--out LOCAL_DIR") + \
+            f", then copy LOCAL_DIR/shards to {root}/shards"
+    return command
+
+
+def _shards_filesystem(root: str | Path) -> tuple[pafs.FileSystem, str]:
+    if is_uri(str(root)):
+        fs, path = pafs.FileSystem.from_uri(str(root))
+        return fs, f"{path.rstrip('/')}/shards"
+    return pafs.LocalFileSystem(), str(shards_dir(Path(root).resolve()))
+
+
+def _manifest_for_run(fs: pafs.FileSystem, shard_dir: str, root: str | Path) -> dict:
+    path = f"{shard_dir}/{MANIFEST_NAME}"
+    try:
+        with fs.open_input_stream(path) as f:
+            manifest = json.loads(f.read())
+    except (OSError, ValueError) as err:
+        raise ShardError(f"{path}: no readable shard manifest ({err}); prepare the dataset with"
+                         f" python run.py prepare ... --out {root}") from err
+    if not _looks_like_manifest(manifest):
+        raise ShardError(f"{path}: not a shard manifest; prepare the dataset with python run.py "
+                         f"prepare ... --out {root}")
+    if not manifest.get("complete"):
+        raise ShardError(f"{path}: prepare did not finish (complete: false); finish it with: "
+                         f"{repair_command(manifest, root)}")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ShardError(f"{path}: shard schema {manifest.get('schema_version')}, this version "
+                         f"reads {SCHEMA_VERSION}; rewrite with: {repair_command(manifest, root)}")
+    return manifest
+
+
+def _looks_like_manifest(manifest) -> bool:
+    entry_keys = {"split", "path", "num_rows"}
+    return (isinstance(manifest, dict) and isinstance(manifest.get("counts"), dict)
+            and isinstance(manifest.get("shards"), list)
+            and all(isinstance(e, dict) and entry_keys <= set(e) for e in manifest["shards"]))
+
+
+def _file_problem(fs: pafs.FileSystem, path: str, info: pafs.FileInfo,
+                  entry: dict) -> str | None:
+    """Why a shard file is not the one the manifest entry describes, or None."""
+    if info.type != pafs.FileType.File:
+        return "missing (the manifest names it)"
+    if "bytes" in entry and info.size != entry["bytes"]:
+        return f"{info.size} bytes, the manifest says {entry['bytes']} (truncated or replaced)"
+    try:
+        with fs.open_input_file(path) as f:
+            num_rows = pq.ParquetFile(f).metadata.num_rows
+    except (OSError, ValueError) as err:  # ArrowInvalid is a ValueError
+        return f"not a readable Parquet file ({err})"
+    if num_rows != entry["num_rows"]:
+        return f"{num_rows} rows, the manifest says {entry['num_rows']}"
+    return None
+
+
+def _check_no_stray_files(fs: pafs.FileSystem, shard_dir: str, split: str, known: set[str],
+                          repair: str) -> None:
+    selector = pafs.FileSelector(f"{shard_dir}/{split}", allow_not_found=True)
+    for info in fs.get_file_info(selector):
+        if info.type == pafs.FileType.File and info.path not in known \
+                and not info.base_name.startswith((".", "_")):
+            raise ShardError(f"{info.path}: not written by prepare (the manifest does not name "
+                             f"it), yet readers of the split would read it; remove it or rerun: "
+                             f"{repair}")
+
+
 def check_layout(rows_per_file: int, rows_per_row_group: int) -> None:
     if rows_per_file < 1 or rows_per_row_group < 1:
         raise R.DataError(f"rows per file ({rows_per_file}) and per row group "
@@ -137,6 +291,8 @@ def build_shards(source: ReferSource, out_dir: str | Path, *, strict: bool = Fal
                  rows_per_row_group: int = DEFAULT_ROWS_PER_ROW_GROUP,
                  generator: dict | None = None, progress: bool = True) -> ShardReport:
     """Read a refer-layout dataset and write its shards to ``<out_dir>/shards``."""
+    if not Path(source.images_dir).is_dir():
+        raise R.DataError(f"images folder {source.images_dir} does not exist (--images)")
     skips = SkipLog(strict=strict)
     records = load_refer(source, skips)
     return write_shards(records, source=source, shard_dir=shards_dir(out_dir), skips=skips,
@@ -170,19 +326,21 @@ def write_shards(records: Sequence[RefRecord], *, source: ReferSource, shard_dir
     entries: dict[str, dict] = {}
     images = _ImageReader(source)
     written = reused = 0
-    bar = tqdm(total=len(records), desc=f"shards {source.dataset}", unit="ref",
-               disable=not progress)
-    for part in parts:
-        entry = _reusable(previous.get(part.path), part, shard_dir, skips.strict)
-        if entry is None:
-            entry = _write_part(part, shard_dir, images, skips.strict, rows_per_row_group)
-            written += 1
-        else:
-            reused += 1
-        entries[part.path] = entry
-        bar.update(len(part.records))
-        _write_manifest(shard_dir, manifest, entries, skips, complete=False)
-    bar.close()
+    with tqdm(total=len(records), desc=f"shards {source.dataset}", unit="ref",
+              disable=not progress) as bar:
+        for part in parts:
+            entry = _reusable(previous.get(part.path), part, shard_dir, skips.strict)
+            if entry is None:
+                entry = _write_part(part, shard_dir, images, skips.strict, rows_per_row_group)
+                written += 1
+            else:
+                reused += 1
+            entries[part.path] = entry
+            bar.update(len(part.records))
+            _write_manifest(shard_dir, manifest, entries, skips, complete=False)
+    if not any(entry["num_rows"] for entry in entries.values()):
+        incomplete = _write_manifest(shard_dir, manifest, entries, skips, complete=False)
+        raise R.DataError(_nothing_usable(source, shard_dir, incomplete))
     _remove_stale(shard_dir, set(entries))
     final = _write_manifest(shard_dir, manifest, entries, skips, complete=True)
     (shard_dir / ".tmp").rmdir()
@@ -282,7 +440,7 @@ def _reusable(entry: dict | None, part: _Part, shard_dir: Path, strict: bool) ->
     file = shard_dir / part.path
     if not file.is_file() or file_sha256(file) != entry.get("sha256"):
         return None
-    return entry
+    return {**entry, "bytes": file.stat().st_size}  # manifests before "bytes" gain it
 
 
 class _ImageReader:
@@ -309,15 +467,22 @@ class _ImageReader:
 
 
 def _check_image(data: bytes, height: int, width: int) -> tuple[str, str] | None:
+    """A problem of an image file, or None. Decoded with :func:`decode_image`, the function
+    training uses, so a file that passes here also decodes in training. The size is read from the
+    header first: an image over the default pixel limit is refused before decoding."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            size = image.size
-    except Exception as err:  # PIL raises many types for damaged files
-        return R.UNDECODABLE_IMAGE, f"{type(err).__name__}: {err}"
-    if size != (width, height):
-        return R.IMAGE_SIZE_MISMATCH, f"decoded {size[1]}x{size[0]}, instances.json says " \
-                                      f"{height}x{width} (HxW)"
+        check_image_pixels(data, DEFAULT_MAX_IMAGE_PIXELS, name="image")
+    except ImageTooLargeError as err:
+        return R.IMAGE_TOO_LARGE, str(err)
+    except ImageHeaderError:
+        pass  # the decoder below names what is wrong with the file
+    try:
+        image = decode_image(data)
+    except ImageDecodeError as err:
+        return R.UNDECODABLE_IMAGE, str(err)
+    if image.shape[:2] != (height, width):
+        return R.IMAGE_SIZE_MISMATCH, f"decoded {image.shape[0]}x{image.shape[1]}, " \
+                                      f"instances.json says {height}x{width} (HxW)"
     return None
 
 
@@ -342,6 +507,7 @@ def _write_part(part: _Part, shard_dir: Path, images: _ImageReader, strict: bool
     os.replace(tmp, final)
     return {
         "split": part.split, "path": part.path, "num_rows": len(rows),
+        "bytes": final.stat().st_size,
         "num_sentences": sum(len(row.record.sentences) for row in rows),
         "num_row_groups": pq.ParquetFile(final).num_row_groups, "sha256": digest,
         "plan_key": part.key, "skipped": dict(sorted(skips.counts.items())),
@@ -367,6 +533,8 @@ def _write_manifest(shard_dir: Path, head: dict, entries: dict[str, dict], skips
         "sentences": sentences,
         "shards": list(entries.values()),
         "skipped": dict(sorted(totals.counts.items())),
+        "skipped_refs": totals.refs_skipped,
+        "dropped_sentences": totals.sentences_dropped,
         "skipped_examples": dict(sorted(totals.examples.items())),
         "complete": complete,
     })
@@ -374,6 +542,23 @@ def _write_manifest(shard_dir: Path, head: dict, entries: dict[str, dict], skips
     tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, shard_dir / MANIFEST_NAME)
     return manifest
+
+
+def _nothing_usable(source: ReferSource, shard_dir: Path, manifest: dict) -> str:
+    """The message of a prepare run that wrote no ref at all."""
+    where = f"{shard_dir / MANIFEST_NAME}: nothing usable was written"
+    if not manifest["skipped_refs"]:
+        return f"{where}: {source.refs_path} holds no ref"
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in manifest["skipped"].items()
+                        if reason not in R.SENTENCE_REASONS)
+    first = next(e for r, e in manifest["skipped_examples"].items()
+                 if r not in R.SENTENCE_REASONS)[0]
+    hint = ""
+    if {R.MISSING_IMAGE, R.UNDECODABLE_IMAGE} & set(manifest["skipped"]):
+        hint = f"; is {source.images_dir} the folder of the images that " \
+               f"{source.instances_path} names?"
+    return (f"{where}, every ref was skipped ({reasons}; e.g. {first['file']}: "
+            f"{first['detail']}){hint}")
 
 
 def _clear_tmp(shard_dir: Path) -> None:

@@ -1,37 +1,75 @@
-"""CLIP BPE tokenisation of referring expressions.
+"""CLIP BPE tokenisation of referring expressions, id for id what OpenAI's CLIP tokenizer gives.
 
 Rule (DESIGN.md, "Data"): ``[SOT] + bpe ids + [EOT]``, truncated to ``word_len`` with EOT kept as
 the last token, zero padded on the right. The vocabulary is the one OpenAI's CLIP ships
-(``bpe_simple_vocab_16e6``), provided by the ``instant-clip-tokenizer`` package.
+(``bpe_simple_vocab_16e6``), provided by the ``instant-clip-tokenizer`` package; the steps
+around it are OpenAI's ``simple_tokenizer`` (which CRIS copies):
 
-Text cleaning follows OpenAI's ``basic_clean`` + ``whitespace_clean``: HTML entities unescaped
-twice, Unicode NFC normalisation (what ``ftfy.fix_text`` does to well-formed text; ftfy's mojibake
-repair is not reproduced), runs of whitespace collapsed, ends stripped. Lower-casing is done by the
-BPE encoder itself.
+1. ``basic_clean``: ``ftfy.fix_text`` (curly quotes, ligatures, full-width letters, mojibake,
+   control characters, HTML entities), then ``html.unescape`` twice, then strip;
+2. ``whitespace_clean``: runs of whitespace (the ``regex`` module's ``\\s``) -> one space, strip;
+3. lower-case (Python's ``str.lower``);
+4. split into words with OpenAI's case-insensitive pattern (the literal ``<|startoftext|>`` /
+   ``<|endoftext|>`` become the SOT / EOT ids), BPE per word.
+
+``instant-clip-tokenizer`` alone does none of step 1-2 and splits with a different pattern
+(special markers ``<start_of_text>``, case-sensitive contractions), so this module splits the
+words itself and hands the tokenizer one word at a time.
+
+An expression that is empty after cleaning (``""``, whitespace, ``&nbsp;``) becomes
+``[SOT, EOT]`` as in CRIS; :func:`is_empty_expression` tells the pipeline which sentences those
+are (training skips them, evaluation scores them).
 """
 
 from __future__ import annotations
 
 import html
-import re
-import unicodedata
 from collections.abc import Sequence
 
+import ftfy
 import numpy as np
+import regex
 from instant_clip_tokenizer import Tokenizer
 
 SOT_ID = 49406
 EOT_ID = 49407
 WORD_LEN = 17
 
-_WHITESPACE = re.compile(r"\s+")
+# OpenAI's simple_tokenizer, verbatim pattern and flags.
+_WORDS = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE)
+_WHITESPACE = regex.compile(r"\s+")
+_SPECIAL = {"<|startoftext|>": (SOT_ID,), "<|endoftext|>": (EOT_ID,)}
+# The only words OpenAI's case-insensitive pattern yields that instant-clip-tokenizer would split
+# differently (checked over every lower-case code point: U+017F LONG S is the one character that
+# case-folds onto a letter of the fixed alternatives). Their ids are what OpenAI's tokenizer gives
+# for the whole word.
+_FOLDED = {
+    "'\u017f": (6, 129, 379),
+    "<|\u017ftartoftext|>": (27, 91, 129, 123, 2002, 6659, 18169, 91, 285),
+}
 
 
 def clean_text(text: str) -> str:
-    """Return ``text`` cleaned the way OpenAI's CLIP tokenizer cleans it before BPE."""
-    text = html.unescape(html.unescape(text))
-    text = unicodedata.normalize("NFC", text)
+    """``text`` after OpenAI's ``basic_clean`` and ``whitespace_clean`` (not lower-cased)."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return _WHITESPACE.sub(" ", text).strip()
+
+
+def words(text: str) -> list[str]:
+    """The words OpenAI's tokenizer runs BPE on: cleaned, lower-cased, split."""
+    return _WORDS.findall(clean_text(text).lower())
+
+
+def is_empty_expression(text: str) -> bool:
+    """True when ``text`` has no token after cleaning (it tokenises to ``[SOT, EOT]``)."""
+    return not words(text)
+
+
+def usable_sentences(sentences: Sequence[str]) -> list[int]:
+    """Indices of the sentences training can use: those not empty after cleaning."""
+    return [i for i, text in enumerate(sentences) if not is_empty_expression(text)]
 
 
 class ClipTokenizer:
@@ -54,19 +92,24 @@ class ClipTokenizer:
     def __reduce__(self):
         return (ClipTokenizer, ())
 
+    def bpe_ids(self, text: str) -> list[int]:
+        """One sentence -> its BPE ids without SOT/EOT (OpenAI's ``SimpleTokenizer.encode``)."""
+        if not isinstance(text, str):
+            raise TypeError(f"sentence must be a str, got {type(text).__name__}: {text!r}")
+        ids: list[int] = []
+        for word in words(text):
+            fixed = _SPECIAL.get(word) or _FOLDED.get(word)
+            ids.extend(fixed if fixed is not None else self._bpe.encode(word))
+        return ids
+
     def encode(self, text: str, word_len: int = WORD_LEN) -> np.ndarray:
         """One sentence -> ``[word_len]`` int64 ids (SOT, BPE ids, EOT last, zero padding).
 
-        Raises ``ValueError`` naming the sentence when it is empty after cleaning.
+        A sentence that is empty after cleaning gives ``[SOT, EOT, 0, ...]``.
         """
         if word_len < 2:
             raise ValueError(f"word_len must be >= 2 to hold SOT and EOT, got {word_len}")
-        if not isinstance(text, str):
-            raise TypeError(f"sentence must be a str, got {type(text).__name__}: {text!r}")
-        bpe_ids = self._bpe.encode(clean_text(text))
-        if not bpe_ids:
-            raise ValueError(f"empty referring expression {text!r}: nothing to tokenise")
-        ids = [SOT_ID, *bpe_ids[: word_len - 2], EOT_ID]
+        ids = [SOT_ID, *self.bpe_ids(text)[: word_len - 2], EOT_ID]
         row = np.zeros(word_len, dtype=np.int64)
         row[: len(ids)] = ids
         return row

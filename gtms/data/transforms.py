@@ -6,15 +6,30 @@ actors call them row by row and the evaluator uses :meth:`Letterbox.invert_predi
 Coordinate conventions (used everywhere in this module)
 -------------------------------------------------------
 * Images and masks are ``[H, W(, C)]`` arrays, row = y, column = x.
-* Continuous pixel coordinates: pixel ``(i, j)`` (row i, column j) covers ``[j, j+1) x [i, i+1)``,
-  its centre is ``(j + 0.5, i + 0.5)``. COCO boxes use this convention.
+* Two coordinate systems. *Index* coordinates: the centre of pixel ``(i, j)`` (row i, column j)
+  is the point ``(j, i)``; this is what ``cv2.warpAffine`` and ``F.interpolate`` work in.
+  *Continuous* coordinates: pixel ``(i, j)`` covers ``[j, j+1) x [i, i+1)``, its centre is
+  ``(j + 0.5, i + 0.5)``; COCO boxes use this one. continuous = index + 0.5.
 * ``box_xywh`` = ``(x, y, w, h)`` (COCO: top-left corner, width, height);
   ``box_xyxy`` = ``(x0, y0, x1, y1)``; both in continuous pixel coordinates.
-* The letterbox affine ``[[s, 0, bx], [0, s, by]]`` maps continuous coordinates of the original
-  image to continuous coordinates of the ``S x S`` letterboxed image (CRIS: ``s = S / max(H, W)``,
-  the resized image centred, float offsets). ``cv2.warpAffine`` samples at integer indices, i.e.
-  at pixel centres, so images and masks are warped with the same affine expressed in that
-  convention (``bx + (s - 1) / 2``); image, mask and box therefore land on the same pixels.
+
+The letterbox is exactly CRIS's (``utils/dataset.py``, ``engine/engine.py`` of CRIS.pytorch), so a
+CRIS checkpoint evaluated here gives CRIS's numbers:
+
+* ``s = min(S/H, S/W)``, ``bx = (S - s W) / 2``, ``by = (S - s H) / 2``; the matrix is
+  ``cv2.getAffineTransform`` of the float32 corners ``(0,0), (W,0), (0,H)`` onto
+  ``(bx,by), (bx+sW,by), (bx,by+sH)``, and its inverse is ``getAffineTransform`` the other way
+  round. OpenCV applies it in index coordinates (no half-pixel offset).
+* Image: the uint8 RGB image is warped with ``INTER_CUBIC``, border ``CLIP_MEAN * 255`` (which
+  OpenCV rounds to uint8), then divided by 255; :func:`normalize` applies mean/std.
+* Prediction back to the original: sigmoid, ``F.interpolate(bicubic, align_corners=True)`` to
+  ``S x S``, ``warpAffine`` with the inverse matrix (``INTER_CUBIC``, border 0), then threshold.
+* The mask is warped as CRIS warps its training mask (0/255, ``INTER_LINEAR``, border 0, /255).
+* Boxes follow the image content: a point at continuous ``x`` (index ``x - 0.5``) lands at index
+  ``s (x - 0.5) + bx``, i.e. continuous ``s x + bx + (1 - s) / 2``. Box, mask and image therefore
+  cover the same letterbox pixels, and the stride-``k`` cell ``(i, j)`` has its centre at
+  continuous ``((j + 0.5) k, (i + 0.5) k)``, which is also where :meth:`Letterbox.guide_image`
+  (half-pixel bilinear resize) samples it.
 """
 
 from __future__ import annotations
@@ -146,32 +161,36 @@ class Letterbox:
 
     @property
     def scale(self) -> float:
-        """``s = S / max(H, W)``."""
-        return self.size / max(self.orig_h, self.orig_w)
+        """``s = min(S / H, S / W)`` (CRIS)."""
+        return min(self.size / self.orig_h, self.size / self.orig_w)
 
     @property
     def offset_xy(self) -> tuple[float, float]:
-        """``(bx, by)``: where the original's top-left corner lands (continuous coordinates)."""
+        """``(bx, by)``: where the original's corner ``(0, 0)`` lands (CRIS)."""
         s = self.scale
         return ((self.size - self.orig_w * s) / 2.0, (self.size - self.orig_h * s) / 2.0)
 
     @cached_property
+    def _corners(self) -> tuple[np.ndarray, np.ndarray]:
+        """float32 ``[3, 2]``: corners ``(0,0), (W,0), (0,H)`` of the original, where they land."""
+        s, (bx, by) = self.scale, self.offset_xy
+        new_w, new_h = self.orig_w * s, self.orig_h * s
+        src = np.array([[0, 0], [self.orig_w, 0], [0, self.orig_h]], np.float32)
+        dst = np.array([[bx, by], [bx + new_w, by], [bx, by + new_h]], np.float32)
+        return src, dst
+
+    @cached_property
     def matrix(self) -> np.ndarray:
-        """``[2, 3]`` float64 ``[[s, 0, bx], [0, s, by]]``: original -> letterbox, continuous."""
-        bx, by = self.offset_xy
-        return np.array([[self.scale, 0.0, bx], [0.0, self.scale, by]])
+        """``[2, 3]`` float64 ``~[[s, 0, bx], [0, s, by]]``: original -> letterbox, index
+        coordinates, as ``cv2.getAffineTransform`` gives it from the float32 corners (CRIS)."""
+        src, dst = self._corners
+        return cv2.getAffineTransform(src, dst)
 
     @cached_property
     def inverse_matrix(self) -> np.ndarray:
-        """``[2, 3]`` float64: letterbox -> original, continuous coordinates."""
-        return cv2.invertAffineTransform(self.matrix)
-
-    @cached_property
-    def _warp_matrix(self) -> np.ndarray:
-        """:attr:`matrix` in OpenCV's convention (integer index = pixel centre)."""
-        m = self.matrix.copy()
-        m[:, 2] += (self.scale - 1.0) / 2.0
-        return m
+        """``[2, 3]`` float64: letterbox -> original, index coordinates (CRIS's ``mat_inv``)."""
+        src, dst = self._corners
+        return cv2.getAffineTransform(dst, src)
 
     def _check_hw(self, arr: np.ndarray, name: str) -> None:
         if arr.shape[:2] != (self.orig_h, self.orig_w):
@@ -185,41 +204,51 @@ class Letterbox:
         return self.size // stride
 
     def apply_image(self, img: np.ndarray) -> np.ndarray:
-        """RGB uint8 ``[H, W, 3]`` -> float32 ``[S, S, 3]`` in [0, 1].
+        """RGB uint8 ``[H, W, 3]`` -> float32 ``[S, S, 3]`` in [0, 1] (before mean/std).
 
-        Bilinear warp; the border outside the resized image is filled with ``CLIP_MEAN``.
+        CRIS: the uint8 image is warped with ``INTER_CUBIC`` and border ``CLIP_MEAN * 255``
+        (rounded to uint8 by OpenCV), then divided by 255.
         """
         self._check_hw(img, "image")
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
             raise ValueError(f"image must be uint8 [H, W, 3], got {img.dtype} {img.shape}")
-        img01 = img.astype(np.float32) / 255.0
-        return cv2.warpAffine(
-            img01,
-            self._warp_matrix,
+        warped = cv2.warpAffine(
+            np.ascontiguousarray(img),
+            self.matrix,
+            (self.size, self.size),
+            flags=cv2.INTER_CUBIC,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=[m * 255.0 for m in CLIP_MEAN],
+        )
+        return warped.astype(np.float32) / np.float32(255.0)
+
+    def apply_box_xywh(self, box_xywh) -> np.ndarray:
+        """COCO ``box_xywh`` in the original -> ``box_xyxy`` float64 ``[4]`` in letterbox pixels.
+
+        Both continuous coordinates; the box moves with the image content (index coordinates
+        through :attr:`matrix`, i.e. ``s x + bx + (1 - s) / 2``).
+        """
+        x, y, w, h = (float(v) for v in box_xywh)
+        corners_index = np.array([[x - 0.5, x + w - 0.5], [y - 0.5, y + h - 0.5], [1.0, 1.0]])
+        (x0, x1), (y0, y1) = self.matrix @ corners_index + 0.5
+        return np.array([x0, y0, x1, y1])
+
+    def apply_mask(self, mask: np.ndarray) -> np.ndarray:
+        """Binary ``[H, W]`` (nonzero = in) -> float32 ``[S, S]`` coverage in [0, 1].
+
+        CRIS's training mask: the 0/255 uint8 mask warped with ``INTER_LINEAR``, border 0, / 255.
+        """
+        self._check_hw(mask, "mask")
+        mask255 = np.where(np.asarray(mask) != 0, np.uint8(255), np.uint8(0))
+        warped = cv2.warpAffine(
+            mask255,
+            self.matrix,
             (self.size, self.size),
             flags=cv2.INTER_LINEAR,
             borderMode=cv2.BORDER_CONSTANT,
-            borderValue=CLIP_MEAN,
-        )
-
-    def apply_box_xywh(self, box_xywh) -> np.ndarray:
-        """COCO ``box_xywh`` in the original -> ``box_xyxy`` float64 ``[4]`` in letterbox pixels."""
-        x, y, w, h = (float(v) for v in box_xywh)
-        s = self.scale
-        bx, by = self.offset_xy
-        return np.array([s * x + bx, s * y + by, s * (x + w) + bx, s * (y + h) + by])
-
-    def apply_mask(self, mask: np.ndarray) -> np.ndarray:
-        """Binary uint8 ``[H, W]`` -> uint8 ``[S, S]`` (nearest neighbour, border 0)."""
-        self._check_hw(mask, "mask")
-        return cv2.warpAffine(
-            np.ascontiguousarray(mask, dtype=np.uint8),
-            self._warp_matrix,
-            (self.size, self.size),
-            flags=cv2.INTER_NEAREST,
-            borderMode=cv2.BORDER_CONSTANT,
             borderValue=0,
         )
+        return warped.astype(np.float32) / np.float32(255.0)
 
     def box_at_stride(self, box_xywh, stride: int = 4) -> np.ndarray:
         """Rasterise a COCO box at the output stride -> float32 ``[S/stride, S/stride]`` in {0, 1}.
@@ -238,21 +267,21 @@ class Letterbox:
         return out
 
     def mask_at_stride(self, mask: np.ndarray, stride: int = 4) -> np.ndarray:
-        """Binary uint8 ``[H, W]`` -> float32 ``[S/stride, S/stride]`` in {0, 1}.
+        """Binary ``[H, W]`` -> float32 ``[S/stride, S/stride]`` in {0, 1}.
 
-        The mask is letterboxed at full size (:meth:`apply_mask`), averaged over each
+        The mask is letterboxed at full size (:meth:`apply_mask`), its coverage averaged over each
         ``stride x stride`` cell, and a cell is 1 when at least half of it is covered (>= 0.5).
         """
         n = self._cells(stride)
-        full = self.apply_mask(mask).astype(np.float32)
-        area = full.reshape(n, stride, n, stride).mean(axis=(1, 3))
+        area = self.apply_mask(mask).reshape(n, stride, n, stride).mean(axis=(1, 3))
         return (area >= 0.5).astype(np.float32)
 
     def guide_image(self, img01: np.ndarray, stride: int = 4) -> np.ndarray:
         """Letterboxed RGB ``[S, S, 3]`` in [0, 1] -> float32 ``[S/stride, S/stride, 3]``.
 
         Bilinear resize (``cv2.INTER_LINEAR``, half-pixel centres, no anti-aliasing: the same as
-        ``F.interpolate(mode="bilinear", align_corners=False)``), taken before mean/std.
+        ``F.interpolate(mode="bilinear", align_corners=False)``), taken before mean/std; cell
+        ``(i, j)`` is sampled at its centre, as :meth:`box_at_stride` decides it.
         """
         n = self._cells(stride)
         if img01.shape != (self.size, self.size, 3):
@@ -262,29 +291,43 @@ class Letterbox:
         )
 
     def invert_prediction(self, probs: np.ndarray) -> np.ndarray:
-        """Probabilities on the letterbox -> float32 ``[H, W]`` on the original image.
+        """Probabilities on the letterbox -> float32 ``[H, W]`` on the original image (CRIS).
 
-        ``probs`` is ``[S, S]``, or ``[S/k, S/k]`` for an integer k (e.g. sigmoid of the stride-4
-        logits), which is first upsampled bilinearly to ``[S, S]`` (as
-        ``F.interpolate(align_corners=False)``). The inverse affine is applied with bilinear
-        interpolation (edge values replicated where a bilinear neighbour falls off the canvas).
-        Threshold the result to get the predicted mask (CRIS: > 0.35).
+        ``probs`` (sigmoid already applied) is ``[S, S]``, or ``[S/k, S/k]`` for an integer k
+        (e.g. the sigmoid of the stride-4 logits), which is first upsampled to ``[S, S]`` with
+        ``F.interpolate(mode="bicubic", align_corners=True)``. The inverse affine is applied with
+        ``INTER_CUBIC`` and border 0, so values may overshoot [0, 1] slightly. Threshold the
+        result to get the predicted mask (CRIS: > 0.35).
         """
-        probs = np.asarray(probs, dtype=np.float32)
+        probs = np.ascontiguousarray(probs, dtype=np.float32)
         side = probs.shape[0]
         if probs.ndim != 2 or probs.shape[1] != side or self.size % side:
             raise ValueError(
                 f"prediction must be square [S/k, S/k] with S={self.size}, got {probs.shape}"
             )
         if side != self.size:
-            probs = cv2.resize(probs, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
+            probs = _upsample_bicubic_corners(probs, self.size)
         return cv2.warpAffine(
             probs,
-            self._warp_matrix,
+            self.inverse_matrix,
             (self.orig_w, self.orig_h),
-            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-            borderMode=cv2.BORDER_REPLICATE,
+            flags=cv2.INTER_CUBIC,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0.0,
         )
+
+
+def _upsample_bicubic_corners(probs: np.ndarray, size: int) -> np.ndarray:
+    """float32 ``[n, n]`` -> ``[size, size]``: ``F.interpolate(bicubic, align_corners=True)``.
+
+    torch is imported here so the data-loading workers, which never call it, do not load it.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    grid = torch.from_numpy(probs)[None, None]
+    up = F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=True)
+    return up[0, 0].numpy()
 
 
 def _cells_in(lo: float, hi: float, n: int) -> slice:

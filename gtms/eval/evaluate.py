@@ -8,7 +8,9 @@ Works for our checkpoints of every ablation mode and for CRIS-layout checkpoints
 from __future__ import annotations
 
 import json
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,8 @@ import numpy as np
 import torch
 
 from gtms.config import Config, config_from_dict
-from gtms.data.pipeline import PoolSpec, build_dataset, spec_for
+from gtms.data.pipeline import PoolSpec, build_dataset, drop_skipped, spec_for
+from gtms.data.shards import verify_shards
 from gtms.errors import UserError
 from gtms.eval.metrics import PREC_THRESHOLDS, SegmentationMeter, score_prediction
 from gtms.model.build import CRISArch, build_from_arch, build_model
@@ -82,7 +85,12 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
     meter = SegmentationMeter()
     model.eval()
     start = time.perf_counter()
+    skipped: Counter = Counter()
     for batch in ds.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="numpy"):
+        batch, dropped = drop_skipped(batch)
+        skipped.update(dropped)
+        if not len(batch["ref_id"]):
+            continue
         image = torch.as_tensor(np.array(batch["image"]), device=device)
         tokens = torch.as_tensor(np.array(batch["tokens"]), device=device)
         probs = torch.sigmoid(model(image, tokens).logits.float())[:, 0].cpu().numpy()
@@ -96,8 +104,27 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
     if not len(meter):
         raise EvalError(f"split {split!r} under {root} has no usable samples")
     summary = meter.summary()
+    summary["skipped"] = dict(skipped)
     summary["seconds"] = round(time.perf_counter() - start, 2)
+    summary["split_sentences"] = None if cfg.data.limit_eval_refs else \
+        split_sentence_count(root, split)
+    if summary["split_sentences"] not in (None, summary["n"]):
+        print(f"warning: {split}: scored {summary['n']} of the {summary['split_sentences']} "
+              "sentences its manifest lists; the others belong to refs that could not be used "
+              "(undecodable image, bad box or mask; --set data.strict=true stops at the first)",
+              file=sys.stderr, flush=True)
     return summary
+
+
+def split_sentence_count(root: str, split: str) -> int | None:
+    """The sentences a split holds according to its shard manifest (None when unknown: a URI
+    root or no manifest). Evaluation scores every one, empty expressions included (CRIS)."""
+    from gtms.data.shards import read_manifest, shards_dir
+
+    if "://" in root:
+        return None
+    count = ((read_manifest(shards_dir(root)) or {}).get("sentences") or {}).get(split)
+    return int(count) if isinstance(count, int) else None
 
 
 def _check_split(root: str, split: str) -> None:
@@ -129,19 +156,22 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 def evaluate(checkpoint: str | Path, cfg: Config | None, splits: list[str] | None,
              out: str | Path | None, address: str | None = None) -> dict[str, Any]:
+    from gtms.data.roots import prepare_data_root
     from gtms.runtime import init_ray
-    from gtms.train.trainer import resolve_data_root
 
     model, cfg = load_model_for_eval(checkpoint, cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    root = resolve_data_root(cfg)
+    root = prepare_data_root(cfg)
+    splits = splits or list(cfg.data.eval_splits)
+    for split in splits:
+        _check_split(root, split)
+    verify_shards(root, splits)
     init_ray(cfg.ray, cli_address=address)
     pool = PoolSpec(cfg.ray.preprocess_actors, cfg.ray.preprocess_actors_max,
                     cfg.ray.actor_cpus, batch_size=cfg.ray.preprocess_batch_size)
     results = {}
-    for split in splits or list(cfg.data.eval_splits):
-        _check_split(root, split)
+    for split in splits:
         results[split] = evaluate_split(model, cfg, root, split, device=device, pool=pool)
     report = {"checkpoint": str(checkpoint), "dataset": cfg.data.dataset, "root": root,
               "threshold": cfg.train.threshold, "input_size": cfg.data.input_size,

@@ -24,7 +24,13 @@ import numpy as np
 import torch
 
 from gtms.config import Config, config_from_dict, load_config
-from gtms.data.tokenizer import ClipTokenizer
+from gtms.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageHeaderError,
+    ImageTooLargeError,
+    check_image_pixels,
+)
+from gtms.data.tokenizer import ClipTokenizer, is_empty_expression
 from gtms.data.transforms import ImageDecodeError, Letterbox, decode_image, normalize
 from gtms.errors import UserError
 from gtms.eval.evaluate import load_model_for_eval
@@ -108,28 +114,36 @@ class Predictor:
     :meth:`masks` for a batch of prepared pairs."""
 
     def __init__(self, model: torch.nn.Module, *, input_size: int, word_len: int,
-                 threshold: float, device: torch.device):
+                 threshold: float, device: torch.device,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.model = model.to(device).eval()
         self.input_size = input_size
         self.word_len = word_len
         self.threshold = threshold
         self.device = device
+        self.max_image_pixels = max_image_pixels
         self.tokenizer = ClipTokenizer()
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, cfg: Config | None = None, *,
                         device: torch.device | None = None) -> Predictor:
-        """Input size, word length and threshold come from ``cfg`` or the checkpoint's own
-        config (``data.input_size``, ``data.word_len``, ``train.threshold``)."""
+        """Input size, word length, threshold and image pixel limit come from ``cfg`` or the
+        checkpoint's own config (``data.input_size``, ``data.word_len``, ``train.threshold``,
+        ``data.max_image_pixels``)."""
         model, cfg = load_for_inference(checkpoint, cfg)
         return cls(model, input_size=cfg.data.input_size, word_len=cfg.data.word_len,
-                   threshold=cfg.train.threshold, device=device or pick_device())
+                   threshold=cfg.train.threshold, device=device or pick_device(),
+                   max_image_pixels=cfg.data.max_image_pixels)
 
     def prepare(self, image_rgb: np.ndarray, text: str) -> PreparedPair:
-        """RGB uint8 ``[H, W, 3]`` + sentence -> model inputs. ``PairError`` for an empty
-        sentence."""
+        """RGB uint8 ``[H, W, 3]`` + sentence -> model inputs. ``PairError`` for a sentence
+        that is empty after CLIP's text cleaning: evaluation scores such a sentence (as CRIS),
+        but a mask asked for with no words is a mistake worth reporting."""
         try:
             tokens = self.tokenizer.encode(text, self.word_len)
+            if is_empty_expression(text):
+                raise ValueError(f"empty referring expression {text!r}: no words left after "
+                                 "CLIP's text cleaning")
         except (TypeError, ValueError) as err:
             raise PairError(str(err)) from None
         letterbox = Letterbox(image_rgb.shape[0], image_rgb.shape[1], self.input_size)
@@ -151,12 +165,14 @@ class Predictor:
         return [probs > self.threshold for probs in self.probabilities(pairs)]
 
 
-def read_image(path: str | Path, *, apply_orientation: bool = True) -> np.ndarray:
+def read_image(path: str | Path, *, apply_orientation: bool = True,
+               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """An image file -> RGB uint8 ``[H, W, 3]``; ``PairError`` naming the file otherwise.
 
     With ``apply_orientation`` the EXIF orientation is applied, so the array (and the mask) is
     the image as viewers show it and as the sentence's writer saw it ("left" stays left);
-    without, the stored pixels are used, as the datasets' annotations are.
+    without, the stored pixels are used, as the datasets' annotations are. An image whose
+    header says it has more than ``max_pixels`` pixels (0: no limit) is refused undecoded.
     """
     path = Path(path)
     try:
@@ -165,6 +181,7 @@ def read_image(path: str | Path, *, apply_orientation: bool = True) -> np.ndarra
         raise PairError(f"image not found: {path}") from None
     except OSError as err:
         raise PairError(f"cannot read image {path}: {err.strerror or err}") from None
+    _check_pixels(data, max_pixels, path)
     try:
         if not apply_orientation:
             return decode_image(data)
@@ -175,6 +192,19 @@ def read_image(path: str | Path, *, apply_orientation: bool = True) -> np.ndarra
     except (ImageDecodeError, cv2.error) as err:
         raise PairError(f"{path} is not an image OpenCV can decode ({err})") from None
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _check_pixels(data: bytes, max_pixels: int, path: Path) -> None:
+    try:
+        check_image_pixels(data, max_pixels, name=str(path))
+    except ImageTooLargeError as err:
+        raise PairError(f"{err}; if you trust the file, raise the limit: --max-image-pixels "
+                        f"{err.pixels} (i.e. --set data.max_image_pixels={err.pixels}; 0 = no "
+                        "limit)") from None
+    except ImageHeaderError as err:
+        raise PairError(f"{path} is not an image whose size Pillow can read from its header "
+                        f"({err}); convert it to PNG or JPEG, or use --max-image-pixels 0 to "
+                        "decode it unchecked") from None
 
 
 # --------------------------------------------------------------------------- requests
@@ -295,7 +325,8 @@ def _predict_chunk(predictor: Predictor, chunk: Sequence[PredictRequest], first:
         try:
             if request.problem:
                 raise PairError(request.problem)
-            image = read_image(request.image, apply_orientation=apply_orientation)
+            image = read_image(request.image, apply_orientation=apply_orientation,
+                               max_pixels=predictor.max_image_pixels)
             ready.append((k, image, predictor.prepare(image, request.text)))
         except PairError as err:
             records[k].error = str(err)

@@ -20,6 +20,25 @@ import torch
 import torch.nn.functional as nnf
 
 
+def gradcam_map(
+    layer4: torch.Tensor,
+    sentence: torch.Tensor,
+    global_embedding: Callable[[torch.Tensor], torch.Tensor],
+    size: tuple[int, int],
+) -> torch.Tensor:
+    """Raw GradCAM ``ReLU(sum_c alpha_c F_c)`` bilinearly upsampled to ``size``: ``[B, *size]``
+    float32, detached, not normalised (see :func:`gradcam_attention`)."""
+    with torch.enable_grad():
+        features = layer4.detach().requires_grad_(True)
+        image_embedding = global_embedding(features)
+        text = sentence.detach().to(image_embedding.dtype)
+        score = nnf.cosine_similarity(image_embedding, text, dim=-1)  # [B]
+        (grad,) = torch.autograd.grad(score.sum(), features)
+    alpha = grad.float().mean(dim=(2, 3), keepdim=True)  # [B, C, 1, 1]
+    cam = torch.relu((alpha * features.detach().float()).sum(dim=1, keepdim=True))  # [B,1,h,w]
+    return nnf.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
 def gradcam_attention(
     layer4: torch.Tensor,
     sentence: torch.Tensor,
@@ -43,16 +62,7 @@ def gradcam_attention(
             "expected layer4 [B, C, h, w], sentence [B, D], box_at_stride4 [B, H4, W4]; got "
             f"{tuple(layer4.shape)}, {tuple(sentence.shape)}, {tuple(box_at_stride4.shape)}"
         )
-    with torch.enable_grad():
-        features = layer4.detach().requires_grad_(True)
-        image_embedding = global_embedding(features)
-        text = sentence.detach().to(image_embedding.dtype)
-        score = nnf.cosine_similarity(image_embedding, text, dim=-1)  # [B]
-        (grad,) = torch.autograd.grad(score.sum(), features)
-    alpha = grad.float().mean(dim=(2, 3), keepdim=True)  # [B, C, 1, 1]
-    cam = torch.relu((alpha * features.detach().float()).sum(dim=1, keepdim=True))  # [B,1,h,w]
-    height, width = box_at_stride4.shape[-2:]
-    cam = nnf.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+    cam = gradcam_map(layer4, sentence, global_embedding, box_at_stride4.shape[-2:])
     box = box_at_stride4.to(device=cam.device, dtype=cam.dtype)
     in_box_max = (cam * box).amax(dim=(1, 2), keepdim=True)  # [B, 1, 1]; cam >= 0
     usable = torch.isfinite(in_box_max) & (in_box_max > 0)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,16 @@ from gtms.data.pipeline import (
     BadRowError,
     SampleSpec,
     batch_rows,
+    drop_skipped,
+    placeholder_sample,
     preprocess_ref,
+    select_sentences,
     shard_uri,
     stack_samples,
 )
 from gtms.data.tokenizer import ClipTokenizer
+
+Batch = dict[str, np.ndarray]
 
 
 def iter_shard_rows(root: str, split: str, *, limit: int = 0,
@@ -57,23 +63,72 @@ def count_rows(root: str, split: str) -> int:
     return pads.dataset(shard_uri(root, split), format="parquet").count_rows()
 
 
+class BadRowCounter:
+    """Bad rows (and skipped empty sentences) this process saw, per (role, epoch) and reason."""
+
+    def __init__(self):
+        self._counts: dict[tuple[str, int], Counter] = {}
+
+    def add(self, role: str, epoch: int, counts: Counter) -> None:
+        if counts:
+            self._counts.setdefault((role, epoch), Counter()).update(counts)
+
+    def of_epoch(self, epoch: int) -> dict[str, dict[str, int]]:
+        return {role: dict(counts) for (role, e), counts in self._counts.items() if e == epoch}
+
+
+def finished_batches(batches: Iterable[Batch], finish: Callable[[Batch], tuple[Batch, Counter]],
+                     count: Callable[[Counter], None]) -> Iterator[Batch]:
+    """Pipeline batches -> what the loop trains or validates on: ``finish`` (sentence choice or
+    placeholder removal) counts what it drops; batches left empty are not yielded."""
+    for batch in batches:
+        batch, counts = finish(batch)
+        count(counts)
+        if len(batch["ref_id"]):
+            yield batch
+
+
+def without_single_samples(batches: Iterable[Batch]) -> Iterator[Batch]:
+    """Training batches where a batch of one sample is merged into its neighbour: batch norm
+    cannot train on one sample, and dropped bad rows or an uneven tail can leave one. Each
+    batch is held until the next arrives (the last may absorb a final single sample)."""
+    held = None
+    for batch in batches:
+        if held is not None and (len(batch["ref_id"]) < 2 or len(held["ref_id"]) < 2):
+            held = {key: np.concatenate([held[key], batch[key]]) for key in held}
+            continue
+        if held is not None:
+            yield held
+        held = batch
+    if held is not None:
+        yield held
+
+
 class LocalContext:
-    """One process, no Ray: rows are read with pyarrow and preprocessed inline."""
+    """One process, no Ray: rows are read with pyarrow and preprocessed inline.
+
+    A split whose ``keep_*`` flag is set is preprocessed once (during its first pass) and kept
+    in this process; later passes reshuffle the kept samples (train) instead of preprocessing
+    again.
+    """
 
     rank = 0
     world_size = 1
 
     def __init__(self, *, root: str, train_split: str, val_split: str, train_spec: SampleSpec,
                  val_spec: SampleSpec, limit_train: int, limit_eval: int, strict: bool,
-                 checkpoint_root: Path, device: torch.device | None = None):
+                 checkpoint_root: Path, keep_train: bool = False, keep_val: bool = False,
+                 device: torch.device | None = None):
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.root, self.train_split, self.val_split = root, train_split, val_split
         self.train_spec, self.val_spec = train_spec, val_spec
         self.limit_train, self.limit_eval, self.strict = limit_train, limit_eval, strict
         self.checkpoint_root = checkpoint_root
+        self.keep = {"train": keep_train, "val": keep_val}
         self.tokenizer = ClipTokenizer()
         self.epoch = 0
-        self._bad: dict[tuple[str, int], dict[str, int]] = {}
+        self._kept: dict[str, list[dict[str, Any]]] = {}
+        self._bad = BadRowCounter()
         self.reports: list[dict[str, Any]] = []
 
     def prepare_model(self, model):
@@ -82,32 +137,63 @@ class LocalContext:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self, split: str, spec: SampleSpec, batch_size: int, limit: int,
-                 shuffle_seed: int | None) -> Iterator[dict[str, np.ndarray]]:
-        pending: list[dict[str, Any]] = []
+    def _preprocessed(self, split: str, spec: SampleSpec, limit: int,
+                      shuffle_seed: int | None) -> Iterator[dict[str, Any]]:
         for row in iter_shard_rows(self.root, split, limit=limit, shuffle_seed=shuffle_seed):
             try:
-                pending.extend(preprocess_ref(row, spec, self.tokenizer, self.epoch))
+                yield from preprocess_ref(row, spec, self.tokenizer)
             except BadRowError as err:
                 if self.strict:
                     raise
-                counts = self._bad.setdefault((split, self.epoch), {})
-                counts[err.reason] = counts.get(err.reason, 0) + 1
-            while len(pending) >= batch_size:
-                yield stack_samples(pending[:batch_size], spec)
-                pending = pending[batch_size:]
-        if pending:
-            yield stack_samples(pending, spec)
+                yield placeholder_sample(spec, err)
 
-    def train_batches(self, epoch: int, batch_size: int) -> Iterable[dict[str, Any]]:
-        return self._batches(self.train_split, self.train_spec, batch_size, self.limit_train,
-                             self.train_spec.seed + epoch)
+    def _samples(self, role: str, split: str, spec: SampleSpec, limit: int,
+                 shuffle_seed: int | None) -> Iterator[dict[str, Any]]:
+        if role in self._kept:
+            kept = self._kept[role]
+            if shuffle_seed is None:
+                yield from kept
+            else:
+                yield from (kept[i] for i in
+                            np.random.default_rng(shuffle_seed).permutation(len(kept)))
+            return
+        kept = []
+        for sample in self._preprocessed(split, spec, limit, shuffle_seed):
+            if self.keep[role]:
+                kept.append(sample)
+            yield sample
+        if self.keep[role]:
+            self._kept[role] = kept
 
-    def val_batches(self, batch_size: int) -> Iterable[dict[str, Any]]:
-        return self._batches(self.val_split, self.val_spec, batch_size, self.limit_eval, None)
+    def _batches(self, role: str, samples: Iterator[dict[str, Any]], spec: SampleSpec,
+                 batch_size: int, finish) -> Iterator[Batch]:
+        def stacked():
+            pending: list[dict[str, Any]] = []
+            for sample in samples:
+                pending.append(sample)
+                if len(pending) == batch_size:
+                    yield stack_samples(pending, spec)
+                    pending = []
+            if pending:
+                yield stack_samples(pending, spec)
+
+        epoch = self.epoch
+        return finished_batches(stacked(), finish, lambda c: self._bad.add(role, epoch, c))
+
+    def train_batches(self, epoch: int, batch_size: int) -> Iterable[Batch]:
+        seed = self.train_spec.seed
+        samples = self._samples("train", self.train_split, self.train_spec, self.limit_train,
+                                seed + epoch)
+        return without_single_samples(self._batches(
+            "train", samples, self.train_spec, batch_size,
+            lambda b: select_sentences(b, seed=seed, epoch=epoch)))
+
+    def val_batches(self, batch_size: int) -> Iterable[Batch]:
+        samples = self._samples("val", self.val_split, self.val_spec, self.limit_eval, None)
+        return self._batches("val", samples, self.val_spec, batch_size, drop_skipped)
 
     def bad_rows(self, epoch: int) -> dict[str, dict[str, int]]:
-        return {split: dict(counts) for (split, e), counts in self._bad.items() if e == epoch}
+        return self._bad.of_epoch(epoch)
 
     def latest_checkpoint(self) -> Path | None:
         found = sorted(self.checkpoint_root.glob("checkpoint_epoch_*/model.pt"))
@@ -148,8 +234,7 @@ def _quiet_ray_train_worker() -> None:
 class RayTrainContext:
     """Inside a Ray Train worker: dataset shards, ``ray.train.report``, DDP."""
 
-    def __init__(self, *, monitor_name: str, train_split: str, val_split: str, seed: int):
-        import ray
+    def __init__(self, *, seed: int):
         import ray.train
         from ray.train.torch import get_device
 
@@ -158,8 +243,9 @@ class RayTrainContext:
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = get_device()
-        self.monitor = ray.get_actor(monitor_name)
-        self.train_split, self.val_split, self.seed = train_split, val_split, seed
+        self.seed = seed
+        self.epoch = 0
+        self._bad = BadRowCounter()
         self._tmp = tempfile.TemporaryDirectory()
 
     def prepare_model(self, model):
@@ -168,34 +254,30 @@ class RayTrainContext:
         return prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
 
     def set_epoch(self, epoch: int) -> None:
-        import ray
-
-        ray.get(self.monitor.set_epoch.remote(epoch))
         self.epoch = epoch
 
-    def train_batches(self, epoch: int, batch_size: int) -> Iterable[dict[str, Any]]:
+    def train_batches(self, epoch: int, batch_size: int) -> Iterable[Batch]:
         import ray.train
 
         shard = ray.train.get_dataset_shard("train")
-        return shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=4,
-                                        local_shuffle_buffer_size=4 * batch_size,
-                                        local_shuffle_seed=self.seed + 1000 * epoch + self.rank)
+        batches = shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                     prefetch_batches=4, local_shuffle_buffer_size=4 * batch_size,
+                                     local_shuffle_seed=self.seed + 1000 * epoch + self.rank)
+        return without_single_samples(finished_batches(
+            batches, lambda b: select_sentences(b, seed=self.seed, epoch=epoch),
+            lambda c: self._bad.add("train", epoch, c)))
 
-    def val_batches(self, batch_size: int) -> Iterable[dict[str, Any]]:
+    def val_batches(self, batch_size: int) -> Iterable[Batch]:
         import ray.train
 
-        return ray.train.get_dataset_shard("val").iter_batches(batch_size=batch_size,
-                                                              batch_format="numpy")
+        epoch = self.epoch
+        batches = ray.train.get_dataset_shard("val").iter_batches(batch_size=batch_size,
+                                                                  batch_format="numpy")
+        return finished_batches(batches, drop_skipped, lambda c: self._bad.add("val", epoch, c))
 
     def bad_rows(self, epoch: int) -> dict[str, dict[str, int]]:
-        import ray
-
-        out = {}
-        for role, split in (("train", self.train_split), ("val", self.val_split)):
-            counts = ray.get(self.monitor.counts.remote(split, epoch))
-            if counts:
-                out[role] = counts
-        return out
+        """This worker's counts; the loop sums them over the workers."""
+        return self._bad.of_epoch(epoch)
 
     def latest_checkpoint(self) -> Path | None:
         import ray.train
@@ -210,6 +292,9 @@ class RayTrainContext:
         from ray.train import Checkpoint
 
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        # An epoch without validation ranks below every validated one among the checkpoints
+        # kept by score (Ray orders NaN lowest) and still resumes as the latest.
+        metrics = {"val_mean_iou": math.nan, **metrics}
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch'] + 1:04d}")
 

@@ -12,6 +12,7 @@ import math
 import random
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,12 +67,18 @@ def _mean_terms(sums: dict[str, float], count: int) -> dict[str, float]:
 
 
 def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, epoch: int,
-                    step: int, steps_per_epoch: int, log) -> tuple[int, dict[str, float]]:
-    """One pass over this worker's shard. Returns (global step, mean loss terms + throughput)."""
+                    step: int, steps_per_epoch: int, log,
+                    epoch_start: float | None = None) -> tuple[int, dict[str, float]]:
+    """One pass over this worker's shard. Returns (global step, mean loss terms + throughput).
+
+    ``startup_s`` is the time from ``epoch_start`` (default: now) to the first batch.
+    """
     model.train()
     sums: dict[str, float] = {}
     batches = samples = 0
     start = time.perf_counter()
+    epoch_start = start if epoch_start is None else epoch_start
+    first_batch_at = None
     amp = scaler is not None
     # Uneven shards (every ref exactly once per epoch) are handled by DDP's join().
     joiner = model.join() if hasattr(model, "join") else contextlib.nullcontext()
@@ -84,6 +91,8 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
             data_wait += time.perf_counter() - waited
             if batch is None:
                 break
+            if first_batch_at is None:
+                first_batch_at = time.perf_counter()
             batch = to_device(batch, ctx.device)
             gamma = gamma_at(step, steps_per_epoch, gamma_max=cfg.loss.gamma_max,
                              warmup_epochs=cfg.loss.gamma_warmup_epochs,
@@ -91,7 +100,8 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
                              delay_epochs=cfg.loss.gamma_delay_epochs)
             with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=amp):
                 result = compute_losses(model, batch, mode=cfg.loss.mode,
-                                        sigma=cfg.pseudo.sigma, gamma=gamma)
+                                        sigma=cfg.pseudo.sigma, gamma=gamma,
+                                        binarize_at=cfg.pseudo.binarize_at)
             optimizer.zero_grad(set_to_none=True)
             loss = result.terms["loss"]
             if not torch.isfinite(loss):
@@ -124,8 +134,30 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
                                   shape=cfg.loss.gamma_schedule,
                              delay_epochs=cfg.loss.gamma_delay_epochs)
     stats.update(samples=samples, seconds=seconds, samples_per_s=samples / max(seconds, 1e-9),
-                 data_wait=data_wait / max(seconds, 1e-9))
+                 data_wait=data_wait / max(seconds, 1e-9),
+                 startup_s=(first_batch_at or time.perf_counter()) - epoch_start)
     return step, stats
+
+
+def should_validate(epoch: int, epochs: int, val_every: int) -> bool:
+    """Validate every ``val_every`` epochs (counted from 1) and always after the last one."""
+    return (epoch + 1) % val_every == 0 or epoch + 1 == epochs
+
+
+def gather_bad_rows(ctx: LoopContext, epoch: int) -> dict[str, dict[str, int]]:
+    """Every worker's bad-row counts of ``epoch``, summed per role and reason (each row is
+    counted by the one worker that received it)."""
+    total: dict[str, Counter] = {}
+    for part in ctx.gather(ctx.bad_rows(epoch)):
+        for role, counts in part.items():
+            total.setdefault(role, Counter()).update(counts)
+    return {role: dict(counts) for role, counts in total.items()}
+
+
+def _total_rate(ctx: LoopContext, stats: dict[str, float]) -> float:
+    """Samples per second of all workers together: their samples over the slowest one's time."""
+    parts = ctx.gather((stats["samples"], stats["seconds"]))
+    return sum(n for n, _ in parts) / max(max(s for _, s in parts), 1e-9)
 
 
 def validate(model, ctx: LoopContext, cfg: Config) -> tuple[dict[str, float], Any]:
@@ -134,10 +166,14 @@ def validate(model, ctx: LoopContext, cfg: Config) -> tuple[dict[str, float], An
     meters = new_meters()
     pseudo_mode = cfg.loss.mode if cfg.loss.mode in PSEUDO_LABEL_MODES else "forest-gradcam"
     first = None
+    start = time.perf_counter()
+    startup = None
     for batch in ctx.val_batches(cfg.train.eval_batch_size):
+        if startup is None:
+            startup = time.perf_counter() - start
         result = validation_step(model, batch, meters, input_size=cfg.data.input_size,
                                  threshold=cfg.train.threshold, pseudo_mode=pseudo_mode,
-                                 sigma=cfg.pseudo.sigma)
+                                 sigma=cfg.pseudo.sigma, binarize_at=cfg.pseudo.binarize_at)
         if first is None:
             first = (batch, result)
     gathered = ctx.gather((meters.prediction, meters.pseudo_label, meters.weights))
@@ -150,6 +186,8 @@ def validate(model, ctx: LoopContext, cfg: Config) -> tuple[dict[str, float], An
             summary = meter.summary()
             metrics[f"val_{name}_mean_iou"] = summary["mean_iou"]
             metrics[f"val_{name}_overall_iou"] = summary["overall_iou"]
+    metrics["val_startup_s"] = startup if startup is not None else time.perf_counter() - start
+    metrics["val_seconds"] = time.perf_counter() - start
     return metrics, first
 
 
@@ -177,19 +215,25 @@ def train_loop(config: dict, ctx: LoopContext, *, run_dir: str | None,
     best = -math.inf
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.train.epochs):
+        epoch_start = time.perf_counter()
         ctx.set_epoch(epoch)
         lr = optimizer.param_groups[-1]["lr"]
         step, stats = train_one_epoch(model, optimizer, scaler, ctx, cfg, epoch=epoch,
-                                      step=step, steps_per_epoch=steps_per_epoch, log=log)
+                                      step=step, steps_per_epoch=steps_per_epoch, log=log,
+                                      epoch_start=epoch_start)
+        stats["samples_per_s_total"] = _total_rate(ctx, stats)
         scheduler.step()
-        val, first = validate(model, ctx, cfg)
+        val, first = {}, None
+        if should_validate(epoch, cfg.train.epochs, cfg.train.val_every):
+            val, first = validate(model, ctx, cfg)
         metrics = {"epoch": epoch, "step": step, "lr": lr,
                    **{f"train_{k}": v for k, v in stats.items()}, **val}
-        for split, counts in ctx.bad_rows(epoch).items():
+        for split, counts in gather_bad_rows(ctx, epoch).items():
             for reason, count in counts.items():
                 metrics[f"skipped_{split}_{reason}"] = count
-        best = max(best, metrics["val_mean_iou"])
-        metrics["best_val_mean_iou"] = best
+        best = max(best, metrics.get("val_mean_iou", -math.inf))
+        if best > -math.inf:
+            metrics["best_val_mean_iou"] = best
         if log:
             log.epoch(metrics, cfg.train.epochs)
             if cfg.train.image_grid_every and (epoch + 1) % cfg.train.image_grid_every == 0 \

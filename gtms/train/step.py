@@ -29,22 +29,23 @@ class StepOutput:
 
 
 def pseudo_labels_for(model: torch.nn.Module, out, batch: dict[str, torch.Tensor], *, mode: str,
-                      sigma: float) -> PseudoLabels:
+                      sigma: float, binarize_at: float = 0.0) -> PseudoLabels:
     """GTMS pseudo labels of a batch: W (box or forest x GradCAM) and P-hat = filter(P * W)."""
     core = unwrap(model)
     return make_pseudo_labels(
         out.logits, batch["box"], batch["parent"], batch["order"], batch["dist"], mode=mode,
-        sigma=sigma, forest_labels=batch.get("forest"), layer4=out.layer4,
+        sigma=sigma, binarize_at=binarize_at, forest_labels=batch.get("forest"), layer4=out.layer4,
         sentence=out.sentence, global_embedding=core.global_image_embedding)
 
 
 def compute_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mode: str,
-                   sigma: float, gamma: float) -> StepOutput:
+                   sigma: float, gamma: float, binarize_at: float = 0.0) -> StepOutput:
     """Forward, pseudo labels (modes ``tree`` / ``forest-gradcam``) and the loss terms."""
     out = model(batch["image"], batch["tokens"])
     pseudo = None
     if mode in PSEUDO_LABEL_MODES:
-        pseudo = pseudo_labels_for(model, out, batch, mode=mode, sigma=sigma)
+        pseudo = pseudo_labels_for(model, out, batch, mode=mode, sigma=sigma,
+                                   binarize_at=binarize_at)
     terms = gtms_loss(mode, out.logits.float(), batch["box"],
                       pseudo_label=None if pseudo is None else pseudo.pseudo_label,
                       mask=batch.get("mask"), gamma=gamma)
@@ -79,7 +80,7 @@ def new_meters() -> ValidationMeters:
 @torch.no_grad()
 def validation_step(model: torch.nn.Module, batch: dict[str, Any], meters: ValidationMeters, *,
                     input_size: int, threshold: float, pseudo_mode: str | None,
-                    sigma: float) -> dict[str, Any]:
+                    sigma: float, binarize_at: float = 0.0) -> dict[str, Any]:
     """Score one evaluation batch (numpy columns from the pipeline, eval meta included).
 
     Prediction: CRIS evaluation against the original mask. Pseudo labels (``pseudo_mode`` set
@@ -96,7 +97,8 @@ def validation_step(model: torch.nn.Module, batch: dict[str, Any], meters: Valid
                                                 batch["mask_rle"][i], input_size, threshold))
     pseudo = None
     if pseudo_mode and "parent" in tensors:
-        pseudo = pseudo_labels_for(model, out, tensors, mode=pseudo_mode, sigma=sigma)
+        pseudo = pseudo_labels_for(model, out, tensors, mode=pseudo_mode, sigma=sigma,
+                                   binarize_at=binarize_at)
         side = probs.shape[-1]
         masks = batch["mask"] > 0.5
         p_hat = pseudo.pseudo_label.reshape(len(probs), side, side).cpu().numpy()

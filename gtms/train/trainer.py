@@ -19,8 +19,19 @@ from typing import Any
 
 from gtms import storage
 from gtms.config import Config, config_to_dict, dump_config
-from gtms.data.pipeline import PoolSpec, build_dataset, exact_split_data_config, spec_for
+from gtms.data.pipeline import (
+    PoolSpec,
+    build_dataset,
+    exact_split_data_config,
+    fits_in_memory,
+    preprocessed_nbytes,
+    spec_for,
+    split_size,
+)
+from gtms.data.roots import prepare_data_root
+from gtms.data.shards import verify_shards
 from gtms.errors import UserError
+from gtms.pretrain.run import with_synthclip
 from gtms.train.contexts import LocalContext, RayTrainContext, count_rows, steps_per_epoch
 from gtms.train.loop import train_loop
 
@@ -42,34 +53,6 @@ class RunPaths:
 def default_run_name(cfg: Config) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return f"{cfg.data.dataset}-{cfg.model.preset}-{cfg.loss.mode}-{stamp}"
-
-
-def resolve_data_root(cfg: Config) -> str:
-    """The prepared dataset (``<root>/shards/<split>``); SynthRef is generated when absent."""
-    root = cfg.data.root
-    if storage.is_uri(root):
-        return root
-    root = str(Path(root).resolve())
-    if cfg.data.dataset == "synthref":
-        from gtms.data.shards import read_manifest, shards_dir
-        from gtms.data.synthref import ensure_synthref
-
-        wanted = {"num_images": cfg.data.synthref_images, "seed": cfg.data.synthref_seed,
-                  "difficulty": cfg.data.synthref_difficulty}
-        manifest = read_manifest(shards_dir(root)) or {}
-        have = manifest.get("generator")
-        if manifest.get("complete") and have and \
-                {k: have.get(k) for k in wanted} != wanted:
-            raise RunError(
-                f"{root} holds SynthRef generated with {have}, but the config asks for {wanted}"
-                "; set data.synthref_images / synthref_seed / synthref_difficulty to match, or "
-                "point data.root elsewhere (nothing is overwritten)")
-        ensure_synthref(root, **wanted)
-    elif not (Path(root) / "shards" / "manifest.json").is_file():
-        raise RunError(f"no prepared {cfg.data.dataset} dataset at {root} (manifest.json "
-                       f"missing); run: python run.py prepare --dataset {cfg.data.dataset} "
-                       f"--refer-root DIR --images DIR --out {cfg.data.root}")
-    return root
 
 
 def git_sha() -> str:
@@ -132,18 +115,14 @@ def plan_run(cfg: Config, *, resume: str | None) -> tuple[Config, RunPaths]:
 
 
 def _load_remote_config(config_file: str, overrides: tuple[str, ...] = ()) -> Config:
-    import yaml
+    from gtms.config import config_from_dict, parse_yaml_bytes
 
-    from gtms.config import config_from_dict
-
-    return config_from_dict(yaml.safe_load(storage.read_text(config_file)), config_file,
-                            overrides)
+    return config_from_dict(parse_yaml_bytes(storage.read_bytes(config_file), config_file),
+                            config_file, overrides)
 
 
 def _ray_worker(loop_config: dict) -> dict:
-    ctx = RayTrainContext(monitor_name=loop_config["monitor"],
-                          train_split=loop_config["train_split"],
-                          val_split=loop_config["val_split"], seed=loop_config["seed"])
+    ctx = RayTrainContext(seed=loop_config["seed"])
     try:
         return train_loop(loop_config["config"], ctx, run_dir=loop_config["run_dir"],
                           steps_per_epoch=loop_config["steps_per_epoch"])
@@ -172,7 +151,10 @@ def fit(cfg: Config, *, resume: str | None = None, no_ray: bool = False,
         cfg = _load_remote_config(storage.join(paths.run_dir, "config.yaml"), set_overrides)
     if no_ray and storage.is_uri(paths.storage):
         raise RunError("--no-ray needs a local train.run_dir (Ray writes URIs)")
-    root = resolve_data_root(cfg)
+    root = prepare_data_root(cfg)
+    verify_shards(root, (cfg.data.train_split, cfg.data.val_split))
+    if resume is None:
+        cfg = with_synthclip(cfg, root, no_ray=no_ray, address=address)
     n_train = _limited(count_rows(root, cfg.data.train_split), cfg.data.limit_train_refs)
     if n_train == 0:
         raise RunError(f"split {cfg.data.train_split!r} under {root} is empty")
@@ -187,23 +169,46 @@ def fit(cfg: Config, *, resume: str | None = None, no_ray: bool = False,
     print(f"run folder: {paths.run_dir}\ntraining {cfg.model.preset} / {cfg.loss.mode} on "
           f"{n_train} {cfg.data.train_split} refs, {steps} steps/epoch x {cfg.train.epochs} "
           f"epochs, {world} worker(s){' (no Ray)' if no_ray else ''}", flush=True)
+    keep = memory_plan(cfg, root, specs, ray_store=not no_ray)
     start = time.time()
     if no_ray:
         ctx = LocalContext(root=root, train_split=cfg.data.train_split,
                            val_split=cfg.data.val_split, train_spec=specs["train"],
                            val_spec=specs["val"], limit_train=cfg.data.limit_train_refs,
                            limit_eval=cfg.data.limit_eval_refs, strict=cfg.data.strict,
-                           checkpoint_root=Path(paths.run_dir))
+                           checkpoint_root=Path(paths.run_dir), keep_train=keep["train"],
+                           keep_val=keep["val"])
         final = train_loop(config_to_dict(cfg), ctx, run_dir=paths.run_dir,
                            steps_per_epoch=steps)
         summary = _local_summary(ctx, paths, final)
     else:
-        summary = _fit_on_ray(cfg, paths, root, specs, steps, address, list(callbacks))
+        summary = _fit_on_ray(cfg, paths, root, specs, keep, steps, address, list(callbacks))
     summary["wall_time_s"] = round(time.time() - start, 1)
     folder = storage.RunFolder(paths.run_dir)
     (folder.path / "summary.json").write_text(json.dumps(summary, indent=2))
     folder.sync()
     return summary
+
+
+def memory_plan(cfg: Config, root: str, specs: dict, *, ray_store: bool) -> dict[str, bool]:
+    """Which preprocessed splits to keep in memory (val first, then train) under
+    ``data.memory_budget_mb`` (and, on Ray, half the object store); prints the decision."""
+    budget = cfg.data.memory_budget_mb << 20
+    if ray_store:
+        import ray
+
+        store = ray.cluster_resources().get("object_store_memory", 0)
+        budget = min(budget, int(store // 2)) if store else budget
+    sizes = {}
+    for role, split, limit in (("val", cfg.data.val_split, cfg.data.limit_eval_refs),
+                               ("train", cfg.data.train_split, cfg.data.limit_train_refs)):
+        sizes[role] = preprocessed_nbytes(specs[role], *split_size(root, split, limit))
+    keep = dict(zip(sizes, fits_in_memory(list(sizes.values()), budget)))
+    described = ", ".join(f"{role} {sizes[role] / 2**20:.0f} MB "
+                          f"{'kept in memory' if keep[role] else 'streamed every epoch'}"
+                          for role in sizes)
+    print(f"preprocessed splits: {described} (budget {budget / 2**20:.0f} MB)", flush=True)
+    return keep
 
 
 def _absolute_model_paths(cfg: Config) -> Config:
@@ -215,8 +220,13 @@ def _absolute_model_paths(cfg: Config) -> Config:
     return replace(cfg, model=changes) if changes else cfg
 
 
+def _validated(metrics: dict | None) -> bool:
+    value = (metrics or {}).get("val_mean_iou")
+    return value is not None and value == value  # NaN: an epoch without validation
+
+
 def _local_summary(ctx: LocalContext, paths: RunPaths, final: dict) -> dict[str, Any]:
-    reports = ctx.reports
+    reports = [m for m in ctx.reports if _validated(m)]
     best = max(reports, key=lambda m: m["val_mean_iou"]) if reports else final
     run_dir = Path(paths.run_dir)
     return {"run_dir": str(run_dir), "final": final, "best": best,
@@ -225,28 +235,28 @@ def _local_summary(ctx: LocalContext, paths: RunPaths, final: dict) -> dict[str,
             if final else None}
 
 
-def _fit_on_ray(cfg: Config, paths: RunPaths, root: str, specs: dict, steps: int,
-                address: str | None, callbacks: list) -> dict[str, Any]:
-    import ray
+def _fit_on_ray(cfg: Config, paths: RunPaths, root: str, specs: dict, keep: dict[str, bool],
+                steps: int, address: str | None, callbacks: list) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from gtms.data.pipeline import start_monitor
     from gtms.runtime import init_ray, use_gpu
 
     init_ray(cfg.ray, cli_address=address)
-    monitor_name = f"gtms-monitor-{paths.name}"
-    monitor = start_monitor(monitor_name)
     pool = PoolSpec(cfg.ray.preprocess_actors, cfg.ray.preprocess_actors_max,
                     cfg.ray.actor_cpus, batch_size=cfg.ray.preprocess_batch_size)
     datasets = {
         "train": build_dataset(root, cfg.data.train_split, specs["train"], pool,
-                               monitor_name=monitor_name, strict=cfg.data.strict,
-                               limit=cfg.data.limit_train_refs, shuffle_seed=cfg.train.seed),
+                               strict=cfg.data.strict, limit=cfg.data.limit_train_refs,
+                               shuffle_seed=cfg.train.seed),
         "val": build_dataset(root, cfg.data.val_split, specs["val"], pool,
-                             monitor_name=monitor_name, strict=cfg.data.strict,
-                             limit=cfg.data.limit_eval_refs),
+                             strict=cfg.data.strict, limit=cfg.data.limit_eval_refs),
     }
+    for role in ("val", "train"):  # preprocessing does not depend on the epoch: do it once
+        if keep[role]:
+            started = time.perf_counter()
+            datasets[role] = datasets[role].materialize()
+            print(f"preprocessed {role} in {time.perf_counter() - started:.1f} s", flush=True)
     gpu = use_gpu(cfg.ray)
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if gpu:
@@ -254,9 +264,7 @@ def _fit_on_ray(cfg: Config, paths: RunPaths, root: str, specs: dict, steps: int
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"config": config_to_dict(cfg), "run_dir": paths.run_dir,
-                           "steps_per_epoch": steps, "monitor": monitor_name,
-                           "train_split": cfg.data.train_split,
-                           "val_split": cfg.data.val_split, "seed": cfg.train.seed},
+                           "steps_per_epoch": steps, "seed": cfg.train.seed},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -270,9 +278,9 @@ def _fit_on_ray(cfg: Config, paths: RunPaths, root: str, specs: dict, steps: int
         dataset_config=exact_split_data_config(["train", "val"]),
     )
     result = trainer.fit()
-    ray.kill(monitor)
-    best = max(result.best_checkpoints, key=lambda cm: cm[1]["val_mean_iou"]) \
-        if result.best_checkpoints else (result.checkpoint, result.metrics)
+    validated = [cm for cm in result.best_checkpoints if _validated(cm[1])]
+    best = max(validated, key=lambda cm: cm[1]["val_mean_iou"]) \
+        if validated else (result.checkpoint, result.metrics)
     def location(checkpoint):  # Ray's paths drop the URI scheme; keep it for users
         return storage.join(paths.run_dir, Path(checkpoint.path).name) if checkpoint else None
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from gtms.config import ABLATION_MODES, Config, config_to_dict, replace
 from gtms.errors import UserError
+from gtms.tune.plot import plot_ablation, read_curves
 from gtms.tune.table import collect, write_tables
 
 
@@ -43,12 +44,17 @@ def trial_resources() -> dict[str, float]:
     return {"cpu": 0.01}
 
 
+def trials_with_runs(trials: list[dict]) -> list[dict]:
+    return [{"mode": t["mode"], "run_dir": t["metrics"]["run_dir"]} for t in trials]
+
+
 def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: Path, resume: bool,
                  max_concurrent: int, address: str | None = None) -> dict[str, Any]:
     from ray import tune
 
+    from gtms.data.roots import prepare_data_root
+    from gtms.pretrain.run import with_synthclip
     from gtms.runtime import init_ray
-    from gtms.train.trainer import resolve_data_root
     from gtms.tune.trial import run_trial
 
     unknown = [r for r in rows if r not in ABLATION_MODES]
@@ -57,11 +63,14 @@ def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: Path, res
     if seeds < 1:
         raise TuneError("--seeds must be >= 1")
     out_dir = out_dir.resolve()
-    root = resolve_data_root(cfg)
+    root = prepare_data_root(cfg)
     cfg = replace(cfg, data={"root": root})
     splits = list(cfg.data.eval_splits)
     init_ray(cfg.ray, cli_address=address, concurrent_trials=max_concurrent,
              trial_cpus=trial_resources()["cpu"])
+    # Every row starts from the same SynthCLIP weights, pretrained once here (a cache hit when
+    # resuming) rather than by the first trials at once.
+    cfg = with_synthclip(cfg, root, address=address)
     seed_values = [cfg.train.seed + i for i in range(seeds)]
     param_space = {"base": config_to_dict(cfg), "storage": str(out_dir / "trials"),
                    "splits": splits, "loss.mode": tune.grid_search(rows),
@@ -97,5 +106,8 @@ def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: Path, res
                                            "run_dir": t["metrics"].get("run_dir"),
                                            "best_checkpoint": t["metrics"].get(
                                                "best_checkpoint")} for t in trials]})
+    plot = plot_ablation(read_curves(trials_with_runs(trials)), out_dir / "ablation.png",
+                         title=title)
+    print(f"ablation: per-epoch curves in {plot}", flush=True)
     return {"markdown": text, "out_dir": str(out_dir), "table": table,
             "wall_time_s": round(time.time() - start, 1)}

@@ -29,7 +29,15 @@ from typing import Any
 
 import yaml
 
-from gtms.config import SECTIONS, Config, ConfigError, config_to_dict, load_config, replace
+from gtms.config import (
+    SECTIONS,
+    Config,
+    ConfigError,
+    config_to_dict,
+    load_config,
+    read_yaml_file,
+    replace,
+)
 from gtms.tune.ablation import TuneError, build_or_restore_tuner, trial_resources
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -52,7 +60,7 @@ class SweepSpec:
 
 def _sweep_section(path: Path) -> dict:
     """The ``sweep`` section of ``path`` or of the nearest file it extends."""
-    doc = yaml.safe_load(path.read_text()) or {}
+    doc = read_yaml_file(path) or {}
     if "sweep" in doc:
         return doc["sweep"]
     if "extends" in doc:
@@ -120,19 +128,28 @@ def overrides_yaml(cfg: Config, *, command_path: Path, metric: str, value: float
     return header + yaml.safe_dump(diff, sort_keys=False)
 
 
+# Swept keys that change the SynthCLIP weights: then each trial pretrains (or reuses) its own.
+PRETRAIN_DEPENDS_ON = ("pretrain.", "model.", "data.")
+
+
 def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: Path, resume: bool,
               address: str | None = None) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from gtms.data.roots import prepare_data_root
     from gtms.runtime import init_ray
-    from gtms.train.trainer import resolve_data_root
     from gtms.tune.trial import apply_params, run_trial
 
     out_dir = out_dir.resolve()
-    cfg = replace(cfg, data={"root": resolve_data_root(cfg)})
+    cfg = replace(cfg, data={"root": prepare_data_root(cfg)})
     init_ray(cfg.ray, cli_address=address, concurrent_trials=spec.max_concurrent_trials,
              trial_cpus=trial_resources()["cpu"])
+    if not any(key.startswith(PRETRAIN_DEPENDS_ON) for key in spec.space):
+        # All trials share one SynthCLIP start: pretrain it once here, not in the first trials.
+        from gtms.pretrain.run import with_synthclip
+
+        cfg = with_synthclip(cfg, cfg.data.root, address=address)
     scheduler = None
     if spec.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 1,

@@ -16,6 +16,7 @@ at least two objects of one category (the target's distractor). Same settings, s
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -52,8 +53,10 @@ from gtms.data.synthref.scene import (
     trace_objects,
 )
 from gtms.data.synthref.shapes import CATEGORIES, GROUP_A, GROUP_B
+from gtms.data.synthref.stats import reference_statistics
 
-SYNTHREF_VERSION = 1
+STATISTICS_NAME = "statistics.json"
+SYNTHREF_VERSION = 2  # 2: RefCOCO-like object scale (box median >= 20 % of the image)
 DEFAULT_DIR = Path("data/synthref")
 DEFAULT_NUM_IMAGES = 800
 DEFAULT_SEED = 0
@@ -140,6 +143,8 @@ def generate_synthref(out_dir: str | Path, settings: SynthRefSettings, *,
     _atomic_write(source.instances_path, _json_bytes(writer.instances()))
     _atomic_write(source.refs_path, pickle.dumps(writer.refs, protocol=4))
     _atomic_write(meta_dir / "scenes.json", _json_bytes(writer.scenes()))
+    _atomic_write(meta_dir / STATISTICS_NAME, _json_bytes(
+        reference_statistics(writer.refs, writer.annotations, writer.images)))
     _atomic_write(meta_dir / "generator.json", _json_bytes(settings.to_dict()))
     counts = Counter(ref["split"] for ref in writer.refs)
     return GenerationReport(settings.num_images, dict(counts),
@@ -282,9 +287,20 @@ def prepare_synthref(out_dir: str | Path, settings: SynthRefSettings, *, strict:
     with _lock(out_dir):
         if force or _generated_settings(out_dir) != settings.to_dict():
             generate_synthref(out_dir, settings, progress=progress)
-        return build_shards(refer_source(out_dir), out_dir, strict=strict,
-                            rows_per_file=rows_per_file, rows_per_row_group=rows_per_row_group,
-                            generator=settings.to_dict(), progress=progress)
+        report = build_shards(refer_source(out_dir), out_dir, strict=strict,
+                              rows_per_file=rows_per_file,
+                              rows_per_row_group=rows_per_row_group,
+                              generator=settings.to_dict(), progress=progress)
+        return _with_statistics(report, out_dir)
+
+
+def _with_statistics(report: ShardReport, out_dir: Path) -> ShardReport:
+    """Copy the generator's ``statistics.json`` into the shard manifest (and the report)."""
+    stats_path = refer_source(out_dir).refs_path.parent / STATISTICS_NAME
+    stats = json.loads(stats_path.read_text())
+    manifest = dict(report.manifest, statistics=stats)
+    _atomic_write(report.manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
+    return dataclasses.replace(report, manifest=manifest)
 
 
 def synthref_is_ready(out_dir: str | Path, settings: SynthRefSettings) -> bool:

@@ -58,15 +58,18 @@ class Difficulty:
     jpeg_quality: int
 
 
+# Version 2 (RefCOCO-like scale): the referred object's box is a fifth of the image or more at
+# the median (v1: 8 %), so the CLIP backbone's stride-32 grid gives it at least 2 x 2 cells at the
+# laptop input size; fewer, larger objects per image, still overlapping and occluding.
 DIFFICULTIES = {
     "easy": Difficulty(objects=(2, 3), max_occluded=0.0, near_probability=0.3,
-                       radius=(0.15, 0.26), texture=0.05, noise=2.0, contrast=(1.0, 1.0),
+                       radius=(0.28, 0.42), texture=0.05, noise=2.0, contrast=(1.0, 1.0),
                        jpeg_quality=92),
-    "standard": Difficulty(objects=(3, 5), max_occluded=0.25, near_probability=0.5,
-                           radius=(0.13, 0.25), texture=0.12, noise=5.0, contrast=(0.85, 1.0),
+    "standard": Difficulty(objects=(3, 4), max_occluded=0.25, near_probability=0.5,
+                           radius=(0.25, 0.40), texture=0.12, noise=5.0, contrast=(0.85, 1.0),
                            jpeg_quality=80),
-    "hard": Difficulty(objects=(4, 7), max_occluded=0.4, near_probability=0.7,
-                       radius=(0.12, 0.24), texture=0.22, noise=9.0, contrast=(0.7, 0.9),
+    "hard": Difficulty(objects=(3, 5), max_occluded=0.4, near_probability=0.7,
+                       radius=(0.24, 0.40), texture=0.22, noise=9.0, contrast=(0.7, 0.9),
                        jpeg_quality=65),
 }
 
