@@ -74,7 +74,8 @@ def test_bad_rows_counted_exactly_each_epoch(synthref_bad, tmp_path, budget, epo
                        "data.limit_eval_refs=0", f"train.epochs={epochs}", "train.val_every=2",
                        f"data.memory_budget_mb={budget}", "train.image_grid_every=0")
     fit(cfg, no_ray=True)
-    counts = read_manifest(shards_dir(synthref_bad))["counts"]
+    manifest = read_manifest(shards_dir(synthref_bad))
+    counts = manifest["counts"]
     metrics = read_jsonl(tmp_path / f"bad{budget}" / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == list(range(epochs))
     for m in metrics:
@@ -86,7 +87,7 @@ def test_bad_rows_counted_exactly_each_epoch(synthref_bad, tmp_path, budget, epo
     # val_n counts sentences: all of the val split's but those of the undecodable row.
     bad_row = pq.read_table(shards_dir(synthref_bad) / "val" / "part-00000.parquet").slice(0, 1)
     dropped = len(bad_row.column("sentences").to_pylist()[0])
-    assert validated[0]["val_n"] == read_manifest(shards_dir(synthref_bad))["sentences"]["val"] - dropped
+    assert validated[0]["val_n"] == manifest["sentences"]["val"] - dropped
     assert validated[0]["skipped_val_undecodable_image"] == 1
     assert all("skipped_val_undecodable_image" not in m for m in metrics if m not in validated)
 
