@@ -27,8 +27,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from gtms.data.images import DEFAULT_MAX_IMAGE_PIXELS
+from gtms.modes import ABLATION_MODES, MODES
 
-ABLATION_MODES = ("mask-bce", "box-bce", "box-lloc", "tree", "forest-gradcam")
 DATASETS = ("synthref", "refcoco", "refcoco+", "refcocog")
 
 
@@ -102,7 +102,9 @@ class PseudoConfig:
 class LossConfig:
     """Supervision: the Table 2 ablation row and the gamma schedule of L_pix."""
 
-    mode: Literal["mask-bce", "box-bce", "box-lloc", "tree", "forest-gradcam"] = "forest-gradcam"
+    mode: str = field(default="forest-gradcam", metadata=_check(
+        lambda v: v in MODES, "must be one of " + ", ".join(map(repr, ABLATION_MODES))
+        + " (the registry in gtms/modes.py)"))
     gamma_max: float = field(default=1.0, metadata=_non_negative())
     gamma_warmup_epochs: float = field(default=10.0, metadata=_non_negative())
     gamma_schedule: Literal["linear", "constant", "cosine"] = "linear"

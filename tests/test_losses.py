@@ -107,12 +107,33 @@ def test_missing_inputs_and_unknown_mode():
 
 def test_mode_needs():
     assert mode_needs("mask-bce").mask and not mode_needs("mask-bce").pseudo_label
-    assert not any(vars(mode_needs("box-lloc")).values())
+    lloc = mode_needs("box-lloc")
+    assert not (lloc.mask or lloc.tree or lloc.forest or lloc.gradcam or lloc.pseudo_label)
     tree, full = mode_needs("tree"), mode_needs("forest-gradcam")
-    assert tree.pseudo_label and not tree.forest and not tree.gradcam
+    assert tree.pseudo_label and tree.tree and not tree.forest and not tree.gradcam
     assert full.pseudo_label and full.forest and full.gradcam and not full.mask
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="forest-gradcam"):
         mode_needs("nope")
+
+
+def test_one_registry_decides_config_pipeline_and_loss(monkeypatch):
+    """A mode added to gtms.modes is accepted by the config and followed by the pipeline's
+    spec and the loss, with no other edit."""
+    import gtms.modes as modes
+    from gtms.config import load_config
+    from gtms.data.pipeline import spec_for
+
+    extra = modes.Mode("tree-mask-check", loss="loc+pix", tree=True, mask=True)
+    monkeypatch.setitem(modes.MODES, extra.name, extra)
+    spec = spec_for("train", input_size=64, word_len=17, mode=extra.name, seed=0)
+    assert spec.with_tree and spec.with_mask and not spec.with_forest
+    torch.manual_seed(0)
+    logits, box = torch.randn(2, 1, 8, 8), box_raster()
+    terms = gtms_loss(extra.name, logits, box, pseudo_label=torch.rand(2, 8, 8), gamma=0.5)
+    assert set(terms) == {"loss", "loc", "pix", "gamma"}
+    assert load_config(None, ["loss.mode=tree"]).loss.mode == "tree"
+    with pytest.raises(ValueError, match="loss.mode"):
+        load_config(None, ["loss.mode=nope"])
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from gtms.commands.common import add_config_flags, config_from_args
-from gtms.config import ABLATION_MODES
+from gtms.modes import ABLATION_MODES
 
 
 def register(subparsers) -> None:

@@ -57,6 +57,7 @@ from gtms.data.transforms import (
     rle_decode,
     validate_box,
 )
+from gtms.modes import get_mode
 from gtms.pseudo.forest import structural_forest
 from gtms.pseudo.tree import build_grid_tree
 
@@ -82,7 +83,8 @@ class SampleSpec:
     input_size: int
     word_len: int = 17
     training: bool = True       # one row per ref (all sentences), else one per sentence
-    with_tree: bool = True      # tree + forest arrays (GTMS pseudo labels)
+    with_tree: bool = True      # tree arrays (GTMS pseudo labels)
+    with_forest: bool = True    # structural-forest labels (with the tree only)
     with_mask: bool = False     # ground-truth mask at stride 4
     with_eval_meta: bool = False  # original size, original mask RLE, sentence text
     seed: int = 0
@@ -168,8 +170,9 @@ def _image_columns(row: dict[str, Any], spec: SampleSpec, image: np.ndarray,
     }
     if spec.with_tree:
         tree = build_grid_tree(letterbox.guide_image(image01, STRIDE))
-        shared.update(parent=tree.parent, order=tree.order, dist=tree.dist,
-                      forest=structural_forest(tree.parent, shared["box"].reshape(-1) > 0))
+        shared.update(parent=tree.parent, order=tree.order, dist=tree.dist)
+        if spec.with_forest:
+            shared["forest"] = structural_forest(tree.parent, shared["box"].reshape(-1) > 0)
     if spec.with_mask or spec.with_eval_meta:
         try:
             mask = rle_decode(row["mask_rle_counts"], height, width)
@@ -222,7 +225,9 @@ def _zero_columns(spec: SampleSpec, n: int) -> dict[str, np.ndarray]:
            "box": np.zeros((n, *grid), np.float32)}
     if spec.with_tree:
         out.update(parent=np.zeros((n, cells), np.int32), order=np.zeros((n, cells), np.int32),
-                   dist=np.zeros((n, cells), np.float32), forest=np.zeros((n, cells), np.int32))
+                   dist=np.zeros((n, cells), np.float32))
+        if spec.with_forest:
+            out["forest"] = np.zeros((n, cells), np.int32)
     if spec.with_mask:
         out["mask"] = np.zeros((n, *grid), np.float32)
     if spec.with_eval_meta:
@@ -240,7 +245,7 @@ def sample_nbytes(spec: SampleSpec, sentences: float = 1.0) -> int:
     cells = (spec.input_size // STRIDE) ** 2
     total = 3 * spec.input_size ** 2 * 4 + cells * 4 + int(sentences * spec.word_len * 8) + 64
     if spec.with_tree:
-        total += 4 * cells * 4
+        total += (4 if spec.with_forest else 3) * cells * 4
     if spec.with_mask:
         total += cells * 4
     if spec.with_eval_meta:
@@ -427,9 +432,9 @@ def spec_for(split_role: str, *, input_size: int, word_len: int, mode: str, seed
     """The :class:`SampleSpec` of a split role: ``train``, ``val`` (in-training validation,
     with trees for pseudo-label quality) or ``eval``."""
     if split_role == "train":
-        return SampleSpec(input_size, word_len, training=True,
-                          with_tree=mode in ("tree", "forest-gradcam"),
-                          with_mask=mode == "mask-bce", seed=seed)
+        needs = get_mode(mode)
+        return SampleSpec(input_size, word_len, training=True, with_tree=needs.tree,
+                          with_forest=needs.forest, with_mask=needs.mask, seed=seed)
     if split_role in ("val", "eval"):
         return SampleSpec(input_size, word_len, training=False,
                           with_tree=split_role == "val" or with_tree_in_eval, with_mask=True,

@@ -12,11 +12,10 @@ The tree and the forest depend only on the image and the box (data pipeline, CPU
 time); GradCAM, W and the filter run in the training step.
 """
 
+from gtms.modes import ABLATION_MODES, PSEUDO_LABEL_MODES
 from gtms.pseudo.forest import structural_forest
 from gtms.pseudo.gradcam import gradcam_attention
 from gtms.pseudo.losses import (
-    ABLATION_MODES,
-    ModeNeeds,
     bce_loss,
     dice_loss,
     gtms_loss,
@@ -25,7 +24,6 @@ from gtms.pseudo.losses import (
     pixel_loss,
 )
 from gtms.pseudo.pseudo_label import (
-    PSEUDO_LABEL_MODES,
     PseudoLabels,
     make_pseudo_labels,
     pseudo_label,
@@ -40,7 +38,6 @@ __all__ = [
     "GAMMA_SHAPES",
     "PSEUDO_LABEL_MODES",
     "GridTree",
-    "ModeNeeds",
     "PseudoLabels",
     "bce_loss",
     "build_grid_tree",

@@ -13,50 +13,17 @@ total under ``"loss"``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as nnf
 
-ABLATION_MODES = ("mask-bce", "box-bce", "box-lloc", "tree", "forest-gradcam")
+from gtms.modes import Mode, get_mode
+
 DICE_EPS = 1e-5
 
 
-@dataclass(frozen=True)
-class ModeNeeds:
-    """What a training mode needs besides logits and box.
-
-    Attributes:
-        mask: the ground-truth mask at the output stride.
-        pseudo_label: pseudo labels (the whole-image tree and the tree filter).
-        forest: structural-forest labels (computed in the data pipeline).
-        gradcam: layer-4 features, sentence features and the attention pool.
-    """
-
-    mask: bool
-    pseudo_label: bool
-    forest: bool
-    gradcam: bool
-
-
-_MODE_NEEDS = {
-    "mask-bce": ModeNeeds(mask=True, pseudo_label=False, forest=False, gradcam=False),
-    "box-bce": ModeNeeds(mask=False, pseudo_label=False, forest=False, gradcam=False),
-    "box-lloc": ModeNeeds(mask=False, pseudo_label=False, forest=False, gradcam=False),
-    "tree": ModeNeeds(mask=False, pseudo_label=True, forest=False, gradcam=False),
-    "forest-gradcam": ModeNeeds(mask=False, pseudo_label=True, forest=True, gradcam=True),
-}
-
-
-def mode_needs(mode: str) -> ModeNeeds:
-    """What the ablation ``mode`` needs (see :class:`ModeNeeds`)."""
-    _check_mode(mode)
-    return _MODE_NEEDS[mode]
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in ABLATION_MODES:
-        raise ValueError(f"unknown loss mode {mode!r}; expected one of {ABLATION_MODES}")
+def mode_needs(mode: str) -> Mode:
+    """What the ablation ``mode`` needs: its :class:`gtms.modes.Mode` entry."""
+    return get_mode(mode)
 
 
 def _as_bhw(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -150,20 +117,22 @@ def gtms_loss(
         ``tree`` / ``forest-gradcam``: ``{"loss", "loc", "pix", "gamma"}`` with
         ``loss = loc + gamma * pix``.
     """
-    _check_mode(mode)
+    loss = get_mode(mode).loss
     box = _as_bhw("box", box).to(logits.dtype)
-    if mode == "mask-bce":
+    if loss == "bce-mask":
         if mask is None:
-            raise ValueError("mode 'mask-bce' needs mask")
+            raise ValueError(f"mode {mode!r} needs mask")
         return bce_loss(logits, mask)
-    if mode == "box-bce":
+    if loss == "bce-box":
         return bce_loss(logits, box)
     probs = torch.sigmoid(_as_bhw("logits", logits))
     loc = location_loss(probs, box)["loc"]
-    if mode == "box-lloc":
+    if loss == "loc":
         return {"loss": loc, "loc": loc}
     if pseudo_label is None:
         raise ValueError(f"mode {mode!r} needs pseudo_label")
+    if loss != "loc+pix":
+        raise ValueError(f"mode {mode!r}: no loss {loss!r} in gtms_loss")
     pix = pixel_loss(probs, pseudo_label, box)["pix"]
     gamma_t = torch.as_tensor(float(gamma), dtype=loc.dtype, device=loc.device)
     return {"loss": loc + gamma_t * pix, "loc": loc, "pix": pix, "gamma": gamma_t}

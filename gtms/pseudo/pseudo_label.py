@@ -25,10 +25,9 @@ from typing import NamedTuple
 
 import torch
 
+from gtms.modes import PSEUDO_LABEL_MODES, get_mode
 from gtms.pseudo.gradcam import gradcam_attention
 from gtms.pseudo.tree_filter import tree_filter_torch
-
-PSEUDO_LABEL_MODES = ("tree", "forest-gradcam")
 
 
 class PseudoLabels(NamedTuple):
@@ -131,8 +130,9 @@ def make_pseudo_labels(
     Returns:
         :class:`PseudoLabels` with ``[B, H4, W4]`` tensors, all detached.
     """
-    if mode not in PSEUDO_LABEL_MODES:
+    if not get_mode(mode).pseudo_label:
         raise ValueError(f"mode must be one of {PSEUDO_LABEL_MODES}, got {mode!r}")
+    gradcam = get_mode(mode).gradcam
     probs = torch.sigmoid(logits.detach().float())
     if probs.ndim == 4:
         probs = probs[:, 0]
@@ -144,7 +144,7 @@ def make_pseudo_labels(
     batch, height, width = probs.shape
     box = box_at_stride4.to(device=probs.device, dtype=probs.dtype)
     attention = None
-    if mode == "tree":
+    if not gradcam:
         weights = box.reshape(batch, -1)
     else:
         needed = dict(
@@ -155,7 +155,7 @@ def make_pseudo_labels(
         )
         missing = [name for name, value in needed.items() if value is None]
         if missing:
-            raise ValueError(f"mode 'forest-gradcam' needs {', '.join(missing)}")
+            raise ValueError(f"mode {mode!r} needs {', '.join(missing)}")
         attention = gradcam_attention(layer4, sentence, global_embedding, box).to(probs.device)
         labels = torch.as_tensor(forest_labels, device=probs.device)
         weights = vertex_weights(attention.reshape(batch, -1), labels)

@@ -23,7 +23,8 @@ import torch
 from gtms.config import Config, config_from_dict, config_to_dict
 from gtms.eval.metrics import SegmentationMeter
 from gtms.model.build import build_model
-from gtms.pseudo import PSEUDO_LABEL_MODES, gamma_at
+from gtms.modes import QUALITY_MODE, get_mode
+from gtms.pseudo import gamma_at
 from gtms.train.checkpoint import load_checkpoint, save_checkpoint
 from gtms.train.optim import build_optimizer, build_scheduler
 from gtms.train.runlog import RunLogger
@@ -128,7 +129,7 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
                 log.scalars("train_step", terms, step)
     seconds = time.perf_counter() - start
     stats = _mean_terms(sums, batches)
-    if cfg.loss.mode in PSEUDO_LABEL_MODES:  # gamma weighs L_pix, which only these modes have
+    if get_mode(cfg.loss.mode).pseudo_label:  # gamma weighs L_pix, which only these modes have
         stats["gamma"] = gamma_at(step, steps_per_epoch, gamma_max=cfg.loss.gamma_max,
                                   warmup_epochs=cfg.loss.gamma_warmup_epochs,
                                   shape=cfg.loss.gamma_schedule,
@@ -164,7 +165,7 @@ def validate(model, ctx: LoopContext, cfg: Config) -> tuple[dict[str, float], An
     """Score this worker's part of the validation split, gather all workers' results."""
     model.eval()
     meters = new_meters()
-    pseudo_mode = cfg.loss.mode if cfg.loss.mode in PSEUDO_LABEL_MODES else "forest-gradcam"
+    pseudo_mode = cfg.loss.mode if get_mode(cfg.loss.mode).pseudo_label else QUALITY_MODE
     first = None
     start = time.perf_counter()
     startup = None

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from gtms.eval.metrics import SegmentationMeter, intersection_union, score_prediction
-from gtms.pseudo import PSEUDO_LABEL_MODES, gtms_loss, make_pseudo_labels
+from gtms.modes import get_mode
+from gtms.pseudo import gtms_loss, make_pseudo_labels
 from gtms.pseudo.pseudo_label import PseudoLabels
 
 
@@ -43,7 +44,7 @@ def compute_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mo
     """Forward, pseudo labels (modes ``tree`` / ``forest-gradcam``) and the loss terms."""
     out = model(batch["image"], batch["tokens"])
     pseudo = None
-    if mode in PSEUDO_LABEL_MODES:
+    if get_mode(mode).pseudo_label:
         pseudo = pseudo_labels_for(model, out, batch, mode=mode, sigma=sigma,
                                    binarize_at=binarize_at)
     terms = gtms_loss(mode, out.logits.float(), batch["box"],

@@ -6,8 +6,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gtms.config import ABLATION_MODES, Config, config_to_dict, replace
+from gtms.config import Config, config_to_dict, replace
 from gtms.errors import UserError
+from gtms.modes import ABLATION_MODES
 from gtms.tune.plot import plot_ablation, read_curves
 from gtms.tune.table import collect, write_tables
 
