@@ -14,6 +14,28 @@ SMALL_IMAGES = 24
 SMALL_SEED = 5
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tiers by fixture: a test that uses ``ray_cluster`` is an integration test, marker or not."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_never_starts_ray(request, monkeypatch):
+    """In the fast tier (no ``integration`` marker) starting Ray is an error that names the fix;
+    a test that needs Ray uses the ``ray_cluster`` fixture or the marker."""
+    if request.node.get_closest_marker("integration") is not None:
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"{request.node.nodeid} starts Ray but is not an integration test: "
+                           "use the ray_cluster fixture or @pytest.mark.integration")
+
+    monkeypatch.setattr(ray, "init", refuse)
+
+
 @pytest.fixture(scope="session")
 def synthref_small(tmp_path_factory) -> Path:
     """A small SynthRef (24 images: ~80 refs) prepared once per test session; returns its root."""
