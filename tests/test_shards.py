@@ -33,6 +33,7 @@ from gtms.data.shards import (
 from gtms.data.synthref import SynthRefSettings, ensure_synthref, prepare_synthref, refer_source
 from gtms.data.transforms import rle_encode
 from gtms.errors import UserError
+from gtms.train.checkpoint import Trained
 
 SETTINGS = SynthRefSettings(num_images=24, seed=5)
 
@@ -362,8 +363,8 @@ def test_train_and_eval_check_the_shards_before_starting(copied, tmp_path, monke
     assert str(file) in str(info.value)
     assert not (tmp_path / "runs").exists()
     # eval (its model is a stand-in: the shards are checked before the model is used)
-    monkeypatch.setattr(evaluate_module, "load_model_for_eval",
-                        lambda checkpoint, given: (torch.nn.Identity(), cfg))
+    monkeypatch.setattr(evaluate_module, "load_trained",
+                        lambda checkpoint, given: Trained(torch.nn.Identity(), cfg, Path("x")))
     with pytest.raises(ShardError, match="truncated"):
         evaluate_module.evaluate("ckpt", None, ["val", "train"], None)
     # the CLI: exit 2, one line naming the file and the repair

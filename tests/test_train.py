@@ -125,7 +125,7 @@ def test_eval_writes_metrics_json_and_bad_inputs(synthref_small, tmp_path, ray_c
     junk.write_bytes(b"this is not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         evaluate(junk, None, ["val"], None)
-    with pytest.raises(EvalError, match="architecture"):
+    with pytest.raises(CheckpointError, match="architecture"):
         evaluate(ckpt, load_config(None, ["model.preset=rn50"]), ["val"], None)
     with pytest.raises(EvalError, match="no shards"):
         evaluate(ckpt, None, ["nosuchsplit"], None)

@@ -16,8 +16,8 @@ from test_predict import synthref_overrides, train_tiny_checkpoint
 import run
 from gtms.config import load_config
 from gtms.data.pipeline import spec_for, stack_samples
-from gtms.infer.predict import load_for_inference
 from gtms.infer.visualize import collect_samples
+from gtms.train.checkpoint import load_trained
 from gtms.train.step import new_meters, validation_step
 from gtms.viz import PANEL_TITLES, sample_panels
 
@@ -81,7 +81,7 @@ def test_visualize_all_sentences_seed_and_bad_split(checkpoint, tmp_path, capsys
 def test_sample_panels_grid_keeps_the_trainer_layout(synthref_small, checkpoint):
     """The TensorBoard grid (``sample_panels``) stays at the input size, one row per sample."""
     cfg = load_config(REPO_CONFIG, synthref_overrides(synthref_small) + ["data.input_size=64"])
-    model, cfg = load_for_inference(checkpoint, cfg)
+    model, cfg, _ = load_trained(checkpoint, cfg)
     spec = spec_for("val", input_size=64, word_len=17, mode="forest-gradcam", seed=0)
     samples, _ = collect_samples(str(synthref_small), "val", spec, 2)
     batch = stack_samples(samples, spec)

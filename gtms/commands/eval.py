@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gtms.commands.common import NO_CONFIG, add_checkpoint_config_flags
+from gtms.commands.common import add_checkpoint_config_flags
 
 
 def register(subparsers) -> None:
@@ -31,27 +31,14 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gtms.config import config_from_dict, load_config
     from gtms.eval.evaluate import evaluate, format_table
-    from gtms.train.checkpoint import (
-        is_gtms_checkpoint,
-        load_checkpoint,
-        resolve_checkpoint_file,
-    )
+    from gtms.train.checkpoint import load_trained
 
-    file = resolve_checkpoint_file(args.checkpoint)
-    cfg = None
-    if args.config is not None and args.config.lower() not in NO_CONFIG:
-        cfg = load_config(args.config, args.overrides)
-    elif args.overrides:
-        payload = load_checkpoint(file)
-        stored = payload["config"] if is_gtms_checkpoint(payload) else {}
-        cfg = config_from_dict(stored, f"{file} (stored config)", args.overrides)
+    trained = load_trained(args.checkpoint, args.config, args.overrides)
     splits = args.splits.split(",") if args.splits else None
-    out = Path(args.out) if args.out else file.parent / "eval.json"
-    report = evaluate(file, cfg, splits, out, address=args.address)
+    out = Path(args.out) if args.out else trained.file.parent / "eval.json"
+    report = evaluate(trained, splits=splits, out=out, address=args.address)
     print(f"\n{report['dataset']} ({report['root']}), threshold {report['threshold']}")
     print(format_table(report["splits"]))
     print(f"\nmetrics written to {out}")
     return 0
-

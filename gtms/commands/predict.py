@@ -60,7 +60,6 @@ def run(args: argparse.Namespace) -> int:
     from gtms.infer.predict import (
         InferenceError,
         Predictor,
-        config_for_checkpoint,
         pair_requests,
         pick_device,
         predict_pairs,
@@ -80,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"data.input_size={args.input_size}")
     if args.max_image_pixels is not None:
         overrides.append(f"data.max_image_pixels={args.max_image_pixels}")
-    cfg = config_for_checkpoint(args.checkpoint, args.config, overrides)
-    predictor = Predictor.from_checkpoint(args.checkpoint, cfg, device=pick_device(args.device))
+    predictor = Predictor.from_checkpoint(args.checkpoint, args.config, overrides,
+                                          device=pick_device(args.device))
     print(f"predicting {len(requests)} pair(s) on {predictor.device}: input {predictor.input_size}"
           f", threshold {predictor.threshold}, batch {args.batch_size}", flush=True)
 

@@ -42,14 +42,12 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gtms.data.roots import prepare_data_root
-    from gtms.infer.predict import config_for_checkpoint, load_for_inference, pick_device
+    from gtms.infer.predict import pick_device
     from gtms.infer.visualize import visualize
-    from gtms.train.checkpoint import resolve_checkpoint_file
+    from gtms.train.checkpoint import load_trained
 
-    file = resolve_checkpoint_file(args.checkpoint)
     device = pick_device(args.device)
-    model, cfg = load_for_inference(file, config_for_checkpoint(file, args.config,
-                                                                args.overrides))
+    model, cfg, file = load_trained(args.checkpoint, args.config, args.overrides)
     model.to(device)
     split = args.split or cfg.data.val_split
     root = prepare_data_root(cfg)

@@ -17,61 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from gtms.config import Config, config_from_dict
+from gtms.config import Config
 from gtms.data.pipeline import PoolSpec, build_dataset, drop_skipped, spec_for
 from gtms.data.shards import verify_shards
 from gtms.errors import UserError
 from gtms.eval.metrics import PREC_THRESHOLDS, SegmentationMeter, score_prediction
-from gtms.model.build import CRISArch, build_from_arch, build_model
-from gtms.train.checkpoint import CheckpointError, is_gtms_checkpoint, load_checkpoint
+from gtms.train.checkpoint import Trained, load_trained
 
 
 class EvalError(UserError, ValueError):
     """Evaluation cannot run (empty split, config that does not fit the checkpoint)."""
-
-
-def load_model_for_eval(checkpoint: str | Path, cfg: Config | None) -> tuple[torch.nn.Module,
-                                                                              Config]:
-    """Build the model a checkpoint needs and load it.
-
-    Our checkpoints carry their config: it is used unless ``cfg`` is given, and a ``cfg`` whose
-    model preset or word length differs from the checkpoint's is refused. A CRIS-layout
-    checkpoint (``state_dict``, optional ``module.`` prefix) is built from ``cfg`` (or the
-    defaults) and loaded strictly.
-    """
-    payload = load_checkpoint(checkpoint)
-    if is_gtms_checkpoint(payload):
-        trained = config_from_dict(payload["config"], f"{checkpoint} (stored config)")
-        if cfg is not None:
-            for section, key in (("model", "preset"), ("data", "word_len"),
-                                 ("data", "input_size")):
-                want, have = getattr(getattr(trained, section), key), \
-                    getattr(getattr(cfg, section), key)
-                if want != have and (section, key) != ("data", "input_size"):
-                    raise EvalError(f"config does not match the checkpoint's architecture: "
-                                    f"{section}.{key} is {have!r} but {checkpoint} was trained "
-                                    f"with {want!r}")
-        use = cfg or trained
-        if payload.get("arch"):  # exact shapes, also for CLIP weights of non-standard sizes
-            model = build_from_arch(CRISArch.from_dict(payload["arch"]))
-        else:
-            model = build_model(trained.model.preset, word_len=trained.data.word_len)
-        try:
-            model.load_state_dict(payload["model"])
-        except RuntimeError as err:
-            raise CheckpointError(f"{checkpoint} does not fit preset "
-                                  f"{trained.model.preset!r}: {str(err)[:500]}") from None
-        return model, use
-    use = cfg or Config()
-    model = build_model(use.model.preset, word_len=use.data.word_len,
-                        init_checkpoint=str(_checkpoint_file(checkpoint)))
-    return model, use
-
-
-def _checkpoint_file(path: str | Path) -> Path:
-    from gtms.train.checkpoint import resolve_checkpoint_file
-
-    return resolve_checkpoint_file(path)
 
 
 @torch.no_grad()
@@ -154,12 +109,16 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(checkpoint: str | Path, cfg: Config | None, splits: list[str] | None,
-             out: str | Path | None, address: str | None = None) -> dict[str, Any]:
+def evaluate(checkpoint: str | Path | Trained, cfg: Config | str | None = None,
+             splits: list[str] | None = None, out: str | Path | None = None,
+             address: str | None = None) -> dict[str, Any]:
+    """Score ``checkpoint`` (a path, or what :func:`load_trained` returned) on ``splits``
+    (default ``data.eval_splits``); write the report to ``out`` when given."""
     from gtms.data.roots import prepare_data_root
     from gtms.runtime import init_ray
 
-    model, cfg = load_model_for_eval(checkpoint, cfg)
+    trained = checkpoint if isinstance(checkpoint, Trained) else load_trained(checkpoint, cfg)
+    model, cfg = trained.model, trained.config
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     root = prepare_data_root(cfg)
@@ -173,7 +132,7 @@ def evaluate(checkpoint: str | Path, cfg: Config | None, splits: list[str] | Non
     results = {}
     for split in splits:
         results[split] = evaluate_split(model, cfg, root, split, device=device, pool=pool)
-    report = {"checkpoint": str(checkpoint), "dataset": cfg.data.dataset, "root": root,
+    report = {"checkpoint": str(trained.file), "dataset": cfg.data.dataset, "root": root,
               "threshold": cfg.train.threshold, "input_size": cfg.data.input_size,
               "splits": results}
     if out is not None:

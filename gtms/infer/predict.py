@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 
-from gtms.config import Config, config_from_dict, load_config
+from gtms.config import Config
 from gtms.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageHeaderError,
@@ -33,14 +33,7 @@ from gtms.data.images import (
 from gtms.data.tokenizer import ClipTokenizer, is_empty_expression
 from gtms.data.transforms import ImageDecodeError, Letterbox, decode_image, normalize
 from gtms.errors import UserError
-from gtms.eval.evaluate import load_model_for_eval
-from gtms.model.weights import CheckpointError as WeightsError
-from gtms.train.checkpoint import (
-    CheckpointError,
-    is_gtms_checkpoint,
-    load_checkpoint,
-    resolve_checkpoint_file,
-)
+from gtms.train.checkpoint import load_trained
 from gtms.viz import overlay_mask, write_png
 
 RECORDS_FILE = "predictions.jsonl"
@@ -54,25 +47,7 @@ class PairError(ValueError):
     """One image + sentence pair cannot be used; the message says why."""
 
 
-# --------------------------------------------------------------------------- model + config
-
-
-def config_for_checkpoint(checkpoint: str | Path, config: str | None,
-                          overrides: Sequence[str]) -> Config | None:
-    """The config to run a checkpoint with, as ``run.py eval`` resolves it.
-
-    ``config`` (a YAML path) wins; otherwise ``overrides`` are applied to the config stored in
-    one of our checkpoints (the defaults for a CRIS-layout one); neither -> ``None``, i.e. the
-    checkpoint's own config.
-    """
-    if config is not None and config.lower() not in ("", "none"):
-        return load_config(config, list(overrides))
-    if not overrides:
-        return None
-    file = resolve_checkpoint_file(checkpoint)
-    payload = load_checkpoint(file)
-    stored = payload["config"] if is_gtms_checkpoint(payload) else {}
-    return config_from_dict(stored, f"{file} (stored config)", list(overrides))
+# --------------------------------------------------------------------------- device
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -86,15 +61,6 @@ def pick_device(name: str | None = None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InferenceError(f"--device {name}: CUDA is not available on this machine")
     return device
-
-
-def load_for_inference(checkpoint: str | Path,
-                       cfg: Config | None) -> tuple[torch.nn.Module, Config]:
-    """:func:`gtms.eval.evaluate.load_model_for_eval`, with every refusal a ``UserError``."""
-    try:
-        return load_model_for_eval(checkpoint, cfg)
-    except WeightsError as err:  # CRIS-layout file that does not fit the config's preset
-        raise CheckpointError(str(err)) from None
 
 
 # --------------------------------------------------------------------------- the predictor
@@ -125,12 +91,13 @@ class Predictor:
         self.tokenizer = ClipTokenizer()
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, cfg: Config | None = None, *,
+    def from_checkpoint(cls, checkpoint: str | Path, config: str | Path | Config | None = None,
+                        overrides: Sequence[str] = (), *,
                         device: torch.device | None = None) -> Predictor:
-        """Input size, word length, threshold and image pixel limit come from ``cfg`` or the
-        checkpoint's own config (``data.input_size``, ``data.word_len``, ``train.threshold``,
-        ``data.max_image_pixels``)."""
-        model, cfg = load_for_inference(checkpoint, cfg)
+        """Input size, word length, threshold and image pixel limit come from the config that
+        :func:`~gtms.train.checkpoint.load_trained` resolves (``data.input_size``,
+        ``data.word_len``, ``train.threshold``, ``data.max_image_pixels``)."""
+        model, cfg, _ = load_trained(checkpoint, config, overrides)
         return cls(model, input_size=cfg.data.input_size, word_len=cfg.data.word_len,
                    threshold=cfg.train.threshold, device=device or pick_device(),
                    max_image_pixels=cfg.data.max_image_pixels)

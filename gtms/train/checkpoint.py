@@ -1,4 +1,6 @@
-"""Our training checkpoints: one ``model.pt`` holding everything needed to resume or evaluate.
+"""Checkpoint -> (model, config), in one place: our training checkpoints and CRIS-layout ones.
+
+Our checkpoints are one ``model.pt`` holding everything needed to resume or evaluate.
 
 Keys: ``model`` (CRIS-named state dict, no ``module.`` prefix), ``optimizer``, ``scheduler``,
 ``scaler`` (AMP, may be None), ``epoch`` (last finished), ``step`` (global iteration), ``config``
@@ -11,19 +13,25 @@ executing.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from gtms.errors import UserError
+from gtms.config import Config, config_from_dict, load_config
+from gtms.model.weights import CheckpointError
 
 FORMAT = "gtms-checkpoint-v1"
 FILENAME = "model.pt"
 
 
-class CheckpointError(UserError, ValueError):
-    """A checkpoint is missing, unreadable or does not fit."""
+NO_CONFIG = ("", "none")
+# Keys a given config must share with the checkpoint it runs (the input size may change).
+ARCH_KEYS = (("model", "preset"), ("data", "word_len"))
+
+__all__ = ["FILENAME", "FORMAT", "CheckpointError", "Trained", "is_gtms_checkpoint",
+           "load_checkpoint", "load_trained", "resolve_checkpoint_file", "save_checkpoint"]
 
 
 def resolve_checkpoint_file(path: str | Path) -> Path:
@@ -70,3 +78,63 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def is_gtms_checkpoint(payload: Any) -> bool:
     return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+class Trained(NamedTuple):
+    """A checkpoint ready to run: the model with its weights, its config, the local file."""
+
+    model: torch.nn.Module
+    config: Config
+    file: Path
+
+
+def load_trained(checkpoint: str | Path, config: str | Path | Config | None = None,
+                 overrides: Sequence[str] = ()) -> Trained:
+    """The model a checkpoint needs, loaded, and the config to run it with.
+
+    The config: ``config`` when it is a :class:`Config`, or a YAML path (plus ``overrides``);
+    else the config stored in one of our checkpoints (the built-in defaults for a CRIS-layout
+    one) with ``overrides`` applied. A config whose ``model.preset`` or ``data.word_len``
+    differs from the checkpoint's is refused. Our checkpoints rebuild their exact architecture
+    (``arch``); a CRIS-layout checkpoint (``state_dict``, optional ``module.`` prefix) is built
+    from the config's preset and loaded strictly. Every refusal is a :class:`CheckpointError`.
+    """
+    file = resolve_checkpoint_file(checkpoint)
+    payload = load_checkpoint(file)
+    ours = is_gtms_checkpoint(payload)
+    stored = config_from_dict(payload["config"], f"{file} (stored config)") if ours else None
+    if isinstance(config, Config):
+        cfg = config
+    elif config is not None and str(config).lower() not in NO_CONFIG:
+        cfg = load_config(config, list(overrides))
+    elif overrides:
+        cfg = config_from_dict(payload["config"] if ours else {}, f"{file} (stored config)",
+                               list(overrides))
+    else:
+        cfg = stored or Config()
+    if not ours:
+        return Trained(_build_cris_layout(file, cfg), cfg, file)
+    for section, key in ARCH_KEYS:
+        want, have = (getattr(getattr(c, section), key) for c in (stored, cfg))
+        if want != have:
+            raise CheckpointError(f"config does not match the checkpoint's architecture: "
+                                  f"{section}.{key} is {have!r} but {file} was trained with "
+                                  f"{want!r}")
+    from gtms.model.build import CRISArch, build_from_arch, build_model
+
+    if payload.get("arch"):  # exact shapes, also for CLIP weights of non-standard sizes
+        model = build_from_arch(CRISArch.from_dict(payload["arch"]))
+    else:
+        model = build_model(stored.model.preset, word_len=stored.data.word_len)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{file} does not fit preset {stored.model.preset!r}: "
+                              f"{str(err)[:500]}") from None
+    return Trained(model, cfg, file)
+
+
+def _build_cris_layout(file: Path, cfg: Config) -> torch.nn.Module:
+    from gtms.model.build import build_model
+
+    return build_model(cfg.model.preset, word_len=cfg.data.word_len, init_checkpoint=str(file))

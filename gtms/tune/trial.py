@@ -37,7 +37,7 @@ def run_trial(config: dict[str, Any]) -> None:
     summary = fit(cfg, resume=resume, callbacks=(TuneReportCallback(),))
     final = dict(summary["final"] or {})
     splits = list(config.get("splits") or [])
-    report = evaluate(summary["best_checkpoint"], cfg, splits, None) if splits else \
+    report = evaluate(summary["best_checkpoint"], cfg, splits) if splits else \
         {"splits": {}}
     for split, metrics in report["splits"].items():
         final[f"{split}_mean_iou"] = metrics["mean_iou"]
