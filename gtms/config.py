@@ -358,7 +358,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dic
     if not isinstance(doc, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, not {type(doc).__name__}")
     layers: list[tuple[Path, dict]] = []
-    doc.pop("sweep", None)  # a sweep's search space: read by gtms.tune.sweep, not a config key
+    doc = dict(doc)
     base = doc.pop("extends", None)
     if base is not None:
         if not isinstance(base, str):
@@ -369,6 +369,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dic
 
 def _merge_layer(merged: dict, sources: dict, doc: dict, where: str) -> None:
     for section, values in doc.items():
+        if section == "sweep":  # a sweep's search space: read by sweep_section, not config keys
+            continue
         if section not in SECTIONS:
             raise ConfigError(f"unknown section '{section}' in {where}; allowed sections: "
                               f"{', '.join(SECTIONS)} (and 'extends', 'sweep')")
@@ -379,26 +381,56 @@ def _merge_layer(merged: dict, sources: dict, doc: dict, where: str) -> None:
             sources[section][key] = where
 
 
+def split_key(dotted: str, where: str = "--set") -> tuple[str, str]:
+    """``section.key`` -> ``(section, key)``; the one parser of dotted names (``--set``, sweep
+    spaces, Tune trial parameters). An unknown section or key is a :class:`ConfigError`."""
+    section, dot, key = str(dotted).strip().partition(".")
+    if not dot or not key:
+        raise ConfigError(f"{where}: expected section.key (e.g. pseudo.sigma), got {dotted!r}")
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown section '{section}' in {where}; allowed sections: "
+                          f"{', '.join(SECTIONS)}")
+    fields = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    if key not in fields:
+        raise ConfigError(f"unknown key '{section}.{key}' in {where}; allowed keys in "
+                          f"'{section}': {', '.join(fields)}")
+    return section, key
+
+
 def parse_override(text: str) -> tuple[str, str, str]:
     """Split ``section.key=value``."""
     name, sep, value = text.partition("=")
-    section, dot, key = name.strip().partition(".")
-    if not sep or not dot or not key:
+    if not sep or "." not in name:
         raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    section, key = split_key(name, "--set")
     return section, key, value
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Resolve defaults <- extends chain <- file <- ``--set`` overrides into a :class:`Config`."""
+def _resolve(layers: typing.Iterable[tuple[dict, str]], overrides: typing.Sequence[str]) -> Config:
+    """Defaults <- each ``(mapping, where)`` layer in order <- ``--set`` overrides."""
     merged: dict[str, dict] = {s: {} for s in SECTIONS}
     sources: dict[str, dict] = {s: {} for s in SECTIONS}
-    if path is not None:
-        for file, doc in _read_yaml(Path(path).resolve()):
-            _merge_layer(merged, sources, doc, str(file))
+    for doc, where in layers:
+        _merge_layer(merged, sources, doc, where)
     for text in overrides:
         section, key, value = parse_override(text)
         _merge_layer(merged, sources, {section: {key: value}}, "--set")
     return Config(**{s: _build_section(s, merged[s], sources[s]) for s in SECTIONS})
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Resolve defaults <- extends chain <- file <- ``--set`` overrides into a :class:`Config`."""
+    layers = _read_yaml(Path(path).resolve()) if path is not None else []
+    return _resolve(((doc, str(file)) for file, doc in layers), overrides)
+
+
+def sweep_section(path: str | Path) -> tuple[Any, Path] | None:
+    """The ``sweep:`` section of ``path`` or of the nearest file it extends, with that file;
+    read by the same reader as the config (UTF-8, no duplicate keys, ``extends`` cycles)."""
+    for file, doc in reversed(_read_yaml(Path(path).resolve())):
+        if "sweep" in doc:
+            return doc["sweep"], file
+    return None
 
 
 def config_from_dict(doc: dict, where: str = "<dict>",
@@ -406,13 +438,7 @@ def config_from_dict(doc: dict, where: str = "<dict>",
     """Build a Config from a nested mapping (e.g. a checkpoint's saved config) and overrides."""
     if not isinstance(doc, dict):
         raise ConfigError(f"{where} must hold a mapping of sections, not {type(doc).__name__}")
-    merged: dict[str, dict] = {s: {} for s in SECTIONS}
-    sources: dict[str, dict] = {s: {} for s in SECTIONS}
-    _merge_layer(merged, sources, doc, where)
-    for text in overrides:
-        section, key, value = parse_override(text)
-        _merge_layer(merged, sources, {section: {key: value}}, "--set")
-    return Config(**{s: _build_section(s, merged[s], sources[s]) for s in SECTIONS})
+    return _resolve([(doc, where)], overrides)
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -29,7 +29,13 @@ def test_every_sweep_file_validates(path):
 def test_sweep_spec_errors(tmp_path):
     base = "extends: " + str(REPO / "experiments" / "synthref.yaml") + "\n"
     cases = {
-        "sweep:\n  space:\n    pseudo.sigmaa: {grid: [1]}\n": "not a config key",
+        "sweep:\n  space:\n    pseudo.sigmaa: {grid: [1]}\n": "unknown key 'pseudo.sigmaa'",
+        "sweep:\n  space:\n    sigma: {grid: [1]}\n": "expected section.key",
+        "sweep:\n  num_samples: '3'\n  space:\n    pseudo.sigma: {grid: [1]}\n":
+            "'sweep.num_samples'",
+        "sweep:\n  max_concurrent_trials: 0\n  space:\n    pseudo.sigma: {grid: [1]}\n":
+            "integer >= 1",
+        "sweep:\n  mode: best\n  space:\n    pseudo.sigma: {grid: [1]}\n": "max or min",
         "sweep:\n  space:\n    pseudo.sigma: {normal: [1, 2]}\n": "must be one of",
         "sweep:\n  space:\n    pseudo.sigma: {uniform: [1]}\n": "[low, high]",
         "sweep:\n  space:\n    loss.mode: {grid: [tree, nope]}\n": "'loss.mode'",
@@ -44,6 +50,11 @@ def test_sweep_spec_errors(tmp_path):
         with pytest.raises(ConfigError) as info:
             load_sweep(path)
         assert needle in str(info.value), (text, str(info.value))
+    # the section comes from the nearest file of the extends chain that has one
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {tmp_path / 's0.yaml'}\nsweep:\n  space:\n"
+                     "    optim.lr: {grid: [0.001]}\n")
+    assert list(load_sweep(child)[1].space) == ["optim.lr"]
     path = tmp_path / "none.yaml"
     path.write_text(base)
     with pytest.raises(ConfigError, match="no 'sweep:' section"):

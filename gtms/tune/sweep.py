@@ -21,7 +21,6 @@ Distributions: ``grid`` (every value), ``choice``, ``uniform``, ``loguniform``, 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +29,13 @@ from typing import Any
 import yaml
 
 from gtms.config import (
-    SECTIONS,
     Config,
     ConfigError,
     config_to_dict,
     load_config,
-    read_yaml_file,
     replace,
+    split_key,
+    sweep_section,
 )
 from gtms.tune.ablation import TuneError, build_or_restore_tuner, trial_resources
 
@@ -58,21 +57,35 @@ class SweepSpec:
     source: str = field(default="", compare=False)
 
 
-def _sweep_section(path: Path) -> dict:
-    """The ``sweep`` section of ``path`` or of the nearest file it extends."""
-    doc = read_yaml_file(path) or {}
-    if "sweep" in doc:
-        return doc["sweep"]
-    if "extends" in doc:
-        return _sweep_section((path.parent / doc["extends"]).resolve())
-    raise ConfigError(f"{path} has no 'sweep:' section (see gtms/tune/sweep.py for the format)")
+# Scalar keys of the sweep section: type and the check each value must pass.
+SWEEP_SCALARS: dict[str, tuple[type, Any, str]] = {
+    "metric": (str, bool, "a metric name"),
+    "mode": (str, lambda v: v in ("max", "min"), "max or min"),
+    "num_samples": (int, lambda v: v >= 1, "an integer >= 1"),
+    "max_concurrent_trials": (int, lambda v: v >= 1, "an integer >= 1"),
+    "scheduler": (str, lambda v: v in ("none", "asha"), "none or asha"),
+    "grace_period": (int, lambda v: v >= 1, "an integer >= 1"),
+    "reduction_factor": (int, lambda v: v >= 2, "an integer >= 2"),
+}
+
+
+def _check_scalar(key: str, value: Any, path: Path) -> Any:
+    kind, ok, expected = SWEEP_SCALARS[key]
+    if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
+        raise ConfigError(f"bad value for 'sweep.{key}' in {path}: {value!r}; expected "
+                          f"{expected}")
+    return value
 
 
 def load_sweep(path: str | Path) -> tuple[Config, SweepSpec]:
     """The base config and the validated search space of a sweep file."""
     path = Path(path).resolve()
     cfg = load_config(path)
-    section = _sweep_section(path)
+    found = sweep_section(path)
+    if found is None:
+        raise ConfigError(f"{path} has no 'sweep:' section (see gtms/tune/sweep.py for the "
+                          "format)")
+    section, path = found
     where = f"'sweep' in {path}"
     if not isinstance(section, dict):
         raise ConfigError(f"{where} must be a mapping")
@@ -82,11 +95,7 @@ def load_sweep(path: str | Path) -> tuple[Config, SweepSpec]:
                               f"{', '.join(SWEEP_KEYS)}")
     space = {}
     for dotted, dist in (section.get("space") or {}).items():
-        sec, _, key = str(dotted).partition(".")
-        fields = [f.name for f in dataclasses.fields(SECTIONS[sec])] if sec in SECTIONS else []
-        if key not in fields:
-            raise ConfigError(f"sweep.space key '{dotted}' in {path} is not a config key "
-                              "(expected section.key, e.g. pseudo.sigma)")
+        sec, key = split_key(dotted, f"sweep.space of {path}")
         if not (isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in DISTRIBUTIONS):
             raise ConfigError(f"sweep.space.{dotted} in {path} must be one of "
                               f"{{{' | '.join(d + ': [...]' for d in DISTRIBUTIONS)}}}")
@@ -100,11 +109,8 @@ def load_sweep(path: str | Path) -> tuple[Config, SweepSpec]:
         space[str(dotted)] = (kind, values)
     if not space:
         raise ConfigError(f"{where} has an empty 'space'")
-    spec = SweepSpec(space=space, source=str(path), **{k: v for k, v in section.items()
-                                                       if k != "space"})
-    if spec.mode not in ("max", "min") or spec.scheduler not in ("none", "asha"):
-        raise ConfigError(f"{where}: mode must be max|min and scheduler none|asha")
-    return cfg, spec
+    scalars = {k: _check_scalar(k, v, path) for k, v in section.items() if k != "space"}
+    return cfg, SweepSpec(space=space, source=str(path), **scalars)
 
 
 def tune_space(spec: SweepSpec) -> dict[str, Any]:

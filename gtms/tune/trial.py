@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gtms.config import config_from_dict, replace
+from gtms.config import config_from_dict, replace, split_key
 
 
 def apply_params(base: dict, params: dict[str, Any]):
     """``base`` (a config dict) with ``{"section.key": value}`` changes, validated."""
     changes: dict[str, dict] = {}
     for dotted, value in params.items():
-        section, _, key = dotted.partition(".")
+        section, key = split_key(dotted, "a trial parameter")
         changes.setdefault(section, {})[key] = value
     return replace(config_from_dict(base, "<trial base config>"), **changes)
 
