@@ -160,3 +160,4 @@ def test_pretrain_on_ray_train_with_two_workers(synthref_small, small_data, tmp_
     key = "visual.attnpool.positional_embedding"
     assert torch.equal(model.backbone.state_dict()[key], state[key])
     assert 0 <= report["after"]["R@1"] <= report["after"]["R@5"] <= 1
+    assert not (tmp_path / "synthclip" / "ray").exists()  # Ray's run copy is not kept

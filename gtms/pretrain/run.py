@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -193,7 +194,10 @@ def _run_ray(cfg: Config, loop_config: dict, out: Path, address: str | None) -> 
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
-        return read_checkpoint(folder)
+        weights = read_checkpoint(folder)
+    if not is_uri(str(out)):  # Ray's copy of the run: the weights now live in clip.pt
+        shutil.rmtree(out / "ray", ignore_errors=True)
+    return weights
 
 
 def _say(text: str) -> None:
