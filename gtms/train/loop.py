@@ -67,58 +67,79 @@ def _mean_terms(sums: dict[str, float], count: int) -> dict[str, float]:
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
+def gamma_for(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """The weight of L_pix at global ``step`` under the config's schedule (Eq. 8)."""
+    return gamma_at(step, steps_per_epoch, gamma_max=cfg.loss.gamma_max,
+                    warmup_epochs=cfg.loss.gamma_warmup_epochs, shape=cfg.loss.gamma_schedule,
+                    delay_epochs=cfg.loss.gamma_delay_epochs)
+
+
+class TimedBatches:
+    """Iterate ``batches`` and measure the time spent waiting for each one (``waited``, s) and
+    the time from ``start`` to the first batch (``startup``, s)."""
+
+    def __init__(self, batches: Iterable[dict[str, Any]], start: float):
+        self._iter, self.start = iter(batches), start
+        self.waited = 0.0
+        self.startup: float | None = None
+
+    def __iter__(self):
+        while True:
+            before = time.perf_counter()
+            batch = next(self._iter, None)
+            now = time.perf_counter()
+            self.waited += now - before
+            if batch is None:
+                return
+            if self.startup is None:
+                self.startup = now - self.start
+            yield batch
+
+
+def optimizer_step(model, optimizer, scaler, loss: torch.Tensor, grad_clip: float) -> None:
+    """Backward, optional gradient clipping and the update; with AMP when ``scaler`` is set."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clipping sees true gradients
+    else:
+        loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, epoch: int,
                     step: int, steps_per_epoch: int, log,
                     epoch_start: float | None = None) -> tuple[int, dict[str, float]]:
     """One pass over this worker's shard. Returns (global step, mean loss terms + throughput).
 
-    ``startup_s`` is the time from ``epoch_start`` (default: now) to the first batch.
+    ``startup_s`` is the time from ``epoch_start`` (default: now) to the first batch;
+    ``data_wait`` the share of the epoch spent waiting for batches.
     """
     model.train()
     sums: dict[str, float] = {}
     batches = samples = 0
     start = time.perf_counter()
-    epoch_start = start if epoch_start is None else epoch_start
-    first_batch_at = None
-    amp = scaler is not None
+    timed = TimedBatches(ctx.train_batches(epoch, cfg.train.batch_size),
+                         start if epoch_start is None else epoch_start)
     # Uneven shards (every ref exactly once per epoch) are handled by DDP's join().
     joiner = model.join() if hasattr(model, "join") else contextlib.nullcontext()
-    data_wait = 0.0
     with joiner:
-        batch_iter = iter(ctx.train_batches(epoch, cfg.train.batch_size))
-        while True:
-            waited = time.perf_counter()
-            batch = next(batch_iter, None)
-            data_wait += time.perf_counter() - waited
-            if batch is None:
-                break
-            if first_batch_at is None:
-                first_batch_at = time.perf_counter()
+        for batch in timed:
             batch = to_device(batch, ctx.device)
-            gamma = gamma_at(step, steps_per_epoch, gamma_max=cfg.loss.gamma_max,
-                             warmup_epochs=cfg.loss.gamma_warmup_epochs,
-                             shape=cfg.loss.gamma_schedule,
-                             delay_epochs=cfg.loss.gamma_delay_epochs)
-            with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=amp):
-                result = compute_losses(model, batch, mode=cfg.loss.mode,
-                                        sigma=cfg.pseudo.sigma, gamma=gamma,
+            with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=scaler is not None):
+                result = compute_losses(model, batch, mode=cfg.loss.mode, sigma=cfg.pseudo.sigma,
+                                        gamma=gamma_for(cfg, step, steps_per_epoch),
                                         binarize_at=cfg.pseudo.binarize_at)
-            optimizer.zero_grad(set_to_none=True)
             loss = result.terms["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}")
-            if amp:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            if amp:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            optimizer_step(model, optimizer, scaler, loss, cfg.optim.grad_clip)
             terms = {k: float(v.detach()) for k, v in result.terms.items()}
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -130,13 +151,10 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
     seconds = time.perf_counter() - start
     stats = _mean_terms(sums, batches)
     if get_mode(cfg.loss.mode).pseudo_label:  # gamma weighs L_pix, which only these modes have
-        stats["gamma"] = gamma_at(step, steps_per_epoch, gamma_max=cfg.loss.gamma_max,
-                                  warmup_epochs=cfg.loss.gamma_warmup_epochs,
-                                  shape=cfg.loss.gamma_schedule,
-                             delay_epochs=cfg.loss.gamma_delay_epochs)
+        stats["gamma"] = gamma_for(cfg, step, steps_per_epoch)
+    startup = timed.startup if timed.startup is not None else time.perf_counter() - timed.start
     stats.update(samples=samples, seconds=seconds, samples_per_s=samples / max(seconds, 1e-9),
-                 data_wait=data_wait / max(seconds, 1e-9),
-                 startup_s=(first_batch_at or time.perf_counter()) - epoch_start)
+                 data_wait=timed.waited / max(seconds, 1e-9), startup_s=startup)
     return step, stats
 
 
