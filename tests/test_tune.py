@@ -11,6 +11,7 @@ import pytest
 
 import run
 from gtms.config import ConfigError, load_config
+from gtms.errors import UserError
 from gtms.tune.plot import plot_ablation, read_curves
 from gtms.tune.sweep import load_sweep
 from gtms.tune.table import collect, markdown, ordering_verdict, write_tables
@@ -59,6 +60,35 @@ def test_sweep_spec_errors(tmp_path):
     path.write_text(base)
     with pytest.raises(ConfigError, match="no 'sweep:' section"):
         load_sweep(path)
+
+
+def test_report_of_an_unfinished_ablation(tmp_path):
+    """--report: the finished, evaluated trials make the table; the others are left out."""
+    from gtms.config import Config, config_to_dict
+    from gtms.tune.ablation import report_ablation
+
+    base = config_to_dict(Config())
+    for i, (mode, evaluated) in enumerate([("box-lloc", 1), ("box-lloc", 1), ("tree", None)]):
+        run_dir = tmp_path / "trials" / f"t{i}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_mean_iou": 0.2}))
+        metrics = {"config": {"base": base, "loss.mode": mode, "train.seed": i},
+                   "val_mean_iou": 0.2 + 0.1 * i, "val_overall_iou": 0.1,
+                   "testA_mean_iou": 0.3, "testA_overall_iou": 0.3,
+                   "testB_mean_iou": 0.3, "testB_overall_iou": 0.3, "run_dir": str(run_dir)}
+        if evaluated:
+            metrics["evaluated"] = evaluated
+        trial = tmp_path / "tuner" / f"run_trial_{i}"
+        trial.mkdir(parents=True)
+        (trial / "result.json").write_text(json.dumps({"epoch": 1}) + "\n" + json.dumps(metrics))
+    result = report_ablation(tmp_path, ["box-lloc", "tree", "mask-bce"])
+    assert result["table"]["box-lloc"]["val"]["mean_iou"] == pytest.approx([0.2, 0.3])
+    assert result["table"]["tree"]["val"]["mean_iou"] == []
+    assert "| box-lloc | 25.00 ± 7.07 |" in result["markdown"]
+    assert "finished seeds: box-lloc 2, tree 0, mask-bce 0" in result["markdown"]
+    assert (tmp_path / "ablation.png").is_file()
+    with pytest.raises(UserError, match="no finished trial"):
+        report_ablation(tmp_path / "empty", ["tree"])
 
 
 def test_table_mean_std_and_files(tmp_path):
@@ -145,6 +175,11 @@ def test_ablation_of_two_rows_writes_matching_tables(synthref_small, tmp_path, r
     for row in rows:
         cell = payload["rows"][row["row"]][row["split"]]
         assert float(row["mean_iou"]) == pytest.approx(cell["mean_iou"][0], abs=1e-6)
+    # --report rebuilds the same table from the Tuner's files, training nothing
+    before = payload["rows"]
+    (out / "ablation.json").unlink()
+    assert run.main(["ablate", "--report", "--rows", "box-lloc,tree", "--out", str(out)]) == 0
+    assert json.loads((out / "ablation.json").read_text())["rows"] == before
     # An existing experiment is never overwritten: it must be resumed explicitly.
     assert run.main(["ablate", "--rows", "tree", "--out", str(out), "--set",
                      f"data.root={synthref_small}", *TINY]) == 2

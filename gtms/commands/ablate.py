@@ -25,6 +25,9 @@ def register(subparsers) -> None:
                         help="experiment folder (default: <train.run_dir>/ablation-<dataset>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted ablation in --out (restores the Tuner)")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: write the tables and ablation.png from the trials "
+                             "that have finished in --out (an interrupted or running ablation)")
     parser.add_argument("--max-concurrent", type=int, default=1, metavar="N",
                         help="trials at once (default 1; raise it on a cluster)")
     parser.add_argument("--address", default=None, help="Ray cluster to join")
@@ -32,10 +35,16 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gtms.tune.ablation import run_ablation
+    from gtms.tune.ablation import report_ablation, run_ablation
 
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else Path(cfg.train.run_dir) / f"ablation-{cfg.data.dataset}"
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if args.report:
+        result = report_ablation(out, rows)
+        print("\n" + result["markdown"])
+        print(f"tables in {result['out_dir']}")
+        return 0
     result = run_ablation(cfg, rows=[r.strip() for r in args.rows.split(",") if r.strip()],
                           seeds=args.seeds, out_dir=out, resume=args.resume,
                           max_concurrent=args.max_concurrent, address=args.address)

@@ -98,11 +98,18 @@ def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: Path, res
                             for m, s, e in failed)
         raise TuneError(f"{len(failed)} trial(s) failed ({details}); fix and rerun with "
                         f"--resume --out {out_dir}")
-    table = collect(trials, rows, splits)
+    wall = round(time.time() - start, 1)
     title = (f"GTMS ablation on {cfg.data.dataset} ({cfg.model.preset}, {cfg.train.epochs} "
              f"epochs, {seeds} seed(s))")
+    return write_report(trials, rows, splits, cfg, out_dir, title=title, wall_time_s=wall)
+
+
+def write_report(trials: list[dict], rows: list[str], splits: list[str], cfg: Config,
+                 out_dir: Path, *, title: str, wall_time_s: float | None) -> dict[str, Any]:
+    """ablation.md / .csv / .json and ablation.png from finished ``trials``."""
+    table = collect(trials, rows, splits)
     text = write_tables(out_dir, table, splits, dataset=cfg.data.dataset, title=title,
-                        extra={"wall_time_s": round(time.time() - start, 1),
+                        extra={"wall_time_s": wall_time_s,
                                "trials": [{"mode": t["mode"], "seed": t["seed"],
                                            "run_dir": t["metrics"].get("run_dir"),
                                            "best_checkpoint": t["metrics"].get(
@@ -111,4 +118,42 @@ def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: Path, res
                          title=title)
     print(f"ablation: per-epoch curves in {plot}", flush=True)
     return {"markdown": text, "out_dir": str(out_dir), "table": table,
-            "wall_time_s": round(time.time() - start, 1)}
+            "wall_time_s": wall_time_s}
+
+
+def finished_trials(out_dir: Path) -> tuple[list[dict], dict]:
+    """The trials of ``out_dir`` that trained and were evaluated, read from the Tuner's
+    ``result.json`` files (their last record), and the trials' base config dict."""
+    import json
+
+    trials, base = [], None
+    for result in sorted(tuner_dir(out_dir).glob("*/result.json")):
+        lines = [line for line in result.read_text().splitlines() if line.strip()]
+        last = json.loads(lines[-1]) if lines else {}
+        config = last.get("config") or {}
+        if not last.get("evaluated") or "loss.mode" not in config:
+            continue
+        trials.append({"mode": config["loss.mode"], "seed": config["train.seed"],
+                       "metrics": last})
+        base = base or config.get("base")
+    return trials, base or {}
+
+
+def report_ablation(out_dir: Path, rows: list[str]) -> dict[str, Any]:
+    """Tables and curves of what has finished in ``out_dir`` (an ablation that was interrupted
+    or is still running): each row shows the seeds that finished; nothing is trained."""
+    from gtms.config import config_from_dict
+
+    out_dir = out_dir.resolve()
+    trials, base = finished_trials(out_dir)
+    if not trials:
+        raise TuneError(f"no finished trial under {tuner_dir(out_dir)}")
+    cfg = config_from_dict(base, f"{tuner_dir(out_dir)} (trial base config)")
+    done = {t["mode"] for t in trials}
+    rows = [r for r in rows if r in done] + [r for r in rows if r not in done]
+    seeds = {r: sorted(t["seed"] for t in trials if t["mode"] == r) for r in rows}
+    title = (f"GTMS ablation on {cfg.data.dataset} ({cfg.model.preset}, {cfg.train.epochs} "
+             f"epochs; finished seeds: "
+             + ", ".join(f"{r} {len(s)}" for r, s in seeds.items()) + ")")
+    return write_report(trials, rows, list(cfg.data.eval_splits), cfg, out_dir, title=title,
+                        wall_time_s=None)

@@ -60,7 +60,8 @@ def plot_ablation(curves: dict[str, dict[str, np.ndarray]], path: Path, *, title
     right.set(title="val mean IoU of P-hat and W against the mask", xlabel="epoch")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
