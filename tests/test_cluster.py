@@ -22,14 +22,24 @@ import pytest
 import yaml
 
 import run
-from gtms.config import RayConfig
+from gtms.config import RayConfig, load_config
 from gtms.runtime import RayStartError, init_ray
+from gtms.tune.sweep import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 LAUNCHER_CONFIGS = {"aws.yaml": "aws", "gcp.yaml": "gcp"}
 RAYJOB = "kuberay-rayjob.yaml"
 RAY_VERSION = "2.60.0"
+EXPERIMENTS = REPO / "experiments"
+# OpenAI's CLIP checkpoints: the folder in the URL is the file's SHA-256 (OpenAI's clip.py checks
+# the download against it).
+CLIP_SHA256 = {
+    "RN50.pt": "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
+    "RN101.pt": "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599",
+}
+CLIP_URL = re.compile(r"https://openaipublic\.azureedge\.net/clip/models/([0-9a-f]{64})/(\w+\.pt)")
+SHA256SUM_LINE = re.compile(r"echo \"([0-9a-f]{64})  (\w+\.pt)\" \| sha256sum -c")
 
 
 def load(name: str) -> dict:
@@ -164,6 +174,95 @@ def test_rayjob_pip_list_matches_requirements_txt():
             if line.strip() and not line.startswith("#") and not line.startswith("ray[")]
     runtime_env = yaml.safe_load(load(RAYJOB)["spec"]["runtimeEnvYAML"])
     assert runtime_env["pip"] == pins
+
+
+# --- the cluster configs and the experiments agree -------------------------------------------
+
+def downloaded_weights(name: str) -> dict[str, str]:
+    """{file name: SHA-256} of the CLIP weights a cluster config downloads, each URL's hash
+    required to equal the one `sha256sum -c` checks."""
+    text = (CLUSTER / name).read_text()
+    urls = {file: digest for digest, file in CLIP_URL.findall(text)}
+    checked = {file: digest for digest, file in SHA256SUM_LINE.findall(text)}
+    assert urls == checked, (name, urls, checked)
+    return urls
+
+
+def weights_needed() -> dict[str, set[str]]:
+    """{CLIP file name: experiment files that need it} over experiments/*.yaml."""
+    needed: dict[str, set[str]] = {}
+    for path in sorted(EXPERIMENTS.glob("*.yaml")):
+        weights = load_config(path).model.clip_weights
+        if weights:
+            needed.setdefault(Path(weights).name, set()).add(path.name)
+    return needed
+
+
+def cluster_gpus(name: str) -> int:
+    """Most GPUs the cluster can have at once."""
+    cfg = load(name)
+    if name == RAYJOB:
+        return sum(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) * g["maxReplicas"]
+                   for g in cfg["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+                   for c in g["template"]["spec"]["containers"])
+    types = [t for n, t in cfg["available_node_types"].items() if n != cfg["head_node_type"]]
+    nodes_left, gpus = cfg["max_workers"], 0
+    for node_type in sorted(types, key=lambda t: -t["resources"].get("GPU", 0)):
+        nodes = min(node_type["max_workers"], nodes_left)
+        gpus += nodes * int(node_type["resources"].get("GPU", 0))
+        nodes_left -= nodes
+    return gpus
+
+
+def test_clip_weights_urls_name_their_sha256():
+    for name in [*LAUNCHER_CONFIGS, RAYJOB]:
+        assert downloaded_weights(name) == CLIP_SHA256, name
+
+
+def test_every_cluster_config_downloads_the_weights_every_experiment_needs():
+    """RN50 for the *_rn50 experiments (Table 2's ablation, the sweeps), RN101 for *_rn101."""
+    needed = weights_needed()
+    assert "RN50.pt" in needed and "ablation_refcoco_rn50.yaml" in needed["RN50.pt"]
+    assert "RN101.pt" in needed
+    for name in [*LAUNCHER_CONFIGS, RAYJOB]:
+        missing = set(needed) - set(downloaded_weights(name))
+        assert not missing, f"{name} does not download {missing} ({needed})"
+
+
+def test_cluster_sizes_are_the_ones_the_docs_name():
+    assert {name: cluster_gpus(name) for name in [*LAUNCHER_CONFIGS, RAYJOB]} == \
+        {"aws.yaml": 4, "gcp.yaml": 4, RAYJOB: 4}
+
+
+def trial_gpus(cfg) -> float:
+    return cfg.ray.num_workers * cfg.ray.gpus_per_worker
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("sweep*.yaml")), ids=lambda p: p.name)
+def test_sweep_trials_at_once_fit_the_cluster(path):
+    cfg, spec = load_sweep(path)
+    need = trial_gpus(cfg) * spec.max_concurrent_trials
+    for name in [*LAUNCHER_CONFIGS, RAYJOB]:
+        assert need <= cluster_gpus(name), (path.name, name, need)
+
+
+MAX_CONCURRENT = re.compile(r"ablation_refcoco_rn50\.yaml[^\n]*?--max-concurrent (\d+)")
+
+
+def test_documented_ablation_concurrency_fits_the_cluster():
+    """Every `ablate ... ablation_refcoco_rn50.yaml ... --max-concurrent N` in the docs, and the
+    N in the file's own header, keeps trial GPUs x N within the cluster's GPUs."""
+    path = EXPERIMENTS / "ablation_refcoco_rn50.yaml"
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    in_header = [int(n) for n in re.findall(r"--max-concurrent (\d+)", "\n".join(header))]
+    documented = [int(n) for doc in (REPO / "README.md", CLUSTER / "README.md")
+                  for n in MAX_CONCURRENT.findall(doc.read_text().replace("\\\n", " "))]
+    assert in_header and documented
+    gpus = trial_gpus(load_config(path))
+    assert gpus == 2  # the paper trained on 2 GPUs
+    for n in in_header + documented:
+        for name in [*LAUNCHER_CONFIGS, RAYJOB]:
+            assert gpus * n <= cluster_gpus(name), (n, name)
 
 
 # --- joining a cluster: errors ----------------------------------------------------------------

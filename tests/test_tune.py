@@ -12,6 +12,7 @@ import pytest
 import run
 from gtms.config import ConfigError, load_config
 from gtms.errors import UserError
+from gtms.tune import ablation
 from gtms.tune.plot import plot_ablation, read_curves
 from gtms.tune.sweep import load_sweep
 from gtms.tune.table import collect, markdown, ordering_verdict, write_tables
@@ -146,6 +147,65 @@ def test_read_curves_and_plot(tmp_path):
     assert curves["tree"]["val_weights_mean_iou"][1, 0] == pytest.approx(0.45)
     path = plot_ablation(curves, tmp_path / "ablation.png", title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+# --- where results go: a local folder or a bucket URI (file:// stands in for s3:// / gs://) --
+
+def test_experiment_paths_keep_uris_and_make_local_folders_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert ablation.experiment_dir("s3://my-bucket/runs/x") == "s3://my-bucket/runs/x"
+    assert ablation.experiment_dir("runs/x") == str(tmp_path / "runs" / "x")
+    assert ablation.tuner_dir("gs://b/x") == "gs://b/x/tuner"
+    assert ablation.trials_dir("s3://b/x/") == "s3://b/x/trials"
+    assert ablation.trials_dir(str(tmp_path)) == str(tmp_path / "trials")
+
+
+def test_results_folder_writes_locally_or_uploads_to_a_uri(tmp_path):
+    local = tmp_path / "local"
+    with ablation.results_folder(str(local)) as folder:
+        assert folder == local and folder.is_dir()
+    remote = tmp_path / "bucket" / "ablation-refcoco"
+    with ablation.results_folder(f"file://{remote}") as folder:
+        assert folder != remote
+        (folder / "ablation.md").write_text("# table\n")
+    assert (remote / "ablation.md").read_text() == "# table\n"
+    failed = tmp_path / "bucket" / "failed"
+    with pytest.raises(RuntimeError), ablation.results_folder(f"file://{failed}") as folder:
+        (folder / "ablation.md").write_text("half\n")
+        raise RuntimeError("plot failed")
+    assert not failed.exists()  # nothing half-written is uploaded
+
+
+def test_trials_with_runs_copies_metrics_of_runs_in_a_bucket(tmp_path):
+    run_dir = tmp_path / "bucket" / "trials" / "trial-a"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "val_mean_iou": 0.4}) + "\n")
+    trials = [{"mode": "tree", "metrics": {"run_dir": f"file://{run_dir}"}},
+              {"mode": "box-lloc", "metrics": {"run_dir": str(run_dir)}}]
+    runs = ablation.trials_with_runs(trials, tmp_path / "copies")
+    assert runs[1] == {"mode": "box-lloc", "run_dir": str(run_dir)}
+    assert Path(runs[0]["run_dir"]).parent == tmp_path / "copies"
+    assert read_curves(runs)["tree"]["val_mean_iou"].tolist() == [[0.4]]
+
+
+@pytest.mark.parametrize("command,config,folder", [
+    ("ablate", "ablation_refcoco_rn50.yaml", "ablation-refcoco"),
+    ("sweep", "sweep_sigma.yaml", "sweep-sweep_sigma")])
+def test_default_out_follows_a_bucket_run_dir(command, config, folder, monkeypatch):
+    """On a cluster train.run_dir is a bucket URI; ablate/sweep results go below it."""
+    import gtms.tune.sweep
+
+    seen = {}
+
+    def fake(*args, out_dir, **kwargs):
+        seen["out"] = out_dir
+        raise ablation.TuneError("stop here")
+
+    monkeypatch.setattr(ablation, "run_ablation", fake)
+    monkeypatch.setattr(gtms.tune.sweep, "run_sweep", fake)
+    code = run.main([command, "--config", str(REPO / "experiments" / config),
+                     "--set", "train.run_dir=s3://my-bucket/runs"])
+    assert code == 2 and seen["out"] == f"s3://my-bucket/runs/{folder}"
 
 
 TINY = ["--set", "data.synthref_images=24", "--set", "data.synthref_seed=5",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from gtms.commands.common import add_config_flags, config_from_args
 from gtms.modes import ABLATION_MODES
@@ -22,7 +21,9 @@ def register(subparsers) -> None:
                         help=f"comma-separated rows (default: all: {', '.join(ABLATION_MODES)})")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per row (default 1)")
     parser.add_argument("--out", default=None, metavar="DIR",
-                        help="experiment folder (default: <train.run_dir>/ablation-<dataset>)")
+                        help="experiment folder or bucket URI (s3://, gs://, file://; a URI on "
+                             "a multi-node cluster) (default: "
+                             "<train.run_dir>/ablation-<dataset>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted ablation in --out (restores the Tuner)")
     parser.add_argument("--report", action="store_true",
@@ -35,10 +36,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gtms import storage
     from gtms.tune.ablation import report_ablation, run_ablation
 
     cfg = config_from_args(args)
-    out = Path(args.out) if args.out else Path(cfg.train.run_dir) / f"ablation-{cfg.data.dataset}"
+    out = args.out or storage.join(cfg.train.run_dir, f"ablation-{cfg.data.dataset}")
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if args.report:
         result = report_ablation(out, rows)

@@ -19,7 +19,8 @@ def register(subparsers) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override a base-config key")
     parser.add_argument("--out", default=None, metavar="DIR",
-                        help="experiment folder (default: <train.run_dir>/sweep-<file name>)")
+                        help="experiment folder or bucket URI (s3://, gs://, file://; a URI on "
+                             "a multi-node cluster) (default: <train.run_dir>/sweep-<file name>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted sweep in --out (restores the Tuner)")
     parser.add_argument("--address", default=None, help="Ray cluster to join")
@@ -27,14 +28,14 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gtms import storage
     from gtms.config import config_from_dict, config_to_dict
     from gtms.tune.sweep import load_sweep, run_sweep
 
     cfg, spec = load_sweep(args.config)
     if args.overrides:
         cfg = config_from_dict(config_to_dict(cfg), args.config, args.overrides)
-    out = Path(args.out) if args.out else \
-        Path(cfg.train.run_dir) / f"sweep-{Path(args.config).stem}"
+    out = args.out or storage.join(cfg.train.run_dir, f"sweep-{Path(args.config).stem}")
     result = run_sweep(cfg, spec, out_dir=out, resume=args.resume, address=args.address)
     print(f"\ntrials sorted by {spec.metric} ({spec.mode}):")
     for row in result["rows"]:
@@ -44,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
                            for k, v in row["params"].items())
         print(f"  {shown:>8}  after {row['epochs']} epoch(s)  {params}")
     print(f"\nbest: {result['best']['params']} -> {result['best_yaml']}")
-    print(f"run it: python run.py train --config {result['best_yaml']}")
+    if storage.is_uri(result["best_yaml"]):
+        print(f"run it: copy {result['best_yaml']} to best.yaml, then "
+              "python run.py train --config best.yaml")
+    else:
+        print(f"run it: python run.py train --config {result['best_yaml']}")
     print(f"wall time {result['wall_time_s']:.0f} s")
     return 0

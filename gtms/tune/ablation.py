@@ -2,41 +2,73 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from gtms import storage
 from gtms.config import Config, config_to_dict, replace
 from gtms.errors import UserError
 from gtms.modes import ABLATION_MODES
 from gtms.tune.plot import plot_ablation, read_curves
 from gtms.tune.table import collect, write_tables
 
+TUNER = "tuner"  # the Tuner's own folder under --out
+
 
 class TuneError(UserError, RuntimeError):
     """An ablation or sweep cannot run or finish."""
 
 
-def tuner_dir(out_dir: Path) -> Path:
-    return out_dir / "tuner"
+def experiment_dir(out: str | Path) -> str:
+    """``--out`` of ablate/sweep: a local folder made absolute, or a bucket URI (``s3://``,
+    ``gs://``, ``file://``) kept as it is. On a multi-node cluster it must be a URI (or a file
+    system mounted at the same path on every node): the trials' Ray Train runs store their
+    checkpoints below it, and Ray refuses a folder that only one node can see."""
+    return storage.absolute(str(out))
 
 
-def build_or_restore_tuner(trainable, param_space: dict, *, out_dir: Path, resume: bool,
+def tuner_dir(out_dir: str) -> str:
+    return storage.join(out_dir, TUNER)
+
+
+def trials_dir(out_dir: str) -> str:
+    """Where the trials' run folders go (``train.run_dir`` of every trial)."""
+    return storage.join(out_dir, "trials")
+
+
+@contextmanager
+def results_folder(out_dir: str) -> Iterator[Path]:
+    """A local folder to write result files into: ``out_dir`` itself, or for a URI a temporary
+    folder whose files are copied to ``out_dir`` when the block ends without error."""
+    if not storage.is_uri(out_dir):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        yield Path(out_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="gtms-results-") as tmp:
+        yield Path(tmp)
+        storage.upload_dir(Path(tmp), out_dir)
+
+
+def build_or_restore_tuner(trainable, param_space: dict, *, out_dir: str, resume: bool,
                            tune_config):
     """A new Tuner in ``out_dir/tuner``, or the interrupted one restored from there."""
     from ray import tune
 
     path = tuner_dir(out_dir)
     if resume:
-        if not tune.Tuner.can_restore(str(path)):
+        if not tune.Tuner.can_restore(path):
             raise TuneError(f"--resume: nothing to restore in {path}")
         print(f"restoring the interrupted experiment from {path}", flush=True)
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True,
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True,
                                   param_space=param_space)
-    if path.exists():
+    if storage.exists(path):
         raise TuneError(f"{path} exists; pass --resume to continue it or choose another --out")
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
-                      run_config=tune.RunConfig(name=path.name, storage_path=str(out_dir)))
+                      run_config=tune.RunConfig(name=TUNER, storage_path=out_dir))
 
 
 def trial_resources() -> dict[str, float]:
@@ -45,11 +77,23 @@ def trial_resources() -> dict[str, float]:
     return {"cpu": 0.01}
 
 
-def trials_with_runs(trials: list[dict]) -> list[dict]:
-    return [{"mode": t["mode"], "run_dir": t["metrics"]["run_dir"]} for t in trials]
+def trials_with_runs(trials: list[dict], local: Path) -> list[dict]:
+    """``mode`` and a local ``run_dir`` holding ``metrics.jsonl`` per trial: the run folder
+    itself, or for a URI a copy of its metrics.jsonl under ``local``."""
+    out = []
+    for i, trial in enumerate(trials):
+        run_dir = trial["metrics"]["run_dir"]
+        if storage.is_uri(run_dir):
+            copy = local / f"trial-{i}"
+            copy.mkdir(parents=True, exist_ok=True)
+            (copy / "metrics.jsonl").write_bytes(
+                storage.read_bytes(storage.join(run_dir, "metrics.jsonl")))
+            run_dir = str(copy)
+        out.append({"mode": trial["mode"], "run_dir": run_dir})
+    return out
 
 
-def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: Path, resume: bool,
+def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: str | Path, resume: bool,
                  max_concurrent: int, address: str | None = None) -> dict[str, Any]:
     from ray import tune
 
@@ -63,7 +107,7 @@ def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: Path, res
         raise TuneError(f"unknown ablation rows {unknown}; allowed: {', '.join(ABLATION_MODES)}")
     if seeds < 1:
         raise TuneError("--seeds must be >= 1")
-    out_dir = out_dir.resolve()
+    out_dir = experiment_dir(out_dir)
     root = prepare_data_root(cfg)
     cfg = replace(cfg, data={"root": root})
     splits = list(cfg.data.eval_splits)
@@ -73,7 +117,7 @@ def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: Path, res
     # resuming) rather than by the first trials at once.
     cfg = with_synthclip(cfg, root, address=address)
     seed_values = [cfg.train.seed + i for i in range(seeds)]
-    param_space = {"base": config_to_dict(cfg), "storage": str(out_dir / "trials"),
+    param_space = {"base": config_to_dict(cfg), "storage": trials_dir(out_dir),
                    "splits": splits, "loss.mode": tune.grid_search(rows),
                    "train.seed": tune.grid_search(seed_values)}
     trainable = tune.with_resources(run_trial, trial_resources())
@@ -105,29 +149,30 @@ def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: Path, res
 
 
 def write_report(trials: list[dict], rows: list[str], splits: list[str], cfg: Config,
-                 out_dir: Path, *, title: str, wall_time_s: float | None) -> dict[str, Any]:
-    """ablation.md / .csv / .json and ablation.png from finished ``trials``."""
+                 out_dir: str, *, title: str, wall_time_s: float | None) -> dict[str, Any]:
+    """ablation.md / .csv / .json and ablation.png from finished ``trials`` into ``out_dir``
+    (a folder or a bucket URI)."""
     table = collect(trials, rows, splits)
-    text = write_tables(out_dir, table, splits, dataset=cfg.data.dataset, title=title,
-                        extra={"wall_time_s": wall_time_s,
-                               "trials": [{"mode": t["mode"], "seed": t["seed"],
-                                           "run_dir": t["metrics"].get("run_dir"),
-                                           "best_checkpoint": t["metrics"].get(
-                                               "best_checkpoint")} for t in trials]})
-    plot = plot_ablation(read_curves(trials_with_runs(trials)), out_dir / "ablation.png",
-                         title=title)
-    print(f"ablation: per-epoch curves in {plot}", flush=True)
-    return {"markdown": text, "out_dir": str(out_dir), "table": table,
-            "wall_time_s": wall_time_s}
+    with results_folder(out_dir) as folder, tempfile.TemporaryDirectory() as curves:
+        text = write_tables(folder, table, splits, dataset=cfg.data.dataset, title=title,
+                            extra={"wall_time_s": wall_time_s,
+                                   "trials": [{"mode": t["mode"], "seed": t["seed"],
+                                               "run_dir": t["metrics"].get("run_dir"),
+                                               "best_checkpoint": t["metrics"].get(
+                                                   "best_checkpoint")} for t in trials]})
+        plot_ablation(read_curves(trials_with_runs(trials, Path(curves))),
+                      folder / "ablation.png", title=title)
+    print(f"ablation: per-epoch curves in {storage.join(out_dir, 'ablation.png')}", flush=True)
+    return {"markdown": text, "out_dir": out_dir, "table": table, "wall_time_s": wall_time_s}
 
 
-def finished_trials(out_dir: Path) -> tuple[list[dict], dict]:
-    """The trials of ``out_dir`` that trained and were evaluated, read from the Tuner's
-    ``result.json`` files (their last record), and the trials' base config dict."""
+def finished_trials(out_dir: str) -> tuple[list[dict], dict]:
+    """The trials of a local ``out_dir`` that trained and were evaluated, read from the
+    Tuner's ``result.json`` files (their last record), and the trials' base config dict."""
     import json
 
     trials, base = [], None
-    for result in sorted(tuner_dir(out_dir).glob("*/result.json")):
+    for result in sorted(Path(tuner_dir(out_dir)).glob("*/result.json")):
         lines = [line for line in result.read_text().splitlines() if line.strip()]
         last = json.loads(lines[-1]) if lines else {}
         config = last.get("config") or {}
@@ -139,12 +184,15 @@ def finished_trials(out_dir: Path) -> tuple[list[dict], dict]:
     return trials, base or {}
 
 
-def report_ablation(out_dir: Path, rows: list[str]) -> dict[str, Any]:
-    """Tables and curves of what has finished in ``out_dir`` (an ablation that was interrupted
-    or is still running): each row shows the seeds that finished; nothing is trained."""
+def report_ablation(out_dir: str | Path, rows: list[str]) -> dict[str, Any]:
+    """Tables and curves of what has finished in a local ``out_dir`` (an ablation that was
+    interrupted or is still running): each row shows the seeds that finished; nothing is
+    trained."""
     from gtms.config import config_from_dict
 
-    out_dir = out_dir.resolve()
+    if storage.is_uri(str(out_dir)):
+        raise TuneError(f"--report reads a local folder: copy {out_dir} here first")
+    out_dir = experiment_dir(out_dir)
     trials, base = finished_trials(out_dir)
     if not trials:
         raise TuneError(f"no finished trial under {tuner_dir(out_dir)}")

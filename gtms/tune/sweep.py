@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from gtms import storage
 from gtms.config import (
     Config,
     ConfigError,
@@ -37,7 +38,14 @@ from gtms.config import (
     split_key,
     sweep_section,
 )
-from gtms.tune.ablation import TuneError, build_or_restore_tuner, trial_resources
+from gtms.tune.ablation import (
+    TuneError,
+    build_or_restore_tuner,
+    experiment_dir,
+    results_folder,
+    trial_resources,
+    trials_dir,
+)
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 SWEEP_KEYS = ("metric", "mode", "num_samples", "max_concurrent_trials", "scheduler",
@@ -138,7 +146,7 @@ def overrides_yaml(cfg: Config, *, command_path: Path, metric: str, value: float
 PRETRAIN_DEPENDS_ON = ("pretrain.", "model.", "data.")
 
 
-def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: Path, resume: bool,
+def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: str | Path, resume: bool,
               address: str | None = None) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -147,7 +155,7 @@ def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: Path, resume: bool,
     from gtms.runtime import init_ray
     from gtms.tune.trial import apply_params, run_trial
 
-    out_dir = out_dir.resolve()
+    out_dir = experiment_dir(out_dir)
     cfg = replace(cfg, data={"root": prepare_data_root(cfg)})
     init_ray(cfg.ray, cli_address=address, concurrent_trials=spec.max_concurrent_trials,
              trial_cpus=trial_resources()["cpu"])
@@ -161,7 +169,7 @@ def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: Path, resume: bool,
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 1,
                                   grace_period=spec.grace_period,
                                   reduction_factor=spec.reduction_factor)
-    param_space = {"base": config_to_dict(cfg), "storage": str(out_dir / "trials"),
+    param_space = {"base": config_to_dict(cfg), "storage": trials_dir(out_dir),
                    "splits": [], **tune_space(spec)}
     tuner = build_or_restore_tuner(
         tune.with_resources(run_trial, trial_resources()), param_space, out_dir=out_dir,
@@ -183,11 +191,14 @@ def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: Path, resume: bool,
     ok.sort(key=lambda r: r[spec.metric], reverse=spec.mode == "max")
     best = ok[0]
     best_cfg = apply_params(config_to_dict(cfg), best["params"])
-    best_path = out_dir / "best.yaml"
-    best_path.write_text(overrides_yaml(best_cfg, command_path=best_path, metric=spec.metric,
-                                        value=best[spec.metric]))
+    best_path = storage.join(out_dir, "best.yaml")
+    # In a bucket the file is read after a download: its header then names the local copy.
+    command_path = Path("best.yaml") if storage.is_uri(out_dir) else Path(best_path)
+    with results_folder(out_dir) as folder:
+        (folder / "best.yaml").write_text(overrides_yaml(
+            best_cfg, command_path=command_path, metric=spec.metric, value=best[spec.metric]))
     return {"rows": sorted(rows, key=lambda r: (r[spec.metric] is None,
                                                 -(r[spec.metric] or 0) if spec.mode == "max"
                                                 else (r[spec.metric] or 0))),
-            "best": best, "best_yaml": str(best_path),
+            "best": best, "best_yaml": best_path,
             "wall_time_s": round(time.time() - start, 1)}

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from gtms import storage
 from gtms.config import config_from_dict, replace, split_key
 
 
@@ -19,9 +19,9 @@ def apply_params(base: dict, params: dict[str, Any]):
 
 def run_trial(config: dict[str, Any]) -> None:
     """Tune function trainable. ``config``: ``base`` (config dict), ``params`` (dotted keys ->
-    values), ``storage`` (folder for the trials' run folders), ``splits`` (evaluated at the end).
-    Per-epoch metrics reach Tune through ``TuneReportCallback``; the final report adds
-    ``<split>_mean_iou`` / ``<split>_overall_iou`` of the best checkpoint."""
+    values), ``storage`` (folder or bucket URI for the trials' run folders), ``splits``
+    (evaluated at the end). Per-epoch metrics reach Tune through ``TuneReportCallback``; the
+    final report adds ``<split>_mean_iou`` / ``<split>_overall_iou`` of the best checkpoint."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -31,9 +31,9 @@ def run_trial(config: dict[str, Any]) -> None:
     params = {k: v for k, v in config.items() if "." in k}
     cfg = apply_params(config["base"], {**config.get("params", {}), **params})
     name = f"trial-{tune.get_context().get_trial_id()}"
-    storage = Path(config["storage"])
-    cfg = replace(cfg, train={"run_dir": str(storage), "name": name})
-    resume = name if (storage / name / "config.yaml").is_file() else None
+    trials = config["storage"]
+    cfg = replace(cfg, train={"run_dir": trials, "name": name})
+    resume = name if storage.exists(storage.join(trials, name, "config.yaml")) else None
     summary = fit(cfg, resume=resume, callbacks=(TuneReportCallback(),))
     final = dict(summary["final"] or {})
     splits = list(config.get("splits") or [])
