@@ -68,15 +68,18 @@ def _get(m: dict, key: str) -> float:
 
 
 def print_epochs(result: dict) -> None:
+    from gtms.eval.metrics import percent
+
+    final = result["final_val_mean_iou"]
     print(f"\n{result['kind']}: wall {result['wall_s']:.1f} s, final val mean IoU "
-          f"{result['final_val_mean_iou']}")
+          f"{'-' if final is None else percent(final)}")
     print(f"  {'epoch':>5s} {'train start':>11s} {'val start':>9s} {'train s':>8s} "
-          f"{'val s':>6s} {'data wait':>9s} {'samples/s all':>13s} {'val mIoU':>8s}")
+          f"{'val s':>6s} {'data wait':>9s} {'samples/s all':>13s} {'val mIoU %':>10s}")
     for m in result["epochs"]:
-        print(f"  {m['epoch'] + 1:5d} {_get(m, 'train_startup_s'):11.2f} "
+        print(f"  {m['epoch']:5d} {_get(m, 'train_startup_s'):11.2f} "
               f"{_get(m, 'val_startup_s'):9.2f} {_get(m, 'train_seconds'):8.1f} "
               f"{_get(m, 'val_seconds'):6.1f} {100 * _get(m, 'train_data_wait'):8.1f}% "
-              f"{_get(m, 'train_samples_per_s_total'):13.1f} {_get(m, 'val_mean_iou'):8.4f}")
+              f"{_get(m, 'train_samples_per_s_total'):13.1f} {100 * _get(m, 'val_mean_iou'):10.2f}")
 
 
 def steady(result: dict, key: str) -> float:

@@ -72,6 +72,17 @@ def download_dir(remote: str, local: Path) -> None:
     fs.copy_files(inner, str(local), source_filesystem=filesystem)
 
 
+def remove_dir(path: str) -> None:
+    """Delete the folder ``path`` (local or URI) with everything in it."""
+    if not is_uri(path):
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    filesystem, inner = _fs(path)
+    filesystem.delete_dir(inner)
+
+
 class RunFolder:
     """Where a run's own files go: ``path`` locally; synced to ``remote`` when storage is a URI."""
 

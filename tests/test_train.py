@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import threading
 import time
 from pathlib import Path
@@ -38,20 +39,49 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_plain_loop_trains_checkpoints_and_resumes(synthref_small, tmp_path):
-    cfg = small_config(synthref_small, tmp_path, "train.name=plain", "train.epochs=1")
+def next_step_argv(summary: dict, command: str) -> list[str]:
+    """The printed ``python run.py COMMAND ...`` next step, as run.main's argv."""
+    (line,) = [s["command"] for s in summary["next_steps"] if f" {command} " in s["command"]]
+    argv = shlex.split(line)
+    assert argv[0] == "python" and (Path.cwd() / argv[1]).resolve() == REPO / "run.py"
+    return argv[2:]
+
+
+def tensorboard_tags(run_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in (run_dir / "tb").glob("events.out.tfevents.*"):
+        tags.update(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    return tags
+
+
+def test_plain_loop_trains_checkpoints_and_resumes(synthref_small, tmp_path, capsys):
+    # 25 refs in batches of 8: 8, 8, 8 and a single sample that joins the last batch.
+    cfg = small_config(synthref_small, tmp_path, "train.name=plain", "train.epochs=1",
+                       "data.limit_train_refs=25")
     summary = fit(cfg, no_ray=True)
+    printed = capsys.readouterr().out
     run_dir = Path(summary["run_dir"])
     for name in ("config.yaml", "run.json", "metrics.jsonl", "summary.json"):
         assert (run_dir / name).is_file(), name
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["versions"]["torch"].startswith("2.13") and meta["seeds"]["base"] == 0
+    # Epochs count from 1 everywhere, as printed; the planned steps are the steps taken.
     (first,) = read_jsonl(run_dir / "metrics.jsonl")
-    assert first["epoch"] == 0 and first["train_samples"] == 24 and first["val_n"] >= 8
+    assert first["epoch"] == 1 and "epoch 1/1 |" in printed
+    assert "3 steps/epoch" in printed and first["train_steps"] == first["step"] == 3
+    assert first["train_samples"] == 25 and first["val_n"] >= 8
     assert 0 <= first["val_mean_iou"] <= 1 and "val_pseudo_label_mean_iou" in first
-    payload = load_checkpoint(run_dir / "checkpoint_epoch_0001")  # named 1-based, as printed
-    assert payload["epoch"] == 0 and payload["config"]["data"]["input_size"] == 64
+    assert f"val mIoU {100 * first['val_mean_iou']:.2f} %" in printed
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["final"]["epoch"] == on_disk["best"]["epoch"] == 1
+    assert on_disk["best_checkpoint"] == str(run_dir / "checkpoint_epoch_0001")
+    payload = load_checkpoint(run_dir / "checkpoint_epoch_0001")
+    assert payload["epoch"] == 1 and payload["config"]["data"]["input_size"] == 64
+    tags = tensorboard_tags(run_dir)
+    assert {"lr", "train/loss", "train/steps", "val/mean_iou", "val/best_mean_iou"} <= tags
+    assert not any(tag.endswith("/") for tag in tags), tags
     # A SynthRef of other settings at data.root is never silently regenerated.
     with pytest.raises(DataRootError, match="synthref_images"):
         fit(load_config(None, [f"data.root={synthref_small}", "data.synthref_images=3"]),
@@ -59,11 +89,83 @@ def test_plain_loop_trains_checkpoints_and_resumes(synthref_small, tmp_path):
     # An existing run is never silently overwritten.
     with pytest.raises(RunError, match="--resume"):
         fit(cfg, no_ray=True)
-    # --resume continues at the next epoch with the run's own config (+ overrides).
+    # --resume continues at the next epoch with the run's own config (+ overrides), also from
+    # a checkpoint of the format that counted epochs from 0.
+    old = torch.load(run_dir / "checkpoint_epoch_0001" / "model.pt", weights_only=True)
+    torch.save({**old, "format": "gtms-checkpoint-v1", "epoch": 0,
+                "metrics": {**old["metrics"], "epoch": 0}},
+               run_dir / "checkpoint_epoch_0001" / "model.pt")
+    assert load_checkpoint(run_dir / "checkpoint_epoch_0001")["epoch"] == 1
     summary = fit(cfg, no_ray=True, resume="plain", set_overrides=("train.epochs=2",))
-    epochs = [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")]
-    assert epochs == [0, 1]
+    assert "resuming at epoch 2 (after 3 steps)" in capsys.readouterr().out
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2] and metrics[1]["step"] == 2 * 3
+    assert summary["final"]["epoch"] == 2
+    assert load_checkpoint(run_dir / "checkpoint_epoch_0002")["epoch"] == 2
     assert load_checkpoint(run_dir / "checkpoint_epoch_0002")["step"] == 2 * 3
+
+
+def test_summary_ends_with_next_steps_that_run(synthref_small, tmp_path, capsys):
+    """The eval, predict and visualize commands printed at the end parse with run.py's own
+    parser and run as printed (eval, which starts Ray, runs in test_eval_...)."""
+    from gtms.train.trainer import print_summary
+
+    cfg = small_config(synthref_small, tmp_path, "train.name=next", "train.epochs=1",
+                       "data.limit_train_refs=8")
+    summary = fit(cfg, no_ray=True)
+    capsys.readouterr()
+    print_summary(summary)
+    printed = capsys.readouterr().out
+    assert printed.rstrip().splitlines()[-1].strip() == summary["next_steps"][-1]["command"]
+    assert all(step["command"] in printed for step in summary["next_steps"])
+    assert summary["next_steps"] == json.loads(
+        (tmp_path / "next" / "summary.json").read_text())["next_steps"]
+    checkpoint = summary["best_checkpoint"]
+    for command in ("eval", "predict", "visualize"):
+        args = run.build_parser().parse_args(next_step_argv(summary, command))
+        assert args.command == command and args.checkpoint == checkpoint
+    evaluate_args = run.build_parser().parse_args(next_step_argv(summary, "eval"))
+    assert evaluate_args.splits == ",".join(cfg.data.eval_splits)
+    assert run.main(next_step_argv(summary, "predict")) == 0
+    (record,) = read_jsonl(Path(checkpoint) / "predictions" / "predictions.jsonl")
+    assert record["error"] is None and Path(record["image"]).parent == tmp_path / "next"
+    assert run.main(next_step_argv(summary, "visualize")) == 0
+    assert (Path(checkpoint) / "visualize_val" / "contact_sheet.png").is_file()
+
+
+def test_no_run_folder_after_an_early_failure(synthref_small, small_data, tmp_path, monkeypatch,
+                                              capsys):
+    from gtms.config import dump_config
+    from gtms.model.weights import CheckpointNotFoundError
+    from gtms.train import trainer
+
+    overrides = [*small_data, f"train.run_dir={tmp_path}", "train.name=early",
+                 "pretrain.before_train=false", "model.clip_weights=/nonexistent.pt"]
+    assert run.main(["train", "--no-ray", *(a for kv in overrides for a in ("--set", kv))]) == 2
+    assert "/nonexistent.pt" in capsys.readouterr().err
+    assert not (tmp_path / "early").exists()
+    cfg = small_config(synthref_small, tmp_path, "train.name=early",
+                       "model.clip_weights=/nonexistent.pt")
+    with pytest.raises(CheckpointNotFoundError):
+        fit(cfg, no_ray=True)
+    assert not (tmp_path / "early").exists()
+
+    # A new run that fails before its first epoch finishes is removed again ...
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(trainer, "_train", fail)
+    cfg = small_config(synthref_small, tmp_path, "train.name=late")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fit(cfg, no_ray=True)
+    assert not (tmp_path / "late").exists()
+    # ... but a resumed run's folder is never touched.
+    (tmp_path / "late").mkdir()
+    (tmp_path / "late" / "config.yaml").write_text(dump_config(cfg))
+    (tmp_path / "late" / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fit(cfg, no_ray=True, resume="late")
+    assert (tmp_path / "late" / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("budget, epochs", [(2048, 2), (0, 1)])
@@ -77,13 +179,13 @@ def test_bad_rows_counted_exactly_each_epoch(synthref_bad, tmp_path, budget, epo
     manifest = read_manifest(shards_dir(synthref_bad))
     counts = manifest["counts"]
     metrics = read_jsonl(tmp_path / f"bad{budget}" / "metrics.jsonl")
-    assert [m["epoch"] for m in metrics] == list(range(epochs))
+    assert [m["epoch"] for m in metrics] == list(range(1, epochs + 1))
     for m in metrics:
         assert m["train_samples"] == counts["train"] - 2
         assert (m["skipped_train_undecodable_image"], m["skipped_train_no_sentences"],
                 m["skipped_train_empty_sentence"]) == (1, 1, 3)
     validated = [m for m in metrics if "val_mean_iou" in m]
-    assert [m["epoch"] for m in validated] == [epochs - 1]
+    assert [m["epoch"] for m in validated] == [epochs]
     # val_n counts sentences: all of the val split's but those of the undecodable row.
     bad_row = pq.read_table(shards_dir(synthref_bad) / "val" / "part-00000.parquet").slice(0, 1)
     dropped = len(bad_row.column("sentences").to_pylist()[0])
@@ -109,6 +211,10 @@ def test_eval_writes_metrics_json_and_bad_inputs(synthref_small, tmp_path, ray_c
                        "data.limit_train_refs=8")
     summary = fit(cfg, no_ray=True)
     ckpt = Path(summary["latest_checkpoint"])
+    # The eval command the summary prints runs as printed (every split of data.eval_splits).
+    assert run.main(next_step_argv(summary, "eval")) == 0
+    printed = json.loads((Path(summary["best_checkpoint"]) / "eval.json").read_text())
+    assert list(printed["splits"]) == list(cfg.data.eval_splits)
     out = tmp_path / "eval.json"
     assert run.main(["eval", "--checkpoint", str(ckpt), "--splits", "val,testA",
                      "--out", str(out), "--set", "data.limit_eval_refs=0"]) == 0
@@ -164,7 +270,10 @@ def test_ray_two_workers_end_to_end(synthref_bad, tmp_path, ray_cluster, capsys)
     assert "training finished" in printed and "best checkpoint" in printed
     run_dir = tmp_path / "ray2"
     metrics = read_jsonl(run_dir / "metrics.jsonl")
-    assert [m["epoch"] for m in metrics] == [0, 1]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    # The step count is the optimizer's: the same on both workers, the busiest one's batches.
+    assert [m["step"] for m in metrics] == [metrics[0]["train_steps"],
+                                            metrics[0]["train_steps"] + metrics[1]["train_steps"]]
     assert all(m["val_n"] >= 5 for m in metrics)
     for m in metrics:
         assert m["train_samples_per_s_total"] > 0 and m["train_startup_s"] >= 0
@@ -174,7 +283,7 @@ def test_ray_two_workers_end_to_end(synthref_bad, tmp_path, ray_cluster, capsys)
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["latest_checkpoint"].startswith("file://")
-    assert load_checkpoint(summary["latest_checkpoint"])["epoch"] == 1
+    assert load_checkpoint(summary["latest_checkpoint"])["epoch"] == 2
     assert (run_dir / "checkpoint_epoch_0002" / "model.pt").is_file()
 
 
@@ -202,9 +311,9 @@ def test_killed_worker_is_recovered(synthref_small, tmp_path, ray_cluster):
     os.kill(workers[-1].pid, signal.SIGKILL)
     thread.join(timeout=300)
     assert not thread.is_alive()
-    assert result["final"]["epoch"] == 1
+    assert result["final"]["epoch"] == 2
     epochs = [m["epoch"] for m in read_jsonl(jsonl)]
-    assert epochs[-1] == 1 and set(epochs) == {0, 1}
+    assert epochs[-1] == 2 and set(epochs) == {1, 2}
 
 
 def test_single_sample_batches_are_merged():
@@ -219,3 +328,20 @@ def test_single_sample_batches_are_merged():
     assert sizes == [[2, 3], [3, 2], [3, 2], [1]]
     merged = list(without_single_samples([batch(1, 2), batch(3)]))
     assert merged[0]["ref_id"].tolist() == [1, 2, 3] and merged[0]["image"].shape == (3, 3)
+
+
+def test_planned_steps_follow_the_loops_batching():
+    from gtms.train.contexts import steps_per_epoch
+
+    # A lone last sample joins the batch before it; several workers share the refs.
+    assert [steps_per_epoch(n, 8, 1) for n in (1, 8, 9, 16, 17, 18, 25)] == [1, 1, 1, 2, 2, 3, 3]
+    assert steps_per_epoch(1813, 16, 1) == 114 and steps_per_epoch(1813, 16, 2) == 57
+
+
+def test_tensorboard_tags_group_by_split():
+    from gtms.train.runlog import tensorboard_tag
+
+    assert [tensorboard_tag(k) for k in ("lr", "train_loss", "val_mean_iou", "best_val_mean_iou",
+                                         "skipped_train_undecodable_image", "train_steps")] == [
+        "lr", "train/loss", "val/mean_iou", "val/best_mean_iou",
+        "skipped/train_undecodable_image", "train/steps"]

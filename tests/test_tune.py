@@ -100,6 +100,7 @@ def test_table_mean_std_and_files(tmp_path):
     text = write_tables(tmp_path, table, ["val"], dataset="refcoco", title="t", extra={})
     assert "| tree | 60.00 ± 14.14 | 30.00 ± 7.07 | 61.72 |" in text
     assert "| box-bce | 30.00 | 15.00 | 46.11 |" in text
+    assert "| row | val mIoU % | val oIoU % | val paper mIoU % |" in text  # the unit is named
     rows = list(csv.DictReader((tmp_path / "ablation.csv").open()))
     assert len(rows) == 3 and {r["row"] for r in rows} == {"tree", "box-bce"}
     payload = json.loads((tmp_path / "ablation.json").read_text())
@@ -121,7 +122,7 @@ def test_ordering_verdict_checks_order_noise_and_share_of_mask():
     failed = ordering_verdict(_table({"box-lloc": [0.30, 0.50], "tree": [0.42, 0.42],
                                       "forest-gradcam": [0.40, 0.40], "mask-bce": [0.80, 0.80]}))
     assert [line.split(":")[0] for line in failed] == ["fails", "fails", "holds", "fails"]
-    assert "gap +2.00 against seed std 14.14" in failed[0]
+    assert "(40.00 % vs 42.00 %, gap +2.00 points against seed std 14.14)" in failed[0]
     # forest-gradcam may equal mask-bce; a missing row is skipped, not counted as a failure.
     tie = ordering_verdict(_table({"forest-gradcam": [0.5], "mask-bce": [0.5]}))
     assert tie[0].startswith("holds") and "gap +0.00" in tie[0] and tie[1].startswith("holds")

@@ -30,6 +30,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from gtms import storage
     from gtms.config import config_from_dict, config_to_dict
+    from gtms.eval.metrics import format_metric
     from gtms.tune.sweep import load_sweep, run_sweep
 
     cfg, spec = load_sweep(args.config)
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\ntrials sorted by {spec.metric} ({spec.mode}):")
     for row in result["rows"]:
         value = row[spec.metric]
-        shown = "failed" if value is None else f"{value:.4f}"
+        shown = "failed" if value is None else format_metric(spec.metric, value)
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in row["params"].items())
         print(f"  {shown:>8}  after {row['epochs']} epoch(s)  {params}")

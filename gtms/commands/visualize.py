@@ -42,6 +42,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gtms.data.roots import prepare_data_root
+    from gtms.eval.metrics import percent
     from gtms.infer.predict import pick_device
     from gtms.infer.visualize import visualize
     from gtms.train.checkpoint import load_trained
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
     def echo(figure) -> None:
         print(f"ref {figure.ref_id} sentence {figure.sent_index} {figure.sentence!r}: "
-              f"IoU {figure.iou:.3f}, P^ IoU {figure.pseudo_label_iou:.3f} -> {figure.path}",
+              f"IoU {percent(figure.iou)}, P^ IoU {percent(figure.pseudo_label_iou)} -> "
+              f"{figure.path}",
               flush=True)
 
     summary = visualize(model, cfg, root, split, out, n=args.n, panel_size=args.panel_size,

@@ -96,9 +96,10 @@ def _check_split(root: str, split: str) -> None:
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """Splits x metrics, in percent (IoU and precision) like the paper's tables."""
-    header = ["split", "mean IoU", "overall IoU"] + [f"Prec@{x}" for x in PREC_THRESHOLDS] + \
-        ["samples"]
+    """Splits x metrics, in percent (IoU and precision) like the paper's tables; the JSON
+    report holds the same numbers as fractions."""
+    header = ["split", "mean IoU %", "overall IoU %",
+              *(f"Prec@{x} %" for x in PREC_THRESHOLDS), "samples"]
     rows = [header]
     for split, m in results.items():
         rows.append([split, f"{100 * m['mean_iou']:.2f}", f"{100 * m['overall_iou']:.2f}"]

@@ -7,6 +7,11 @@
 A sentence whose prediction and ground truth are both empty has IoU 1 (nothing to find, nothing
 found); CRIS adds 1e-6 to the union, which gives 0 for that case, but RefCOCO masks are never
 empty so the two agree on real data.
+
+Units: files (``metrics.jsonl``, ``summary.json``, ``eval.json``, ``ablation.csv/.json``,
+TensorBoard) hold fractions in [0, 1]; everything printed for people (console, the eval table,
+``ablation.md``, plots) shows percent, as the papers do, with the ``%`` sign
+(:func:`percent`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,18 @@ import numpy as np
 from gtms.data.transforms import Letterbox, rle_decode
 
 PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def percent(fraction: float) -> str:
+    """A fraction in [0, 1] as people read IoU in the papers: ``0.2241`` -> ``"22.41 %"``."""
+    return f"{100 * fraction:.2f} %"
+
+
+def format_metric(key: str, value: float) -> str:
+    """A per-epoch metric for the console: IoU and Prec@X keys in percent, others as is."""
+    if key.endswith("_iou") or "prec@" in key:
+        return percent(value)
+    return f"{value:.4g}"
 
 
 def intersection_union(pred: np.ndarray, target: np.ndarray) -> tuple[int, int]:

@@ -105,8 +105,8 @@ def draw_samples(model: torch.nn.Module, cfg: Config, samples: list[dict[str, An
         pseudo_ious = iou_from_counts(meters.pseudo_label.inter, meters.pseudo_label.union)
         for i in range(len(batch["image"])):
             titles = list(PANEL_TITLES)
-            titles[4] = f"{PANEL_TITLES[4]} (IoU {pseudo_ious[i]:.2f})"
-            titles[5] = f"{PANEL_TITLES[5]} (IoU {ious[i]:.2f})"
+            titles[4] = f"{PANEL_TITLES[4]} (IoU {100 * pseudo_ious[i]:.0f} %)"
+            titles[5] = f"{PANEL_TITLES[5]} (IoU {100 * ious[i]:.0f} %)"
             row = np.concatenate(sample_row(batch, result, i, panel_size=panel_size,
                                             titles=titles), axis=1)
             figure = SampleFigure(int(batch["ref_id"][i]), int(batch["sent_index"][i]),

@@ -202,7 +202,7 @@ class LocalContext:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         self.reports.append(metrics)
         if checkpoint_dir is not None:
-            target = self.checkpoint_root / f"checkpoint_epoch_{metrics['epoch'] + 1:04d}"
+            target = self.checkpoint_root / f"checkpoint_epoch_{metrics['epoch']:04d}"
             target.mkdir(parents=True, exist_ok=True)
             for file in checkpoint_dir.iterdir():
                 (target / file.name).write_bytes(file.read_bytes())
@@ -296,7 +296,7 @@ class RayTrainContext:
         # kept by score (Ray orders NaN lowest) and still resumes as the latest.
         metrics = {"val_mean_iou": math.nan, **metrics}
         ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch'] + 1:04d}")
+                         checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}")
 
     def gather(self, obj: Any) -> list[Any]:
         import torch.distributed as dist
@@ -313,6 +313,16 @@ class RayTrainContext:
 
 
 def steps_per_epoch(n_refs: int, batch_size: int, world_size: int) -> int:
-    """Optimizer steps per epoch of the largest worker (for the per-iteration gamma ramp)."""
-    per_worker = math.ceil(n_refs / max(world_size, 1))
-    return max(1, math.ceil(per_worker / batch_size))
+    """Optimizer steps of an epoch over ``n_refs`` good refs (for the per-iteration gamma ramp
+    and the plan ``run.py train`` prints): batches of ``batch_size`` with a final single sample
+    merged into its neighbour (:func:`without_single_samples`).
+
+    Exact for one worker. Several workers step together (DDP) as often as the one with the most
+    batches; this assumes an even share, but Ray hands each worker whole blocks as it asks for
+    them, so the busiest worker may get a few batches more (the loop records the real count).
+    """
+    share = math.ceil(n_refs / max(world_size, 1))
+    sizes = [batch_size] * (share // batch_size) + ([share % batch_size] if share % batch_size
+                                                    else [])
+    merged = without_single_samples({"ref_id": np.zeros(size)} for size in sizes)
+    return max(1, sum(1 for _ in merged))

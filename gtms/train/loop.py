@@ -3,6 +3,10 @@
 Everything Ray-specific sits behind a :class:`LoopContext`: where batches come from, how metrics
 and checkpoints are reported, the last checkpoint to resume from, and gathering validation
 results across workers. :func:`train_loop` itself only knows torch.
+
+Epochs are counted from 1 in everything a run records or prints (``metrics.jsonl``, checkpoints,
+their folder names, the console). The ``epoch`` arguments of a :class:`LoopContext` are the
+0-based index that seeds each epoch's data order.
 """
 
 from __future__ import annotations
@@ -53,14 +57,14 @@ def seed_everything(seed: int) -> None:
 
 
 def _restore(ckpt_path: Path, model, optimizer, scheduler, scaler) -> tuple[int, int]:
-    """Load a checkpoint into the training state; returns (next epoch, global step)."""
+    """Load a checkpoint into the training state; returns (epochs finished, optimizer steps)."""
     payload = load_checkpoint(ckpt_path)
     unwrap(model).load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     if scaler is not None and payload.get("scaler"):
         scaler.load_state_dict(payload["scaler"])
-    return int(payload["epoch"]) + 1, int(payload["step"])
+    return int(payload["epoch"]), int(payload["step"])
 
 
 def _mean_terms(sums: dict[str, float], count: int) -> dict[str, float]:
@@ -116,7 +120,8 @@ def optimizer_step(model, optimizer, scaler, loss: torch.Tensor, grad_clip: floa
 def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, epoch: int,
                     step: int, steps_per_epoch: int, log,
                     epoch_start: float | None = None) -> tuple[int, dict[str, float]]:
-    """One pass over this worker's shard. Returns (global step, mean loss terms + throughput).
+    """One pass over this worker's shard (``epoch``: the 0-based index). Returns (this worker's
+    global step, mean loss terms + throughput + ``steps``, this worker's batches).
 
     ``startup_s`` is the time from ``epoch_start`` (default: now) to the first batch;
     ``data_wait`` the share of the epoch spent waiting for batches.
@@ -138,7 +143,8 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
                                         binarize_at=cfg.pseudo.binarize_at)
             loss = result.terms["loss"]
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}")
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} "
+                                         f"step {step}")
             optimizer_step(model, optimizer, scaler, loss, cfg.optim.grad_clip)
             terms = {k: float(v.detach()) for k, v in result.terms.items()}
             for key, value in terms.items():
@@ -150,17 +156,17 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
                 log.scalars("train_step", terms, step)
     seconds = time.perf_counter() - start
     stats = _mean_terms(sums, batches)
-    if get_mode(cfg.loss.mode).pseudo_label:  # gamma weighs L_pix, which only these modes have
-        stats["gamma"] = gamma_for(cfg, step, steps_per_epoch)
     startup = timed.startup if timed.startup is not None else time.perf_counter() - timed.start
-    stats.update(samples=samples, seconds=seconds, samples_per_s=samples / max(seconds, 1e-9),
+    stats.update(steps=batches, samples=samples, seconds=seconds,
+                 samples_per_s=samples / max(seconds, 1e-9),
                  data_wait=timed.waited / max(seconds, 1e-9), startup_s=startup)
     return step, stats
 
 
 def should_validate(epoch: int, epochs: int, val_every: int) -> bool:
-    """Validate every ``val_every`` epochs (counted from 1) and always after the last one."""
-    return (epoch + 1) % val_every == 0 or epoch + 1 == epochs
+    """Validate after epoch ``epoch`` (counted from 1) every ``val_every`` epochs and always
+    after the last one."""
+    return epoch % val_every == 0 or epoch == epochs
 
 
 def gather_bad_rows(ctx: LoopContext, epoch: int) -> dict[str, dict[str, int]]:
@@ -173,10 +179,15 @@ def gather_bad_rows(ctx: LoopContext, epoch: int) -> dict[str, dict[str, int]]:
     return {role: dict(counts) for role, counts in total.items()}
 
 
-def _total_rate(ctx: LoopContext, stats: dict[str, float]) -> float:
-    """Samples per second of all workers together: their samples over the slowest one's time."""
-    parts = ctx.gather((stats["samples"], stats["seconds"]))
-    return sum(n for n, _ in parts) / max(max(s for _, s in parts), 1e-9)
+def _epoch_totals(ctx: LoopContext, stats: dict[str, float]) -> tuple[int, float]:
+    """(optimizer steps of the epoch, samples per second of all workers together).
+
+    Under DDP's ``join()`` a worker whose shard ran out shadows the others' steps, so the epoch
+    takes as many optimizer steps as the worker with the most batches had; the rate is all
+    samples over the slowest worker's time."""
+    parts = ctx.gather((stats["steps"], stats["samples"], stats["seconds"]))
+    return (max(b for b, _, _ in parts),
+            sum(n for _, n, _ in parts) / max(max(s for _, _, s in parts), 1e-9))
 
 
 def validate(model, ctx: LoopContext, cfg: Config) -> tuple[dict[str, float], Any]:
@@ -223,31 +234,36 @@ def train_loop(config: dict, ctx: LoopContext, *, run_dir: str | None,
     scheduler = build_scheduler(optimizer, cfg.optim)
     amp = cfg.optim.amp and ctx.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if amp else None
-    start_epoch, step = 0, 0
+    done, step = 0, 0   # epochs finished, optimizer steps taken
     latest = ctx.latest_checkpoint()
     if latest is not None:
-        start_epoch, step = _restore(latest, model, optimizer, scheduler, scaler)
+        done, step = _restore(latest, model, optimizer, scheduler, scaler)
     model = ctx.prepare_model(model)
     log = RunLogger(run_dir) if (ctx.rank == 0 and run_dir) else None
-    if log and start_epoch:
-        log.console(f"resuming at epoch {start_epoch + 1} (global step {step}) from {latest}")
+    if log and done:
+        log.console(f"resuming at epoch {done + 1} (after {step} steps) from {latest}")
     best = -math.inf
     metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for index in range(done, cfg.train.epochs):
+        epoch = index + 1   # counted from 1, as printed and recorded
         epoch_start = time.perf_counter()
-        ctx.set_epoch(epoch)
+        ctx.set_epoch(index)
         lr = optimizer.param_groups[-1]["lr"]
-        step, stats = train_one_epoch(model, optimizer, scaler, ctx, cfg, epoch=epoch,
-                                      step=step, steps_per_epoch=steps_per_epoch, log=log,
-                                      epoch_start=epoch_start)
-        stats["samples_per_s_total"] = _total_rate(ctx, stats)
+        steps_before = step
+        _, stats = train_one_epoch(model, optimizer, scaler, ctx, cfg, epoch=index,
+                                   step=step, steps_per_epoch=steps_per_epoch, log=log,
+                                   epoch_start=epoch_start)
+        stats["steps"], stats["samples_per_s_total"] = _epoch_totals(ctx, stats)
+        step = steps_before + stats["steps"]   # the same on every worker
+        if get_mode(cfg.loss.mode).pseudo_label:  # gamma weighs L_pix, which only they have
+            stats["gamma"] = gamma_for(cfg, step, steps_per_epoch)
         scheduler.step()
         val, first = {}, None
         if should_validate(epoch, cfg.train.epochs, cfg.train.val_every):
             val, first = validate(model, ctx, cfg)
         metrics = {"epoch": epoch, "step": step, "lr": lr,
                    **{f"train_{k}": v for k, v in stats.items()}, **val}
-        for split, counts in gather_bad_rows(ctx, epoch).items():
+        for split, counts in gather_bad_rows(ctx, index).items():
             for reason, count in counts.items():
                 metrics[f"skipped_{split}_{reason}"] = count
         best = max(best, metrics.get("val_mean_iou", -math.inf))
@@ -255,7 +271,7 @@ def train_loop(config: dict, ctx: LoopContext, *, run_dir: str | None,
             metrics["best_val_mean_iou"] = best
         if log:
             log.epoch(metrics, cfg.train.epochs)
-            if cfg.train.image_grid_every and (epoch + 1) % cfg.train.image_grid_every == 0 \
+            if cfg.train.image_grid_every and epoch % cfg.train.image_grid_every == 0 \
                     and first is not None:
                 log.image_grid(first[0], first[1], step)
         with tempfile.TemporaryDirectory() as tmp:

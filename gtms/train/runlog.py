@@ -1,8 +1,10 @@
 """What a run writes about itself while it trains (rank 0 only).
 
-``<run>/metrics.jsonl`` (one JSON object per epoch), TensorBoard event files under ``<run>/tb``
-(loss terms, gamma, lr, validation metrics, pseudo-label quality, image grids), and one progress
-line per epoch on the console.
+``<run>/metrics.jsonl`` (one JSON object per epoch: ``epoch`` counted from 1, ``step`` = optimizer
+steps so far, IoU and Prec@X as fractions in [0, 1]), TensorBoard event files under ``<run>/tb``
+(the same numbers, tagged ``train/…``, ``val/…``, ``skipped/…`` and ``lr``; loss terms every
+``train.log_every`` steps under ``train_step/…``; image grids), and one progress line per epoch on
+the console (IoU in percent).
 """
 
 from __future__ import annotations
@@ -12,21 +14,39 @@ from typing import Any
 
 import numpy as np
 
+from gtms.eval.metrics import percent
+
 CONSOLE_KEYS = (("train_loss", "loss"), ("train_loc", "loc"), ("train_pix", "pix"),
                 ("train_bce", "bce"), ("train_gamma", "gamma"), ("lr", "lr"),
+                ("train_steps", "steps"),
                 ("train_samples_per_s", "samples/s/worker"), ("train_data_wait", "data wait"),
                 ("val_mean_iou", "val mIoU"),
                 ("val_overall_iou", "val oIoU"), ("val_pseudo_label_mean_iou", "P^ mIoU"))
+TENSORBOARD_GROUPS = ("train", "val", "skipped")
 
 
 def _format(key: str, label: str, value: Any) -> str:
     if key == "lr":
         return f"{label} {value:.3g}"
     if key == "train_data_wait":
-        return f"{label} {100 * value:.0f}%"
-    if key == "train_samples_per_s" or not isinstance(value, float):
+        return f"{label} {100 * value:.0f} %"
+    if key.endswith("_iou"):
+        return f"{label} {percent(value)}"
+    if key == "train_samples_per_s":
         return f"{label} {value:.1f}"
+    if not isinstance(value, float):
+        return f"{label} {value}"
     return f"{label} {value:.4f}"
+
+
+def tensorboard_tag(key: str) -> str:
+    """A ``metrics.jsonl`` key -> its TensorBoard tag: ``val_mean_iou`` -> ``val/mean_iou``,
+    ``best_val_mean_iou`` -> ``val/best_mean_iou``, ``lr`` -> ``lr``."""
+    if key.startswith("best_"):
+        group, _, name = key[len("best_"):].partition("_")
+        return f"{group}/best_{name}"
+    group, _, name = key.partition("_")
+    return f"{group}/{name}" if group in TENSORBOARD_GROUPS and name else key
 
 
 class RunLogger:
@@ -50,13 +70,12 @@ class RunLogger:
         step = metrics["step"]
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                group, _, name = key.partition("_")
-                self.writer.add_scalar(f"{group}/{name}", value, step)
+                self.writer.add_scalar(tensorboard_tag(key), value, step)
         self.writer.flush()
         with self.jsonl.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         self.folder.sync()
-        parts = [f"epoch {metrics['epoch'] + 1}/{epochs}"]
+        parts = [f"epoch {metrics['epoch']}/{epochs}"]
         for key, label in CONSOLE_KEYS:
             if key in metrics:
                 value = metrics[key]

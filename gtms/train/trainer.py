@@ -2,14 +2,18 @@
 
 A run lives in ``<train.run_dir>/<name>/``: ``config.yaml`` (resolved), ``run.json`` (git SHA,
 package versions, seeds, command), ``metrics.jsonl``, ``tb/`` (TensorBoard), Ray's
-``checkpoint_epoch_0001/model.pt`` … folders (numbered from 1, as printed), and ``summary.json``
-at the end.
+``checkpoint_epoch_0001/model.pt`` … folders, ``summary.json`` at the end (with the commands to
+evaluate, predict and visualize, the example image ``example_ref<id>.<ext>`` for the predict
+command). Epochs are counted from 1 everywhere, as printed. The folder is made once everything
+that can fail early (data, SynthCLIP, model weights) has been checked, and a new run that fails
+before its first epoch finishes is removed again.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -31,8 +35,15 @@ from gtms.data.pipeline import (
 from gtms.data.roots import prepare_data_root
 from gtms.data.shards import verify_shards
 from gtms.errors import UserError
+from gtms.eval.metrics import percent
 from gtms.pretrain.run import with_synthclip
-from gtms.train.contexts import LocalContext, RayTrainContext, count_rows, steps_per_epoch
+from gtms.train.contexts import (
+    LocalContext,
+    RayTrainContext,
+    count_rows,
+    iter_shard_rows,
+    steps_per_epoch,
+)
 from gtms.train.loop import train_loop
 
 
@@ -151,6 +162,7 @@ def fit(cfg: Config, *, resume: str | None = None, no_ray: bool = False,
         cfg = _load_remote_config(storage.join(paths.run_dir, "config.yaml"), set_overrides)
     if no_ray and storage.is_uri(paths.storage):
         raise RunError("--no-ray needs a local train.run_dir (Ray writes URIs)")
+    check_model_weights(cfg)
     root = prepare_data_root(cfg)
     verify_shards(root, (cfg.data.train_split, cfg.data.val_split))
     if resume is None:
@@ -160,15 +172,35 @@ def fit(cfg: Config, *, resume: str | None = None, no_ray: bool = False,
         raise RunError(f"split {cfg.data.train_split!r} under {root} is empty")
     world = 1 if no_ray else max(cfg.ray.num_workers, 1)
     steps = steps_per_epoch(n_train, cfg.train.batch_size, world)
-    write_run_metadata(paths.run_dir, cfg, world_size=world)
+    try:  # everything that can fail early is checked: make the run folder
+        write_run_metadata(paths.run_dir, cfg, world_size=world)
+        summary = _train(cfg, paths, root, n_train=n_train, world=world, steps=steps,
+                         no_ray=no_ray, address=address, callbacks=list(callbacks))
+    except Exception:
+        if resume is None:
+            remove_unfinished_run(paths.run_dir)
+        raise
+    folder = storage.RunFolder(paths.run_dir)
+    summary["next_steps"] = next_steps(cfg, root, summary.get("best_checkpoint"), folder.path)
+    (folder.path / "summary.json").write_text(json.dumps(summary, indent=2))
+    folder.sync()
+    return summary
+
+
+def _train(cfg: Config, paths: RunPaths, root: str, *, n_train: int, world: int, steps: int,
+           no_ray: bool, address: str | None, callbacks: list) -> dict[str, Any]:
     specs = dict(
         train=spec_for("train", input_size=cfg.data.input_size, word_len=cfg.data.word_len,
                        mode=cfg.loss.mode, seed=cfg.train.seed),
         val=spec_for("val", input_size=cfg.data.input_size, word_len=cfg.data.word_len,
                      mode=cfg.loss.mode, seed=cfg.train.seed))
+    # One worker's count is exact; Ray gives several workers uneven shares (see steps_per_epoch).
+    planned = f"{steps} steps/epoch" if world == 1 else \
+        f"about {steps} steps/epoch (the worker with the most batches sets the count)"
     print(f"run folder: {paths.run_dir}\ntraining {cfg.model.preset} / {cfg.loss.mode} on "
-          f"{n_train} {cfg.data.train_split} refs, {steps} steps/epoch x {cfg.train.epochs} "
-          f"epochs, {world} worker(s){' (no Ray)' if no_ray else ''}", flush=True)
+          f"{n_train} {cfg.data.train_split} refs, batch {cfg.train.batch_size} per worker, "
+          f"{planned} x {cfg.train.epochs} epochs, {world} worker(s)"
+          f"{' (no Ray)' if no_ray else ''}", flush=True)
     keep = memory_plan(cfg, root, specs, ray_store=not no_ray)
     start = time.time()
     if no_ray:
@@ -182,12 +214,30 @@ def fit(cfg: Config, *, resume: str | None = None, no_ray: bool = False,
                            steps_per_epoch=steps)
         summary = _local_summary(ctx, paths, final)
     else:
-        summary = _fit_on_ray(cfg, paths, root, specs, keep, steps, address, list(callbacks))
+        summary = _fit_on_ray(cfg, paths, root, specs, keep, steps, address, callbacks)
     summary["wall_time_s"] = round(time.time() - start, 1)
-    folder = storage.RunFolder(paths.run_dir)
-    (folder.path / "summary.json").write_text(json.dumps(summary, indent=2))
-    folder.sync()
     return summary
+
+
+def check_model_weights(cfg: Config) -> None:
+    """Build the model once with ``model.clip_weights`` / ``model.init_checkpoint``, so that a
+    missing or unfitting weights file stops the run before its folder is made."""
+    if not (cfg.model.clip_weights or cfg.model.init_checkpoint):
+        return
+    from gtms.model.build import build_model
+
+    build_model(cfg.model.preset, word_len=cfg.data.word_len,
+                clip_weights=cfg.model.clip_weights, init_checkpoint=cfg.model.init_checkpoint)
+
+
+def remove_unfinished_run(run_dir: str) -> None:
+    """Remove the folder of a new run that failed before finishing an epoch (nothing in it to
+    resume from), so that the same command can simply be run again."""
+    if storage.exists(storage.join(run_dir, "metrics.jsonl")) or not storage.exists(run_dir):
+        return
+    storage.remove_dir(run_dir)
+    print(f"removed the run folder {run_dir}: the run failed before its first epoch finished",
+          file=sys.stderr, flush=True)
 
 
 def memory_plan(cfg: Config, root: str, specs: dict, *, ray_store: bool) -> dict[str, bool]:
@@ -230,8 +280,8 @@ def _local_summary(ctx: LocalContext, paths: RunPaths, final: dict) -> dict[str,
     best = max(reports, key=lambda m: m["val_mean_iou"]) if reports else final
     run_dir = Path(paths.run_dir)
     return {"run_dir": str(run_dir), "final": final, "best": best,
-            "best_checkpoint": str(run_dir / f"checkpoint_epoch_{best['epoch'] + 1:04d}"),
-            "latest_checkpoint": str(run_dir / f"checkpoint_epoch_{final['epoch'] + 1:04d}")
+            "best_checkpoint": str(run_dir / f"checkpoint_epoch_{best['epoch']:04d}"),
+            "latest_checkpoint": str(run_dir / f"checkpoint_epoch_{final['epoch']:04d}")
             if final else None}
 
 
@@ -288,18 +338,85 @@ def _fit_on_ray(cfg: Config, paths: RunPaths, root: str, specs: dict, keep: dict
             "best_checkpoint": location(best[0]), "latest_checkpoint": location(result.checkpoint)}
 
 
+def _run_py() -> str:
+    """``run.py`` as the printed commands name it: relative to the working directory when it
+    lies below it, else absolute."""
+    entry = Path(__file__).resolve().parents[2] / "run.py"
+    try:
+        return str(entry.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(entry)
+
+
+def example_image(root: str, split: str, folder: Path) -> tuple[Path, str] | None:
+    """Copy the image of the first usable ref of ``split`` into ``folder`` (as
+    ``example_ref<id>.<ext>``) for the printed predict command; returns it and its first
+    sentence, or None when no ref of the first few can be used."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    for row in iter_shard_rows(root, split, limit=16):
+        data = bytes(row["image"])
+        sentences = [str(s).strip() for s in row["sentences"] if str(s).strip()]
+        try:
+            kind = Image.open(io.BytesIO(data)).format
+        except (UnidentifiedImageError, OSError):
+            continue
+        if sentences and kind:
+            suffix = "jpg" if kind == "JPEG" else kind.lower()
+            path = folder / f"example_ref{int(row['ref_id'])}.{suffix}"
+            path.write_bytes(data)
+            return path, sentences[0]
+    return None
+
+
+def next_steps(cfg: Config, root: str, checkpoint: str | None,
+               folder: Path) -> list[dict[str, str]]:
+    """What to do with the trained model: ``what`` and a ``command`` that runs as printed (from
+    the working directory of the training run)."""
+    if not checkpoint:
+        return []
+    run, ckpt = f"python {shlex.quote(_run_py())}", shlex.quote(str(checkpoint))
+    splits = ",".join(cfg.data.eval_splits)
+    steps = [{"what": f"evaluate the best checkpoint on {', '.join(cfg.data.eval_splits)} "
+                      "(training validated on " + cfg.data.val_split + " only)",
+              "command": f"{run} eval --checkpoint {ckpt} --splits {splits}"}]
+    example = example_image(root, cfg.data.val_split, folder)
+    if example is not None:
+        image, text = example
+        out = "" if storage.is_uri(checkpoint) else \
+            f" --out {shlex.quote(str(Path(checkpoint) / 'predictions'))}"
+        steps.append({"what": f"segment what a sentence refers to in an image (here one of "
+                              f"{cfg.data.val_split}; use your own)",
+                      "command": f"{run} predict --checkpoint {ckpt} --image "
+                                 f"{shlex.quote(str(image))} --text {shlex.quote(text)}{out}"})
+    steps.append({"what": f"draw GTMS panels (forest, GradCAM, W, P^, prediction) for "
+                          f"{cfg.data.val_split} samples",
+                  "command": f"{run} visualize --checkpoint {ckpt} --split "
+                             f"{shlex.quote(cfg.data.val_split)} --n 8"})
+    return steps
+
+
 def print_summary(summary: dict[str, Any]) -> None:
+    """The end of ``run.py train``: where the run is, its val numbers (IoU in percent) and the
+    commands to go on with."""
     best, final = summary.get("best") or {}, summary.get("final") or {}
     print("\n=== training finished ===")
     print(f"run folder:          {summary['run_dir']}")
     print(f"wall time:           {summary.get('wall_time_s', 0):.0f} s")
     if final:
-        print(f"final epoch:         {final['epoch'] + 1}  val mean IoU "
-              f"{final['val_mean_iou']:.4f}  overall IoU {final['val_overall_iou']:.4f}")
-    if best:
-        print(f"best epoch:          {best['epoch'] + 1}  val mean IoU "
-              f"{best['val_mean_iou']:.4f}")
+        scores = f"  val mean IoU {percent(final['val_mean_iou'])}  overall IoU " \
+            f"{percent(final['val_overall_iou'])}" if _validated(final) else ""
+        print(f"final epoch:         {final['epoch']}{scores}")
+    if _validated(best):
+        print(f"best epoch:          {best['epoch']}  val mean IoU "
+              f"{percent(best['val_mean_iou'])}")
     print(f"best checkpoint:     {summary.get('best_checkpoint')}")
     print(f"latest checkpoint:   {summary.get('latest_checkpoint')}")
-    print(f"TensorBoard:         tensorboard --logdir {summary['run_dir']}/tb")
+    print(f"TensorBoard:         tensorboard --logdir {shlex.quote(summary['run_dir'] + '/tb')}")
+    if summary.get("next_steps"):
+        print("\nnext steps:")
+        for step in summary["next_steps"]:
+            print(f"  {step['what']}:\n    {step['command']}")
     sys.stdout.flush()

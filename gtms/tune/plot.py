@@ -22,7 +22,7 @@ CURVES = {"val_mean_iou": "P", "val_pseudo_label_mean_iou": "P-hat",
 def read_curves(trials: list[dict]) -> dict[str, dict[str, np.ndarray]]:
     """``trials``: ``mode`` and ``run_dir`` each -> {row: {"epoch": [E] array, metric: [seeds, E]
     array}} over the epochs that were validated (``train.val_every``); an epoch a seed did not
-    reach is NaN. Epoch numbers are those of ``metrics.jsonl``.
+    reach is NaN. Epoch numbers are those of ``metrics.jsonl`` (from 1); IoU as fractions.
     """
     per_row: dict[str, list[dict[int, dict]]] = defaultdict(list)
     for trial in trials:
@@ -41,7 +41,8 @@ def read_curves(trials: list[dict]) -> dict[str, dict[str, np.ndarray]]:
 
 
 def plot_ablation(curves: dict[str, dict[str, np.ndarray]], path: Path, *, title: str) -> Path:
-    """Draw :func:`read_curves`' output into ``path`` (PNG); returns ``path``."""
+    """Draw :func:`read_curves`' output into ``path`` (PNG), IoU in percent; returns
+    ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,7 +57,7 @@ def plot_ablation(curves: dict[str, dict[str, np.ndarray]], path: Path, *, title
             _line(right, epochs, metrics["val_pseudo_label_mean_iou"], colour, f"{row} P-hat",
                   "-")
             _line(right, epochs, metrics["val_weights_mean_iou"], colour, f"{row} W", "--")
-    left.set(title="val mean IoU of the prediction P", xlabel="epoch", ylabel="mean IoU")
+    left.set(title="val mean IoU of the prediction P", xlabel="epoch", ylabel="mean IoU (%)")
     right.set(title="val mean IoU of P-hat and W against the mask", xlabel="epoch")
     for ax in (left, right):
         ax.grid(alpha=0.3)
@@ -73,6 +74,7 @@ def _line(ax, epochs: np.ndarray, runs: np.ndarray, colour: str, label: str,
           style: str) -> None:
     if np.isnan(runs).all():
         return
+    runs = 100 * runs   # fractions -> percent, as the tables show them
     ax.plot(epochs, np.nanmean(runs, axis=0), style, color=colour, label=label)
     if len(runs) > 1:
         ax.fill_between(epochs, np.nanmin(runs, axis=0), np.nanmax(runs, axis=0),

@@ -38,6 +38,7 @@ from gtms.config import (
     split_key,
     sweep_section,
 )
+from gtms.eval.metrics import format_metric
 from gtms.tune.ablation import (
     TuneError,
     build_or_restore_tuner,
@@ -137,7 +138,7 @@ def overrides_yaml(cfg: Config, *, command_path: Path, metric: str, value: float
             for s, keys in mine.items()}
     diff = {s: keys for s, keys in diff.items() if keys}
     header = (f"# python run.py train --config {command_path}\n"
-              f"# Best configuration of a sweep ({metric} = {value:.4f}).\n"
+              f"# Best configuration of a sweep ({metric} = {format_metric(metric, value)}).\n"
               "# Example override: --set train.epochs=20\n")
     return header + yaml.safe_dump(diff, sort_keys=False)
 
@@ -183,7 +184,7 @@ def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: str | Path, resume: bool
         metrics = result.metrics or {}
         params = {k: result.config[k] for k in spec.space}
         rows.append({"params": params, spec.metric: metrics.get(spec.metric),
-                     "epochs": metrics.get("epoch", -1) + 1, "error": str(result.error)
+                     "epochs": metrics.get("epoch", 0), "error": str(result.error)
                      if result.error else None})
     ok = [r for r in rows if r[spec.metric] is not None and r["error"] is None]
     if not ok:

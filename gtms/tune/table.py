@@ -1,4 +1,9 @@
-"""The ablation table: rows (Table 2 modes) x splits, mean ± std over seeds, beside the paper."""
+"""The ablation table: rows (Table 2 modes) x splits, mean ± std over seeds, beside the paper.
+
+``ablation.md`` (and the verdict) show percent, like the paper's Table 2 beside them;
+``ablation.csv`` and ``ablation.json`` hold fractions in [0, 1], as ``metrics.jsonl`` and
+``eval.json`` do.
+"""
 
 from __future__ import annotations
 
@@ -44,10 +49,11 @@ def markdown(table: dict, splits: list[str], *, dataset: str, title: str) -> str
     with_paper = dataset == "refcoco"
     header = ["row"]
     for split in splits:
-        header += [f"{split} mIoU", f"{split} oIoU"] + ([f"{split} paper"] if with_paper else [])
+        header += [f"{split} mIoU %", f"{split} oIoU %"] + \
+            ([f"{split} paper mIoU %"] if with_paper else [])
     lines = [f"# {title}", "",
              "mIoU = mean of per-sentence IoU (what the paper reports), oIoU = overall IoU "
-             "(total intersection / total union), in %, mean ± std over seeds"
+             "(total intersection / total union), in percent, mean ± std over seeds"
              + ("; 'paper' = Table 2 (R50, RefCOCO, mIoU)." if with_paper else "."), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, cells in table.items():
@@ -88,8 +94,8 @@ def ordering_verdict(table: dict, split: str = "val") -> list[str]:
         else:  # "<": a real gap, larger than the seed noise of either row
             sign, ordered = "<", gap > noise
         verdict = "holds" if ordered else "fails"
-        lines.append(f"{verdict}: {low} {sign} {high} ({m_low:.2f} vs {m_high:.2f}, gap "
-                     f"{gap:+.2f} against seed std {noise:.2f})")
+        lines.append(f"{verdict}: {low} {sign} {high} ({m_low:.2f} % vs {m_high:.2f} %, gap "
+                     f"{gap:+.2f} points against seed std {noise:.2f})")
     if "forest-gradcam" in stats and "mask-bce" in stats and stats["mask-bce"][0] > 0:
         share = stats["forest-gradcam"][0] / stats["mask-bce"][0]
         verdict = "holds" if share >= MIN_SHARE_OF_MASK else "fails"
