@@ -110,6 +110,10 @@ class LossConfig:
     gamma_schedule: Literal["linear", "constant", "cosine"] = "linear"
     # Epochs with gamma = 0 before the warm-up starts (ours; the paper has none).
     gamma_delay_epochs: float = field(default=0.0, metadata=_non_negative())
+    # L_pix per box pixel: "l1" = |P - P-hat| (Eq. 7, the paper); "bce" = binary cross-entropy
+    # of the logits against P-hat (ours: L1 through the sigmoid gives a pixel that is far from
+    # its label almost no gradient, see gtms/pseudo/losses.py).
+    pixel: Literal["l1", "bce"] = "l1"
 
 
 @dataclass(frozen=True)

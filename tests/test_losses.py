@@ -28,8 +28,8 @@ def box_raster(batch=2, size=8):
 def test_perfect_predictions_give_zero():
     box = box_raster()
     assert location_loss(box, box)["loc"].item() == pytest.approx(0.0, abs=1e-5)
-    probs = torch.rand(2, 8, 8)
-    assert pixel_loss(probs, probs.clone(), box)["pix"].item() == 0.0
+    logits = torch.randn(2, 8, 8)
+    assert pixel_loss(logits, torch.sigmoid(logits), box)["pix"].item() == 0.0
 
 
 def test_dice_hand_computed():
@@ -55,7 +55,27 @@ def test_pixel_loss_hand_computed_and_batch_mean():
     target = torch.tensor([[[0.0, 1.0], [0.0, 0.0]], [[0.5, 0.5], [0.5, 0.5]]])
     box = torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])  # 2nd box empty
     first = (0.2 + 0.1) / 2
-    assert pixel_loss(probs, target, box)["pix"].item() == pytest.approx(first / 2, rel=1e-6)
+    logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
+    assert pixel_loss(logits, target, box)["pix"].item() == pytest.approx(first / 2, rel=1e-4)
+    # BCE: -log(1 - 0.2) and -log(0.9) over the 2 box pixels of the first sample.
+    first = -(math.log(0.8) + math.log(0.9)) / 2
+    assert pixel_loss(logits, target, box, "bce")["pix"].item() == pytest.approx(first / 2,
+                                                                                  rel=1e-4)
+    with pytest.raises(ValueError, match="l2"):
+        pixel_loss(logits, target, box, "l2")
+
+
+def test_bce_pixel_loss_pushes_a_far_pixel_harder_than_l1():
+    # A pixel at P = 0.05 whose label is 1: L1's push on the logit is sigmoid' = 0.0475,
+    # BCE's is 1 - P = 0.95 (both over a one-pixel box).
+    box = torch.ones(1, 1, 1)
+    pushes = {}
+    for kind in ("l1", "bce"):
+        logit = torch.logit(torch.tensor([[[0.05]]])).requires_grad_(True)
+        pixel_loss(logit, torch.ones(1, 1, 1), box, kind)["pix"].backward()
+        pushes[kind] = -logit.grad.item()
+    assert pushes["l1"] == pytest.approx(0.05 * 0.95, rel=1e-4)
+    assert pushes["bce"] == pytest.approx(0.95, rel=1e-4)
 
 
 def test_mode_terms_and_totals():
@@ -79,7 +99,12 @@ def test_mode_terms_and_totals():
     probs = torch.sigmoid(logits[:, 0])
     terms = gtms_loss("tree", logits, box, pseudo_label=pseudo, gamma=0.3)
     loc = location_loss(probs, box)["loc"]
-    pix = pixel_loss(probs, pseudo, box)["pix"]
+    pix = pixel_loss(logits, pseudo, box)["pix"]
+    torch.testing.assert_close(terms["loss"], loc + 0.3 * pix)
+    torch.testing.assert_close(pix, ((probs - pseudo).abs() * box).sum((1, 2)).div(
+        box.sum((1, 2))).mean())
+    terms = gtms_loss("tree", logits, box, pseudo_label=pseudo, gamma=0.3, pixel="bce")
+    pix = pixel_loss(logits, pseudo, box, "bce")["pix"]
     torch.testing.assert_close(terms["loss"], loc + 0.3 * pix)
     bce = gtms_loss("mask-bce", logits, box, mask=mask)["bce"]
     torch.testing.assert_close(bce, nnf.binary_cross_entropy_with_logits(logits[:, 0], mask))

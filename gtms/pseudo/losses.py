@@ -2,7 +2,11 @@
 
 * ``L_loc`` (Eq. 5-6), projection Dice: ``Dice(max_x P, max_x B) + Dice(max_y P, max_y B)``
   with ``Dice(x, t) = 1 - 2 sum(x t) / (sum(x^2) + sum(t^2) + 1e-5)`` per sample.
-* ``L_pix`` (Eq. 7): ``sum_{i in box} |P_i - P-hat_i| / |box|`` per sample.
+* ``L_pix`` (Eq. 7): ``sum_{i in box} |P_i - P-hat_i| / |box|`` per sample; or (``pixel="bce"``,
+  ours) the binary cross-entropy of the logits against ``P-hat``, averaged over the box the same
+  way. Through the sigmoid, L1's gradient on a logit is ``sigmoid'(z)``: a pixel at P = 0.05
+  whose label is 1 gets 0.05 of a push, BCE gives it 0.95, so a model that fell below its
+  label can climb back.
 * ``L = L_loc + gamma L_pix`` (Eq. 8).
 * Baselines: BCE-with-logits against the mask (``mask-bce``, fully supervised CRIS) or against
   the box (``box-bce``).
@@ -60,24 +64,34 @@ def location_loss(probs: torch.Tensor, box: torch.Tensor) -> dict[str, torch.Ten
     return {"loss": loc, "loc": loc}
 
 
+PIXEL_LOSSES = ("l1", "bce")
+
+
 def pixel_loss(
-    probs: torch.Tensor, pseudo_label: torch.Tensor, box: torch.Tensor
+    logits: torch.Tensor, pseudo_label: torch.Tensor, box: torch.Tensor, kind: str = "l1"
 ) -> dict[str, torch.Tensor]:
-    """``L_pix`` (Eq. 7): mean absolute error to the pseudo label inside the box.
+    """``L_pix`` (Eq. 7): the per-pixel error to the pseudo label, averaged inside the box.
 
     Args:
-        probs: ``P [B, H, W]`` (or ``[B, 1, H, W]``) probabilities.
+        logits: mask logits ``[B, H, W]`` (or ``[B, 1, H, W]``); ``P = sigmoid(logits)``.
         pseudo_label: ``P-hat`` of the same shape (detached here).
         box: ``[B, H, W]`` 0/1 box raster; an empty box contributes 0.
+        kind: ``"l1"`` = ``|P - P-hat|`` (the paper) or ``"bce"`` (ours, see the module doc).
 
     Returns:
         ``{"loss", "pix"}``, both the batch mean of ``L_pix``.
     """
-    probs = _as_bhw("probs", probs)
-    target = _as_bhw("pseudo_label", pseudo_label).detach().to(probs.dtype)
-    box = _as_bhw("box", box).to(probs.dtype)
+    logits = _as_bhw("logits", logits)
+    target = _as_bhw("pseudo_label", pseudo_label).detach().to(logits.dtype)
+    box = _as_bhw("box", box).to(logits.dtype)
+    if kind == "l1":
+        error = (torch.sigmoid(logits) - target).abs()
+    elif kind == "bce":
+        error = nnf.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    else:
+        raise ValueError(f"pixel loss must be one of {PIXEL_LOSSES}, got {kind!r}")
     area = box.sum(dim=(1, 2)).clamp(min=1.0)
-    pix = (((probs - target).abs() * box).sum(dim=(1, 2)) / area).mean()
+    pix = ((error * box).sum(dim=(1, 2)) / area).mean()
     return {"loss": pix, "pix": pix}
 
 
@@ -101,6 +115,7 @@ def gtms_loss(
     pseudo_label: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     gamma: float = 0.0,
+    pixel: str = "l1",
 ) -> dict[str, torch.Tensor]:
     """The training loss of one ablation row.
 
@@ -111,6 +126,7 @@ def gtms_loss(
         pseudo_label: ``P-hat [B, H4, W4]`` (modes ``tree`` and ``forest-gradcam``).
         mask: ``[B, H4, W4]`` ground-truth mask (mode ``mask-bce``).
         gamma: weight of ``L_pix`` (see :func:`gtms.pseudo.schedules.gamma_at`).
+        pixel: the per-pixel error of ``L_pix``, see :func:`pixel_loss`.
 
     Returns:
         ``mask-bce`` / ``box-bce``: ``{"loss", "bce"}``; ``box-lloc``: ``{"loss", "loc"}``;
@@ -133,6 +149,6 @@ def gtms_loss(
         raise ValueError(f"mode {mode!r} needs pseudo_label")
     if loss != "loc+pix":
         raise ValueError(f"mode {mode!r}: no loss {loss!r} in gtms_loss")
-    pix = pixel_loss(probs, pseudo_label, box)["pix"]
+    pix = pixel_loss(logits, pseudo_label, box, pixel)["pix"]
     gamma_t = torch.as_tensor(float(gamma), dtype=loc.dtype, device=loc.device)
     return {"loss": loc + gamma_t * pix, "loc": loc, "pix": pix, "gamma": gamma_t}

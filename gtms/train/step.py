@@ -40,7 +40,8 @@ def pseudo_labels_for(model: torch.nn.Module, out, batch: dict[str, torch.Tensor
 
 
 def compute_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mode: str,
-                   sigma: float, gamma: float, binarize_at: float = 0.0) -> StepOutput:
+                   sigma: float, gamma: float, binarize_at: float = 0.0,
+                   pixel: str = "l1") -> StepOutput:
     """Forward, pseudo labels (modes ``tree`` / ``forest-gradcam``) and the loss terms."""
     out = model(batch["image"], batch["tokens"])
     pseudo = None
@@ -49,7 +50,7 @@ def compute_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mo
                                    binarize_at=binarize_at)
     terms = gtms_loss(mode, out.logits.float(), batch["box"],
                       pseudo_label=None if pseudo is None else pseudo.pseudo_label,
-                      mask=batch.get("mask"), gamma=gamma)
+                      mask=batch.get("mask"), gamma=gamma, pixel=pixel)
     return StepOutput(terms, out.logits, pseudo)
 
 
