@@ -70,3 +70,22 @@ def test_score_prediction_maps_back_to_the_original_image():
     assert inter / union > 0.9
     inter, union = score_prediction(1 - probs, (h, w), rle_encode(gt), size, 0.35)
     assert inter / union < 0.1
+
+
+def test_peak_in_box_and_grounding_summary():
+    from gtms.eval.metrics import grounding_summary, peak_in_box
+
+    box = np.zeros((4, 4))
+    box[1:3, 1:3] = 1
+    probs = np.zeros((4, 4))
+    probs[2, 2] = 0.9
+    assert peak_in_box(probs, box)
+    probs[0, 3] = 0.95  # a higher peak on a distractor
+    assert not peak_in_box(probs, box)
+    with pytest.raises(ValueError, match="differ in shape"):
+        peak_in_box(probs, box[:3])
+    summary = grounding_summary([True, False, True], np.array([0.8, 0.1, 0.4]))
+    assert summary["grounded"] == pytest.approx(2 / 3)
+    assert summary["mean_iou_grounded"] == pytest.approx(0.6)
+    assert summary["mean_iou_missed"] == pytest.approx(0.1)
+    assert np.isnan(grounding_summary([True], np.array([0.5]))["mean_iou_missed"])

@@ -106,6 +106,19 @@ def test_table_mean_std_and_files(tmp_path):
     payload = json.loads((tmp_path / "ablation.json").read_text())
     assert payload["rows"]["tree"]["val"]["mean_iou_mean"] == pytest.approx(0.6)
     assert "val paper" not in markdown(table, ["val"], dataset="synthref", title="t")
+    # Trials without grounding figures (evaluated before they existed) show a dash.
+    assert "| tree | — | — |" in text
+
+
+def test_table_grounding_columns(tmp_path):
+    trials = [{"mode": "tree", "seed": s, "metrics": {
+        "val_mean_iou": 0.4, "val_overall_iou": 0.4, "val_grounded": g,
+        "val_mean_iou_grounded": m}} for s, g, m in [(0, 0.6, 0.5), (1, 0.8, 0.7)]]
+    table = collect(trials, ["tree"], ["val"])
+    text = write_tables(tmp_path, table, ["val"], dataset="synthref", title="t", extra={})
+    assert "| tree | 70.00 ± 14.14 | 60.00 ± 14.14 |" in text
+    rows = list(csv.DictReader((tmp_path / "ablation.csv").open()))
+    assert [float(r["grounded"]) for r in rows] == [0.6, 0.8]
 
 
 def _table(values: dict[str, list[float]]) -> dict:

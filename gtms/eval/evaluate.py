@@ -21,7 +21,14 @@ from gtms.config import Config
 from gtms.data.pipeline import PoolSpec, build_dataset, drop_skipped, spec_for
 from gtms.data.shards import verify_shards
 from gtms.errors import UserError
-from gtms.eval.metrics import PREC_THRESHOLDS, SegmentationMeter, score_prediction
+from gtms.eval.metrics import (
+    PREC_THRESHOLDS,
+    SegmentationMeter,
+    grounding_summary,
+    iou_from_counts,
+    peak_in_box,
+    score_prediction,
+)
 from gtms.train.checkpoint import Trained, load_trained
 
 
@@ -38,6 +45,7 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
     ds = build_dataset(root, split, spec, pool, strict=cfg.data.strict,
                        limit=cfg.data.limit_eval_refs)
     meter = SegmentationMeter()
+    hits: list[bool] = []
     model.eval()
     start = time.perf_counter()
     skipped: Counter = Counter()
@@ -52,6 +60,7 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
         for i in range(len(probs)):
             meter.add(*score_prediction(probs[i], batch["orig_hw"][i], batch["mask_rle"][i],
                                         cfg.data.input_size, cfg.train.threshold))
+            hits.append(peak_in_box(probs[i], batch["box"][i]))
         if progress:
             print(f"\r  {split}: {len(meter)} sentences", end="", flush=True)
     if progress:
@@ -59,6 +68,7 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
     if not len(meter):
         raise EvalError(f"split {split!r} under {root} has no usable samples")
     summary = meter.summary()
+    summary.update(grounding_summary(hits, iou_from_counts(meter.inter, meter.union)))
     summary["skipped"] = dict(skipped)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     summary["split_sentences"] = None if cfg.data.limit_eval_refs else \
@@ -97,13 +107,20 @@ def _check_split(root: str, split: str) -> None:
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     """Splits x metrics, in percent (IoU and precision) like the paper's tables; the JSON
-    report holds the same numbers as fractions."""
+    report holds the same numbers as fractions. ``grounded``: the share of sentences whose
+    prediction peaks inside the referred object's box; ``mIoU grounded``: mean IoU over those."""
     header = ["split", "mean IoU %", "overall IoU %",
-              *(f"Prec@{x} %" for x in PREC_THRESHOLDS), "samples"]
+              *(f"Prec@{x} %" for x in PREC_THRESHOLDS), "grounded %", "mIoU grounded %",
+              "samples"]
     rows = [header]
+
+    def pct(value):
+        return "—" if value is None or value != value else f"{100 * value:.2f}"
+
     for split, m in results.items():
-        rows.append([split, f"{100 * m['mean_iou']:.2f}", f"{100 * m['overall_iou']:.2f}"]
-                    + [f"{100 * m[f'prec@{x}']:.2f}" for x in PREC_THRESHOLDS] + [str(m["n"])])
+        rows.append([split, pct(m["mean_iou"]), pct(m["overall_iou"])]
+                    + [pct(m[f"prec@{x}"]) for x in PREC_THRESHOLDS]
+                    + [pct(m.get("grounded")), pct(m.get("mean_iou_grounded")), str(m["n"])])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

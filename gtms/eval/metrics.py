@@ -45,6 +45,32 @@ def intersection_union(pred: np.ndarray, target: np.ndarray) -> tuple[int, int]:
     return int(np.logical_and(pred, target).sum()), int(np.logical_or(pred, target).sum())
 
 
+def peak_in_box(probs_at_stride: np.ndarray, box_at_stride: np.ndarray) -> bool:
+    """Grounding (the pointing game on the prediction): does the highest probability of the
+    predicted map lie inside the referred object's box? ``[H4, W4]`` each; the first maximum
+    in row-major order counts."""
+    if probs_at_stride.shape != box_at_stride.shape:
+        raise ValueError(f"prediction {probs_at_stride.shape} and box {box_at_stride.shape} "
+                         "differ in shape")
+    return bool(box_at_stride.reshape(-1)[int(np.argmax(probs_at_stride))] > 0.5)
+
+
+def grounding_summary(hits: list[bool], ious: np.ndarray) -> dict[str, float]:
+    """``grounded``: the share of sentences whose prediction peaks inside the box;
+    ``mean_iou_grounded`` / ``mean_iou_missed``: mean IoU over each group (NaN when empty).
+    Splits a row's mean IoU into finding the object and segmenting it."""
+    hits_arr = np.asarray(hits, bool)
+    ious = np.asarray(ious, np.float64)
+    if hits_arr.shape != ious.shape:
+        raise ValueError(f"{hits_arr.shape[0]} hits for {ious.shape[0]} IoUs")
+
+    def mean(values):
+        return float(values.mean()) if len(values) else float("nan")
+
+    return {"grounded": mean(hits_arr.astype(np.float64)),
+            "mean_iou_grounded": mean(ious[hits_arr]), "mean_iou_missed": mean(ious[~hits_arr])}
+
+
 def iou_from_counts(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
     inter, union = np.asarray(inter, np.float64), np.asarray(union, np.float64)
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)

@@ -24,9 +24,15 @@ PAPER_TABLE2 = {
 }
 
 
+# Per split and trial: the share of sentences whose prediction peaks inside the referred box,
+# and the mean IoU over those (see gtms.eval.metrics.grounding_summary).
+GROUNDING_KEYS = ("grounded", "mean_iou_grounded")
+
+
 def collect(trials: list[dict[str, Any]], rows: list[str], splits: list[str]) -> dict:
     """Trial results (``mode``, ``seed``, ``metrics``) -> {row: {split: {metric: [per seed]}}}."""
-    table: dict = {row: {split: {"mean_iou": [], "overall_iou": [], "seeds": []}
+    table: dict = {row: {split: {key: [] for key in ("mean_iou", "overall_iou", "seeds",
+                                                       *GROUNDING_KEYS)}
                          for split in splits} for row in rows}
     for trial in sorted(trials, key=lambda t: (t["mode"], t["seed"])):
         for split in splits:
@@ -34,10 +40,14 @@ def collect(trials: list[dict[str, Any]], rows: list[str], splits: list[str]) ->
             cell["mean_iou"].append(trial["metrics"][f"{split}_mean_iou"])
             cell["overall_iou"].append(trial["metrics"][f"{split}_overall_iou"])
             cell["seeds"].append(trial["seed"])
+            for key in GROUNDING_KEYS:  # NaN for trials evaluated before grounding was scored
+                value = trial["metrics"].get(f"{split}_{key}")
+                cell[key].append(float("nan") if value is None else float(value))
     return table
 
 
 def _fmt(values: list[float]) -> str:
+    values = [v for v in values if v == v]  # NaN: not measured for that trial
     if not values:
         return "—"
     pct = 100 * np.asarray(values)
@@ -64,6 +74,14 @@ def markdown(table: dict, splits: list[str], *, dataset: str, title: str) -> str
                 paper = PAPER_TABLE2.get(row, {}).get(split)
                 out.append("—" if paper is None else f"{paper:.2f}")
         lines.append("| " + " | ".join(out) + " |")
+    split = splits[0]
+    lines += ["", f"Finding the object vs segmenting it ({split}): 'grounded' = sentences whose "
+              "prediction peaks inside the referred object's box; 'mIoU grounded' = mean IoU "
+              "over those (the shape quality a row reaches where it found the object).", "",
+              "| row | grounded % | mIoU grounded % |", "|---|---|---|"]
+    for row, cells in table.items():
+        lines.append(f"| {row} | {_fmt(cells[split]['grounded'])} | "
+                     f"{_fmt(cells[split]['mean_iou_grounded'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -116,13 +134,15 @@ def write_tables(out_dir: Path, table: dict, splits: list[str], *, dataset: str,
     (out_dir / "ablation.md").write_text(text)
     with (out_dir / "ablation.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["row", "split", "seed", "mean_iou", "overall_iou"])
+        writer.writerow(["row", "split", "seed", "mean_iou", "overall_iou", *GROUNDING_KEYS])
         for row, cells in table.items():
             for split in splits:
                 cell = cells[split]
-                for seed, miou, oiou in zip(cell["seeds"], cell["mean_iou"],
-                                            cell["overall_iou"]):
-                    writer.writerow([row, split, seed, f"{miou:.6f}", f"{oiou:.6f}"])
+                for seed, miou, oiou, *grounding in zip(
+                        cell["seeds"], cell["mean_iou"], cell["overall_iou"],
+                        *(cell[key] for key in GROUNDING_KEYS)):
+                    writer.writerow([row, split, seed, f"{miou:.6f}", f"{oiou:.6f}",
+                                     *(f"{v:.6f}" if v == v else "" for v in grounding)])
     summary = {row: {split: {"mean_iou_mean": float(np.mean(c["mean_iou"])) if c["mean_iou"]
                              else None,
                              "mean_iou_std": float(np.std(c["mean_iou"], ddof=1))

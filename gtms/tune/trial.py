@@ -43,6 +43,8 @@ def run_trial(config: dict[str, Any]) -> None:
         final[f"{split}_mean_iou"] = metrics["mean_iou"]
         final[f"{split}_overall_iou"] = metrics["overall_iou"]
         final[f"{split}_n"] = metrics["n"]
+        final[f"{split}_grounded"] = metrics["grounded"]
+        final[f"{split}_mean_iou_grounded"] = metrics["mean_iou_grounded"]
     final["run_dir"] = summary["run_dir"]
     final["best_checkpoint"] = str(summary["best_checkpoint"])
     final["train_wall_time_s"] = summary.get("wall_time_s")
