@@ -405,6 +405,6 @@ def test_submitted_job_joins_the_cluster_and_trains(ray_head, synthref_small, tm
     assert "training finished" in logs
     metrics = [json.loads(line) for line in (tmp_path / "job" / "metrics.jsonl").read_text()
                .splitlines()]
-    assert [m["epoch"] for m in metrics] == [0]
+    assert [m["epoch"] for m in metrics] == [1]  # epochs are counted from 1, as printed
     assert 0.0 <= metrics[0]["val_mean_iou"] <= 1.0
     assert list((tmp_path / "job").glob("checkpoint_epoch_0001/model.pt"))
