@@ -8,6 +8,7 @@ import importlib
 import sys
 
 from gtms.config import ConfigError
+from gtms.console import set_verbose
 from gtms.errors import UserError
 
 # Subcommands in the order --help lists them; each module registers its own parser.
@@ -23,11 +24,21 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"gtms.commands.{name}").register(subparsers)
+        add_verbose_flag(subparsers.choices[name])
     return parser
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="also show Ray's own log lines (worker prefixes, INFO messages, warnings); by "
+             "default the console shows only this program's lines and Ray's stay in its log "
+             "folder (/tmp/ray/session_latest/logs)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_verbose(args.verbose)
     try:
         return args.func(args)
     except ConfigError as err:

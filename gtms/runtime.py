@@ -9,13 +9,22 @@ cluster (``RAY_ADDRESS`` / ``--address``) nothing is resized: the same config sc
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
 from urllib.parse import urlparse
 
+from gtms import console
 from gtms.config import RayConfig
 from gtms.errors import UserError
+
+# A local cluster's worker processes (Ray's config, read from the environment when ray.init
+# starts the local raylet; setdefault, so a user's own setting wins). Ray otherwise prestarts a
+# worker per logical CPU for the first driver and keeps idle ones: ~100-200 MB of PSS each.
+LOCAL_WORKER_SETTINGS = {
+    "RAY_prestart_worker_first_driver": "0",
+}
 
 # Logical CPUs held back for Ray Data's read tasks and the driver-side split coordinator.
 READ_TASK_CPUS = 1
@@ -87,6 +96,9 @@ def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trial
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    quiet = not console.verbose()
+    if quiet:
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = cluster_address(cfg, cli_address)
     if ray.is_initialized():
         if cli_address:  # an explicit --address is still checked, never ignored silently
@@ -96,7 +108,8 @@ def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trial
     if address:
         _check_reachable(address)
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True,
+                     logging_level=logging.WARNING if quiet else logging.INFO)
         except (ConnectionError, ray.exceptions.AuthenticationError) as err:
             # A token mismatch shows up as a ConnectionError after ~20 s of retries.
             reason = str(getattr(err, "message", err)).splitlines()[0]
@@ -108,17 +121,74 @@ def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trial
     else:
         # The dashboard stays on loopback; it also serves the State API that Ray Train's
         # placement-group cleaner and Tune's early stopping rely on.
+        for key, value in LOCAL_WORKER_SETTINGS.items():
+            os.environ.setdefault(key, value)
         ray.init(num_cpus=local_num_cpus(cfg, concurrent_trials, trial_cpus),
-                 include_dashboard=True,
-                 dashboard_host="127.0.0.1", log_to_driver=True)
+                 include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+                 logging_level=logging.WARNING if quiet else logging.INFO)
+    install_console_filter(quiet=quiet)
+    if quiet:  # after ray.init: Ray's own processes keep the real stderr
+        console.STDERR_FILTER.install()
     configure_ray_data()
     return ray.get_runtime_context()
+
+
+def install_console_filter(*, quiet: bool) -> bool:
+    """Print the output Ray forwards from its workers through :func:`forwarded_lines`: our own
+    lines (marked by :func:`gtms.console.say` in a worker) lose their mark and Ray's
+    ``(Actor pid=...)`` prefix; on a quiet console Ray's own lines are dropped (they stay in the
+    workers' files in Ray's log folder). Returns False where this Ray has no such hook (then
+    Ray prints everything, marks included)."""
+    try:
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return False
+    if not hasattr(ray_worker, "print_to_stdstream"):
+        return False
+
+    def handle(data: dict) -> None:
+        lines = forwarded_lines(data.get("lines", []), quiet=quiet)
+        if lines:
+            ray_worker.print_to_stdstream(dict(data, lines=lines), ignore_prefix=quiet)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", handle)
+    return True
+
+
+def forwarded_lines(lines: list[str], *, quiet: bool) -> list[str]:
+    """The lines of a Ray worker's output to print on the driver's console.
+
+    Quiet: our marked lines (mark removed) and error reports that are not known noise
+    (:func:`gtms.console.is_ray_noise`): tracebacks and ``Error`` lines. Verbose: every line,
+    marks removed."""
+    out, in_traceback = [], False
+    for line in lines:
+        ours = console.unmark(line)
+        if ours is not None:
+            out.append(ours)
+            in_traceback = False
+        elif not quiet:
+            out.append(line)
+        elif console.is_ray_noise(line):
+            continue
+        elif line.startswith("Traceback "):
+            in_traceback = True
+            out.append(line)
+        elif in_traceback:
+            out.append(line)
+            in_traceback = line.startswith(" ")   # the exception's own line ends it
+        elif console.looks_like_error(line):
+            out.append(line)
+    return out
 
 
 def configure_ray_data() -> None:
     """This process's Ray Data settings.
 
-    * No per-operator progress bars: they flood a console; our loops print their own.
+    * No per-operator progress bars: they flood a console; our loops print their own. Quiet
+      (no ``--verbose``): Ray Data's INFO lines go only to its log file.
     * Parquet through the V1 datasource: V2's ``ListFiles -> ReadFiles`` chain cost 1.8-6.5 s
       per execution of a one-file split here, V1 0.1-0.3 s (measured, Ray 2.60, 2 cores), paid
       on every streamed epoch and every evaluation.
@@ -126,6 +196,10 @@ def configure_ray_data() -> None:
     from ray.data import DataContext
 
     context = DataContext.get_current()
+    if not console.verbose():  # Ray Data's console handler; its ray-data.log keeps every line
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler):  # not its file handler
+                handler.setLevel(logging.WARNING)
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     context.use_datasource_v2 = False

@@ -40,6 +40,7 @@ sentence as its own sample. A row that cannot be used travels as a placeholder r
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass
@@ -397,6 +398,18 @@ def build_dataset(root: str, split: str, spec: SampleSpec, pool: PoolSpec, *,
     return ds
 
 
+def ingest_options():
+    """Ray Data options for a trainer's dataset shards: this process's ``DataContext`` limits,
+    order and verbosity (Ray Train's ``DataConfig.default_ingest_options()`` also copies the
+    deprecated ``exclude_resources``, which warns on every run)."""
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=copy.deepcopy(current.resource_limits),
+                            preserve_order=current.preserve_order,
+                            verbose_progress=current.verbose_progress)
+
+
 def exact_split_data_config(datasets_to_split: list[str]):
     """A Ray Train ``DataConfig`` whose splits cover every row exactly once.
 
@@ -404,8 +417,6 @@ def exact_split_data_config(datasets_to_split: list[str]):
     to equalise the shards; this one keeps every row (``equal=False``) and the training loop
     handles the uneven tail with DDP's ``join()``.
     """
-    import copy
-
     from ray.train import DataConfig
 
     class ExactSplitDataConfig(DataConfig):
@@ -415,7 +426,7 @@ def exact_split_data_config(datasets_to_split: list[str]):
                 if ds.name is None:
                     ds.set_name(name)
                 ds = ds.copy(ds)
-                ds.context.execution_options = copy.deepcopy(self.default_ingest_options())
+                ds.context.execution_options = ingest_options()
                 if name in self._datasets_to_split:
                     for i, part in enumerate(ds.streaming_split(world_size, equal=False)):
                         output[i][name] = part

@@ -59,13 +59,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
+from gtms.console import Progress
 from gtms.data import records as R
+from gtms.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageHeaderError,
+    ImageTooLargeError,
+    check_image_pixels,
+)
 from gtms.data.records import RecordWithImage, RefRecord, SkipLog
 from gtms.data.refer import ReferSource, file_sha256, load_refer
-from gtms.data.images import (DEFAULT_MAX_IMAGE_PIXELS, ImageHeaderError, ImageTooLargeError,
-                              check_image_pixels)
 from gtms.data.transforms import ImageDecodeError, decode_image
 from gtms.storage import is_uri
 
@@ -326,8 +330,8 @@ def write_shards(records: Sequence[RefRecord], *, source: ReferSource, shard_dir
     entries: dict[str, dict] = {}
     images = _ImageReader(source)
     written = reused = 0
-    with tqdm(total=len(records), desc=f"shards {source.dataset}", unit="ref",
-              disable=not progress) as bar:
+    with Progress(f"sharding {source.dataset}", len(records), unit="ref",
+                  enabled=progress) as bar:
         for part in parts:
             entry = _reusable(previous.get(part.path), part, shard_dir, skips.strict)
             if entry is None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from gtms.config import Config
+from gtms.console import Progress, phase
 from gtms.data.pipeline import PoolSpec, build_dataset, drop_skipped, spec_for
 from gtms.data.shards import verify_shards
 from gtms.errors import UserError
@@ -49,6 +50,8 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
     model.eval()
     start = time.perf_counter()
     skipped: Counter = Counter()
+    total = None if cfg.data.limit_eval_refs else split_sentence_count(root, split)
+    bar = Progress(f"evaluating {split}", total, unit="sentence", enabled=progress)
     for batch in ds.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="numpy"):
         batch, dropped = drop_skipped(batch)
         skipped.update(dropped)
@@ -61,10 +64,8 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
             meter.add(*score_prediction(probs[i], batch["orig_hw"][i], batch["mask_rle"][i],
                                         cfg.data.input_size, cfg.train.threshold))
             hits.append(peak_in_box(probs[i], batch["box"][i]))
-        if progress:
-            print(f"\r  {split}: {len(meter)} sentences", end="", flush=True)
-    if progress:
-        print(flush=True)
+        bar.update(len(probs))
+    bar.close()
     if not len(meter):
         raise EvalError(f"split {split!r} under {root} has no usable samples")
     summary = meter.summary()
@@ -149,6 +150,9 @@ def evaluate(checkpoint: str | Path | Trained, cfg: Config | str | None = None,
                     cfg.ray.actor_cpus, batch_size=cfg.ray.preprocess_batch_size)
     results = {}
     for split in splits:
+        actors = max(pool.size, pool.max_size)
+        phase(f"evaluating {split}: streaming it through {actors} preprocessing actor(s) and "
+              f"scoring every sentence on {device.type}")
         results[split] = evaluate_split(model, cfg, root, split, device=device, pool=pool)
     report = {"checkpoint": str(trained.file), "dataset": cfg.data.dataset, "root": root,
               "threshold": cfg.train.threshold, "input_size": cfg.data.input_size,

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from gtms import console
 from gtms.model.build import CRISArch, build_from_arch
 from gtms.pretrain.data import PairSet, ProbeSet, to_model_input
 from gtms.pretrain.metrics import pointing, recall_at_k
@@ -89,6 +90,8 @@ def pretrain_loop(loop_config: dict[str, Any]) -> PretrainResult | None:
     value): rank 0 reports both in the final checkpoint (``backbone.pt``, ``epochs.json``)."""
     ray_ctx = _ray_context()
     rank, world = ray_ctx or (0, 1)
+    if ray_ctx is not None:
+        console.forward_to_driver()
     torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
     pairs = load_pairs(loop_config["pairs_path"])
     model = build_synthclip(CRISArch.from_dict(loop_config["arch"]), loop_config["seed"])
@@ -108,6 +111,8 @@ def pretrain_loop(loop_config: dict[str, Any]) -> PretrainResult | None:
     for epoch, steps in enumerate(plan):
         trained.train()
         start, losses, seen = time.perf_counter(), [], 0
+        progress = console.Progress(f"pretrain epoch {epoch + 1}/{len(plan)}", len(steps),
+                                    unit="step", enabled=rank == 0, final_line=False)
         for expressions, crops in steps:
             scenes = pairs.scene_of_text[expressions]
             image, text, scale = trained(
@@ -125,6 +130,8 @@ def pretrain_loop(loop_config: dict[str, Any]) -> PretrainResult | None:
             schedule.step()
             losses.append(loss.item())
             seen += len(text_ids)
+            progress.update(samples=len(text_ids))
+        progress.close()
         metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)),
                    "temperature": float(1 / scale.detach()),
                    "pairs_per_s": seen / (time.perf_counter() - start)}
@@ -164,7 +171,7 @@ def _report(metrics: dict, final_history: list[dict] | None, model: SynthCLIP, i
     """Print the epoch line (rank 0); on Ray, report the metrics, with the final checkpoint
     (weights and every epoch's metrics) after the last epoch."""
     if rank == 0:
-        print(_epoch_line(metrics), flush=True)
+        console.say(_epoch_line(metrics))
     if not in_ray:
         return
     import ray.train

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from gtms.config import Config
+from gtms.console import phase, say
 from gtms.data.shards import read_manifest, shards_dir
 from gtms.errors import UserError
 from gtms.model.build import CLIP_STRIDE, CRISArch, preset_arch
@@ -82,8 +82,8 @@ def ensure_synthclip(cfg: Config, data_root: str | Path, *, no_ray: bool = False
     out = cache_dir(cfg, data_root)
     with _lock(out.parent):
         if not (out / WEIGHTS_NAME).is_file():
-            print(f"SynthCLIP weights for this setup are not cached: pretraining them once "
-                  f"({cfg.pretrain.epochs} epochs) into {out}", file=sys.stderr, flush=True)
+            phase(f"SynthCLIP weights for this setup are not cached: pretraining them once "
+                  f"({cfg.pretrain.epochs} epochs) into {out}")
             run_pretrain(cfg, data_root, out, no_ray=no_ray, address=address)
     return out / WEIGHTS_NAME
 
@@ -99,7 +99,7 @@ def with_synthclip(cfg: Config, data_root: str, *, no_ray: bool = False,
                             f"data.root is {data_root}; run 'python run.py pretrain --out DIR' "
                             "and set model.clip_weights=DIR/clip.pt")
     weights = ensure_synthclip(cfg, data_root, no_ray=no_ray, address=address)
-    print(f"starting from SynthCLIP weights {weights}", flush=True)
+    say(f"starting from SynthCLIP weights {weights}")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                              clip_weights=str(weights)))
 
@@ -201,7 +201,7 @@ def _run_ray(cfg: Config, loop_config: dict, out: Path, address: str | None) -> 
 
 
 def _say(text: str) -> None:
-    print(f"pretrain: {text}", flush=True)
+    say(f"pretrain: {text}")
 
 
 @contextmanager

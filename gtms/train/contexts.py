@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gtms import console
 from gtms.data.pipeline import (
     SHARD_COLUMNS,
     BadRowError,
@@ -239,6 +240,7 @@ class RayTrainContext:
         from ray.train.torch import get_device
 
         _quiet_ray_train_worker()
+        console.forward_to_driver()
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()

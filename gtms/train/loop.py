@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from gtms.config import Config, config_from_dict, config_to_dict
+from gtms.console import Progress
 from gtms.eval.metrics import SegmentationMeter
 from gtms.model.build import build_model
 from gtms.modes import QUALITY_MODE, get_mode
@@ -134,7 +135,9 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
                          start if epoch_start is None else epoch_start)
     # Uneven shards (every ref exactly once per epoch) are handled by DDP's join().
     joiner = model.join() if hasattr(model, "join") else contextlib.nullcontext()
-    with joiner:
+    progress = Progress(f"epoch {epoch + 1}/{cfg.train.epochs}", steps_per_epoch, unit="step",
+                        enabled=log is not None, final_line=False)
+    with joiner, progress:
         for batch in timed:
             batch = to_device(batch, ctx.device)
             with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=scaler is not None):
@@ -153,6 +156,7 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
             batches += 1
             samples += len(batch["image"])
             step += 1
+            progress.update(samples=len(batch["image"]))
             if log and step % cfg.train.log_every == 0:
                 log.scalars("train_step", terms, step)
     seconds = time.perf_counter() - start
@@ -199,14 +203,17 @@ def validate(model, ctx: LoopContext, cfg: Config) -> tuple[dict[str, float], An
     first = None
     start = time.perf_counter()
     startup = None
+    progress = Progress("validating", unit="batch", enabled=ctx.rank == 0, final_line=False)
     for batch in ctx.val_batches(cfg.train.eval_batch_size):
         if startup is None:
             startup = time.perf_counter() - start
         result = validation_step(model, batch, meters, input_size=cfg.data.input_size,
                                  threshold=cfg.train.threshold, pseudo_mode=pseudo_mode,
                                  sigma=cfg.pseudo.sigma, binarize_at=cfg.pseudo.binarize_at)
+        progress.update(samples=len(batch["image"]))
         if first is None:
             first = (batch, result)
+    progress.close()
     gathered = ctx.gather((meters.prediction, meters.pseudo_label, meters.weights))
     merged = [SegmentationMeter() for _ in range(3)]
     for part in gathered:

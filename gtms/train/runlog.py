@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from gtms.console import say
 from gtms.eval.metrics import percent
 
 CONSOLE_KEYS = (("train_loss", "loss"), ("train_loc", "loc"), ("train_pix", "pix"),
@@ -60,7 +61,7 @@ class RunLogger:
         self.jsonl = self.folder.path / "metrics.jsonl"
 
     def console(self, text: str) -> None:
-        print(text, flush=True)
+        say(text)
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         for key, value in values.items():

@@ -23,6 +23,7 @@ from typing import Any
 
 from gtms import storage
 from gtms.config import Config, config_to_dict, dump_config
+from gtms.console import phase, progress_every_s, say
 from gtms.data.pipeline import (
     PoolSpec,
     build_dataset,
@@ -197,10 +198,10 @@ def _train(cfg: Config, paths: RunPaths, root: str, *, n_train: int, world: int,
     # One worker's count is exact; Ray gives several workers uneven shares (see steps_per_epoch).
     planned = f"{steps} steps/epoch" if world == 1 else \
         f"about {steps} steps/epoch (the worker with the most batches sets the count)"
-    print(f"run folder: {paths.run_dir}\ntraining {cfg.model.preset} / {cfg.loss.mode} on "
-          f"{n_train} {cfg.data.train_split} refs, batch {cfg.train.batch_size} per worker, "
-          f"{planned} x {cfg.train.epochs} epochs, {world} worker(s)"
-          f"{' (no Ray)' if no_ray else ''}", flush=True)
+    say(f"run folder: {paths.run_dir}")
+    phase(f"training {cfg.model.preset} / {cfg.loss.mode} on {n_train} {cfg.data.train_split} "
+          f"refs, batch {cfg.train.batch_size} per worker, {planned} x {cfg.train.epochs} "
+          f"epochs, {world} worker(s){' (no Ray)' if no_ray else ''}")
     keep = memory_plan(cfg, root, specs, ray_store=not no_ray)
     start = time.time()
     if no_ray:
@@ -236,8 +237,8 @@ def remove_unfinished_run(run_dir: str) -> None:
     if storage.exists(storage.join(run_dir, "metrics.jsonl")) or not storage.exists(run_dir):
         return
     storage.remove_dir(run_dir)
-    print(f"removed the run folder {run_dir}: the run failed before its first epoch finished",
-          file=sys.stderr, flush=True)
+    say(f"removed the run folder {run_dir}: the run failed before its first epoch finished",
+        stream=sys.stderr)
 
 
 def memory_plan(cfg: Config, root: str, specs: dict, *, ray_store: bool) -> dict[str, bool]:
@@ -257,7 +258,7 @@ def memory_plan(cfg: Config, root: str, specs: dict, *, ray_store: bool) -> dict
     described = ", ".join(f"{role} {sizes[role] / 2**20:.0f} MB "
                           f"{'kept in memory' if keep[role] else 'streamed every epoch'}"
                           for role in sizes)
-    print(f"preprocessed splits: {described} (budget {budget / 2**20:.0f} MB)", flush=True)
+    say(f"preprocessed splits: {described} (budget {budget / 2**20:.0f} MB)")
     return keep
 
 
@@ -305,8 +306,9 @@ def _fit_on_ray(cfg: Config, paths: RunPaths, root: str, specs: dict, keep: dict
     for role in ("val", "train"):  # preprocessing does not depend on the epoch: do it once
         if keep[role]:
             started = time.perf_counter()
+            say(f"preprocessing {role} once (decode, letterbox, trees) to keep it in memory")
             datasets[role] = datasets[role].materialize()
-            print(f"preprocessed {role} in {time.perf_counter() - started:.1f} s", flush=True)
+            say(f"preprocessed {role} in {time.perf_counter() - started:.1f} s")
     gpu = use_gpu(cfg.ray)
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if gpu:
@@ -327,6 +329,8 @@ def _fit_on_ray(cfg: Config, paths: RunPaths, root: str, specs: dict, keep: dict
         datasets=datasets,
         dataset_config=exact_split_data_config(["train", "val"]),
     )
+    say(f"starting {cfg.ray.num_workers} Ray Train worker(s); progress every "
+        f"{progress_every_s():.0f} s, one line per epoch")
     result = trainer.fit()
     validated = [cm for cm in result.best_checkpoints if _validated(cm[1])]
     best = max(validated, key=lambda cm: cm[1]["val_mean_iou"]) \

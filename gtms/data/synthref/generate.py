@@ -21,15 +21,15 @@ import fcntl
 import json
 import os
 import pickle
-import sys
+import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from gtms.console import phase, say, track
 from gtms.data.records import DataError
 from gtms.data.refer import ReferSource
 from gtms.data.shards import (
@@ -131,9 +131,9 @@ def generate_synthref(out_dir: str | Path, settings: SynthRefSettings, *,
         old.unlink()
     difficulty = DIFFICULTIES[settings.difficulty]
     writer = _ReferWriter()
-    for index, split in enumerate(tqdm(assign_splits(settings.num_images, settings.seed),
-                                       desc="synthref images", unit="img",
-                                       disable=not progress)):
+    for index, split in enumerate(track(assign_splits(settings.num_images, settings.seed),
+                                        "generating SynthRef images", unit="img",
+                                        enabled=progress)):
         rng = np.random.default_rng([settings.seed, index])
         image, objects, refs = synthesize_image(rng, split, difficulty)
         file_name = f"synthref_{index + 1:06d}.jpg"
@@ -315,7 +315,7 @@ def synthref_is_ready(out_dir: str | Path, settings: SynthRefSettings) -> bool:
 
 def ensure_synthref(out_dir: str | Path = DEFAULT_DIR, *, num_images: int = DEFAULT_NUM_IMAGES,
                     seed: int = DEFAULT_SEED, difficulty: str = DEFAULT_DIFFICULTY,
-                    progress: bool = False) -> Path:
+                    progress: bool = True) -> Path:
     """The shards folder of SynthRef with these settings, generating it first if needed.
 
     Cheap when the shards exist (reads ``manifest.json``); safe to call from several processes
@@ -325,9 +325,13 @@ def ensure_synthref(out_dir: str | Path = DEFAULT_DIR, *, num_images: int = DEFA
     out_dir = Path(out_dir).resolve()
     settings = SynthRefSettings(num_images=num_images, seed=seed, difficulty=difficulty)
     if not synthref_is_ready(out_dir, settings):
-        print(f"SynthRef ({num_images} images, seed {seed}, {difficulty}) is not prepared in "
-              f"{out_dir}: generating it (about 15 ms per image)", file=sys.stderr)
-        prepare_synthref(out_dir, settings, progress=progress)
+        started = time.perf_counter()
+        phase(f"SynthRef ({num_images} images, seed {seed}, {difficulty}) is not prepared in "
+              f"{out_dir}: generating and sharding it once (about 15 ms per image)")
+        report = prepare_synthref(out_dir, settings, progress=progress)
+        counts = ", ".join(f"{split} {n}" for split, n in report.manifest["counts"].items())
+        say(f"SynthRef ready in {time.perf_counter() - started:.0f} s: {counts} refs in "
+            f"{shards_dir(out_dir)}")
     return shards_dir(out_dir)
 
 
