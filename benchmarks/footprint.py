@@ -65,14 +65,19 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
-def pss_kib(pid: int) -> int | None:
-    """Proportional set size of ``pid`` in KiB, or None once it is gone."""
+def pss_kib(pid: int) -> tuple[int, int] | None:
+    """(PSS, its shared-memory part) of ``pid`` in KiB, or None once it is gone. The shared
+    memory part is mostly Ray's object store (``/dev/shm``), mapped by the processes that read
+    objects from it."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
         return None
-    match = re.search(r"^Pss:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
+    total = re.search(r"^Pss:\s+(\d+) kB", text, re.MULTILINE)
+    shmem = re.search(r"^Pss_Shmem:\s+(\d+) kB", text, re.MULTILINE)
+    if not total:
+        return None
+    return int(total.group(1)), int(shmem.group(1)) if shmem else 0
 
 
 def process_kind(pid: int) -> str:
@@ -104,7 +109,8 @@ class Footprint:
     peak_kib: int = 0
     peak_processes: int = 0       # processes at the PSS peak
     max_processes: int = 0
-    peak_kinds: dict[str, tuple[int, int]] = field(default_factory=dict)  # kind -> (n, KiB)
+    peak_kinds: dict[str, list[int]] = field(default_factory=dict)  # kind -> [n, KiB, shm KiB]
+    peak_shmem_kib: int = 0
     driver_peak_kib: int = 0
     total_kib: int = 0            # summed over samples, for the mean
     peak_load: float = 0.0
@@ -113,15 +119,16 @@ class Footprint:
 
     def sample(self) -> bool:
         """One sample; False once the root is gone."""
-        per_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        total = count = 0
+        per_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+        total = shmem = count = 0
         for pid in process_tree(self.root):
-            kib = pss_kib(pid)
-            if kib is None:
+            sizes = pss_kib(pid)
+            if sizes is None:
                 continue
-            total, count = total + kib, count + 1
+            kib, shm = sizes
+            total, shmem, count = total + kib, shmem + shm, count + 1
             kind = per_kind[process_kind(pid)]
-            kind[0], kind[1] = kind[0] + 1, kind[1] + kib
+            kind[0], kind[1], kind[2] = kind[0] + 1, kind[1] + kib, kind[2] + shm
             if pid == self.root:
                 self.driver_peak_kib = max(self.driver_peak_kib, kib)
         if count == 0:
@@ -131,25 +138,26 @@ class Footprint:
         self.max_processes = max(self.max_processes, count)
         self.peak_load = max(self.peak_load, os.getloadavg()[0])
         if total > self.peak_kib:
-            self.peak_kib, self.peak_processes = total, count
-            self.peak_kinds = {k: (n, kib) for k, (n, kib) in per_kind.items()}
+            self.peak_kib, self.peak_processes, self.peak_shmem_kib = total, count, shmem
+            self.peak_kinds = dict(per_kind)
         return True
 
     def report(self) -> str:
         mb = 1024
         wall = (self.ended or time.time()) - self.started
         lines = [
-            f"peak summed PSS:   {self.peak_kib / mb:.0f} MB in {self.peak_processes} processes",
+            f"peak summed PSS:   {self.peak_kib / mb:.0f} MB in {self.peak_processes} processes "
+            f"({self.peak_shmem_kib / mb:.0f} MB of it shared memory: Ray's object store)",
             f"peak processes:    {self.max_processes}",
             f"mean summed PSS:   {self.total_kib / max(self.samples, 1) / mb:.0f} MB over "
             f"{self.samples} samples, wall {wall:.0f} s",
             f"peak load average: {self.peak_load:.1f} (1 min) on {os.cpu_count()} CPUs",
             f"driver peak PSS:   {self.driver_peak_kib / mb:.0f} MB; summed / driver = "
             f"{self.peak_kib / max(self.driver_peak_kib, 1):.1f}x",
-            "at the peak, per kind of process (count, PSS):",
+            "at the peak, per kind of process (count, PSS, of which shared memory):",
         ]
-        for kind, (n, kib) in sorted(self.peak_kinds.items(), key=lambda kv: -kv[1][1]):
-            lines.append(f"  {kind:<40} {n:>3}  {kib / mb:7.0f} MB")
+        for kind, (n, kib, shm) in sorted(self.peak_kinds.items(), key=lambda kv: -kv[1][1]):
+            lines.append(f"  {kind[:40]:<40} {n:>3}  {kib / mb:7.0f} MB  {shm / mb:6.0f} MB")
         return "\n".join(lines)
 
 

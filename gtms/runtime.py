@@ -20,10 +20,14 @@ from gtms.config import RayConfig
 from gtms.errors import UserError
 
 # A local cluster's worker processes (Ray's config, read from the environment when ray.init
-# starts the local raylet; setdefault, so a user's own setting wins). Ray otherwise prestarts a
-# worker per logical CPU for the first driver and keeps idle ones: ~100-200 MB of PSS each.
+# starts the local raylet; setdefault, so a user's own setting wins). By default Ray prestarts
+# a worker per logical CPU for the first driver and keeps up to that many idle ones, ~130 MB of
+# PSS each (benchmarks/footprint.py: two "ray::IDLE" through the whole laptop run). Here no
+# worker is prestarted and an idle one exits after Ray's idle time (1 s); the cost is a worker
+# start (~1 s) for a task that finds none idle, rare once the splits are kept in memory.
 LOCAL_WORKER_SETTINGS = {
     "RAY_prestart_worker_first_driver": "0",
+    "RAY_num_workers_soft_limit": "0",
 }
 
 # Logical CPUs held back for Ray Data's read tasks and the driver-side split coordinator.
