@@ -47,7 +47,8 @@ RAY_NOISE = tuple(re.compile(p) for p in (
 
 
 FORWARD_MARK = "[gtms] "   # our lines in a Ray worker's output (the driver removes it)
-ERROR_LINE = re.compile(r"\b(Error|Exception|ERROR|FATAL|CRITICAL)\b|^\[[^]]* [EF] \d+ \d+\]")
+ERROR_LINE = re.compile(r"\w*(Error|Exception)\b|\b(ERROR|FATAL|CRITICAL)\b"
+                        r"|^\[[^]]* [EF] \d+ \d+\]")   # the last: Ray's C++ error lines
 _forwarded = False
 
 

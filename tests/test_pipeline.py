@@ -309,3 +309,23 @@ def test_ray_pipeline_counts_bad_rows(tmp_path, synthref_small, ray_cluster):
     strict = build_dataset(str(tmp_path), "val", spec, PoolSpec(1, 0, 1.0, 4), strict=True)
     with pytest.raises(Exception, match="undecodable_image|box_outside_image"):
         strict.materialize()
+
+
+def test_ingest_options_use_no_deprecated_ray_option():
+    """The trainer's shard options copy the DataContext without ``exclude_resources`` (Ray
+    warns "ExecutionOptions.exclude_resources is deprecated" on every run otherwise)."""
+    import warnings
+
+    from ray.data import DataContext
+    from ray.util.annotations import RayDeprecationWarning
+
+    from gtms.data.pipeline import ingest_options
+
+    DataContext.get_current()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RayDeprecationWarning)
+        options = ingest_options()
+    current = DataContext.get_current().execution_options
+    assert options.resource_limits == current.resource_limits
+    assert options.preserve_order == current.preserve_order
+    assert options is not current
