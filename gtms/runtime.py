@@ -114,6 +114,7 @@ def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trial
         try:
             ray.init(address=address, log_to_driver=True,
                      logging_level=logging.WARNING if quiet else logging.INFO)
+            where = f"joined the Ray cluster at {ray.get_runtime_context().gcs_address}"
         except (ConnectionError, ray.exceptions.AuthenticationError) as err:
             # A token mismatch shows up as a ConnectionError after ~20 s of retries.
             reason = str(getattr(err, "message", err)).splitlines()[0]
@@ -127,14 +128,27 @@ def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trial
         # placement-group cleaner and Tune's early stopping rely on.
         for key, value in LOCAL_WORKER_SETTINGS.items():
             os.environ.setdefault(key, value)
-        ray.init(num_cpus=local_num_cpus(cfg, concurrent_trials, trial_cpus),
-                 include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-                 logging_level=logging.WARNING if quiet else logging.INFO)
+        cpus = local_num_cpus(cfg, concurrent_trials, trial_cpus)
+        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True, logging_level=logging.WARNING if quiet else logging.INFO)
+        where = f"started a local Ray ({cpus} logical CPUs on {os.cpu_count()} cores)"
+    console.say(f"{where}; Ray's own logs: {_logs_dir()}"
+                f"{' (--verbose shows them here)' if quiet else ''}")
     install_console_filter(quiet=quiet)
     if quiet:  # after ray.init: Ray's own processes keep the real stderr
         console.STDERR_FILTER.install()
     configure_ray_data()
     return ray.get_runtime_context()
+
+
+def _logs_dir() -> str:
+    """This Ray session's log folder (on the head node when joining a cluster)."""
+    try:
+        from ray._private.worker import _global_node
+
+        return _global_node.get_logs_dir_path()
+    except (ImportError, AttributeError):
+        return "/tmp/ray/session_latest/logs"
 
 
 def install_console_filter(*, quiet: bool) -> bool:
