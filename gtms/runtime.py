@@ -101,7 +101,7 @@ def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trial
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     quiet = not console.verbose()
-    if quiet:
+    if not console.is_terminal():  # no colour codes in a file, verbose or not
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = cluster_address(cfg, cli_address)
     if ray.is_initialized():
