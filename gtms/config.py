@@ -146,6 +146,7 @@ class TrainConfig:
     log_every: int = field(default=20, metadata=_positive())
     val_every: int = field(default=1, metadata=_positive())  # epochs; the last one always
     image_grid_every: int = field(default=5, metadata=_non_negative())
+    # Checkpoints kept: this many best by val mean IoU plus the latest (gtms/train/retention.py).
     keep_checkpoints: int = field(default=2, metadata=_positive())
 
 

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import socket
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from gtms import console
@@ -32,6 +33,43 @@ LOCAL_WORKER_SETTINGS = {
 
 # Logical CPUs held back for Ray Data's read tasks and the driver-side split coordinator.
 READ_TASK_CPUS = 1
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """CPU cores that each GPU worker needs beside it.
+
+    Attributes:
+        trainer: the Train worker's own CPUs (``ray.cpus_per_worker``): its loop, the pseudo-label
+            work of the step (tree filter, W), and Ray Data's iterator that formats and prefetches
+            its batches.
+        actors_min: preprocessing actors per GPU at the start (``ray.preprocess_actors`` =
+            ``actors_min * num_workers``), one CPU each (``ray.actor_cpus``).
+        actors_max: the autoscaling pool's ceiling per GPU (``ray.preprocess_actors_max``).
+    """
+
+    trainer: int
+    actors_min: int
+    actors_max: int
+
+    def ray_settings(self, num_workers: int) -> dict[str, int]:
+        """The ``ray.*`` values of this plan for ``num_workers`` GPU workers."""
+        return {"cpus_per_worker": self.trainer,
+                "preprocess_actors": self.actors_min * num_workers,
+                "preprocess_actors_max": self.actors_max * num_workers}
+
+
+# RefCOCO scale (416 px input, 104 x 104 trees), measured by `python -m benchmarks.preprocess_cost`
+# on one core: a train ref costs ~18 ms (JPEG decode, letterbox, tokenise, MST, forest, and the
+# hand-over of its 2 MB float32 image), a val sentence ~11 ms. RN50 CRIS trains at
+# T / 401.5 GFLOP samples/s per GPU (50/s at the 20 TFLOP/s of cluster/README.md) and validates at
+# T / 137.7 GFLOP (145/s; val is streamed: it does not fit data.memory_budget_mb), i.e. 0.9 and
+# 1.6 actor cores. Two actors per GPU keep training fed up to ~44 TFLOP/s and validation up to
+# ~26; the autoscaling pool grows to four (~87 and ~51). The trainer's own CPU work is small
+# (pseudo labels of 16 samples at 104^2: ~3 ms a step) but its loop and Ray Data's prefetching
+# iterator each want a core. experiments/paper_base.yaml and the cluster's GPU nodes follow this
+# plan (cluster/README.md, "CPU cores per GPU"; tests/test_cluster.py checks both).
+CPUS_PER_GPU = CpuPlan(trainer=2, actors_min=2, actors_max=4)
 
 
 class RayStartError(UserError, RuntimeError):

@@ -246,6 +246,36 @@ def test_sweep_trials_at_once_fit_the_cluster(path):
         assert need <= cluster_gpus(name), (path.name, name, need)
 
 
+def node_cpus_per_gpu(name: str) -> list[float]:
+    """CPUs per GPU of every GPU node type (launcher) or GPU pod request (KubeRay)."""
+    cfg = load(name)
+    if name == RAYJOB:
+        return [float(c["resources"]["requests"]["cpu"]) / int(c["resources"]["limits"][
+                    "nvidia.com/gpu"])
+                for g in cfg["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+                for c in g["template"]["spec"]["containers"]
+                if c["resources"]["limits"].get("nvidia.com/gpu")]
+    return [t["resources"]["CPU"] / t["resources"]["GPU"]
+            for t in cfg["available_node_types"].values() if t["resources"].get("GPU")]
+
+
+def test_gpu_configs_and_nodes_follow_the_cpu_plan():
+    """Every GPU experiment asks for gtms.runtime.CPUS_PER_GPU (trainer CPUs, actors per GPU),
+    and every GPU node has room for it: trainer + the actor ceiling + Ray Data's reads."""
+    from gtms.runtime import CPUS_PER_GPU, READ_TASK_CPUS
+
+    gpu_configs = [load_config(p) for p in sorted(EXPERIMENTS.glob("*.yaml"))]
+    gpu_configs = [cfg for cfg in gpu_configs if cfg.ray.use_gpu]
+    assert gpu_configs
+    for cfg in gpu_configs:
+        expected = CPUS_PER_GPU.ray_settings(cfg.ray.num_workers)
+        assert {key: getattr(cfg.ray, key) for key in expected} == expected
+    need = CPUS_PER_GPU.trainer + CPUS_PER_GPU.actors_max + READ_TASK_CPUS
+    for name in [*LAUNCHER_CONFIGS, RAYJOB]:
+        cpus = node_cpus_per_gpu(name)
+        assert cpus and min(cpus) >= need, (name, cpus, need)
+
+
 MAX_CONCURRENT = re.compile(r"ablation_refcoco_rn50\.yaml[^\n]*?--max-concurrent (\d+)")
 
 

@@ -112,3 +112,34 @@ def test_vertex_weights_float32_and_shape_check():
     torch.testing.assert_close(vertex_weights(attention, labels), expected)
     with pytest.raises(ValueError):
         vertex_weights(attention, labels[:, :3])
+
+
+@pytest.mark.parametrize(("dtype", "label_dtype"), [(torch.float32, torch.int32),
+                                                     (torch.float64, torch.int64)])
+def test_vertex_weights_cpu_kernel_matches_the_scatter_path(dtype, label_dtype):
+    from gtms.pseudo.pseudo_label import _scatter_max  # the path taken off the CPU
+
+    rng = np.random.default_rng(5)
+    height, width = 23, 17
+    labels = np.stack([
+        structural_forest(build_grid_tree(rng.integers(0, 4, (height, width, 3)) / 3).parent,
+                          rectangle_mask(height, width, 2, 20, 3 + b, 15))
+        for b in range(6)
+    ])
+    attention = torch.from_numpy(rng.normal(0.3, 0.5, labels.shape)).to(dtype)  # some < 0
+    labels = torch.from_numpy(labels).to(label_dtype)
+    weights = vertex_weights(attention, labels)
+    assert weights.dtype == dtype and (weights[labels < 0] == 0).all()
+    assert (weights >= 0).all() and (weights[labels >= 0] > 0).any()
+    torch.testing.assert_close(weights, _scatter_max(attention, labels), rtol=0, atol=0)
+
+
+def test_vertex_weights_propagate_nan_and_check_labels():
+    attention = torch.tensor([[0.2, float("nan"), 0.9, 0.7], [0.1, 0.4, 0.3, 0.2]])
+    labels = torch.tensor([[0, 0, -1, 1], [1, 0, 0, 1]])
+    weights = vertex_weights(attention, labels)
+    assert weights[0, :2].isnan().all() and weights[0, 2:].tolist() == pytest.approx([0, 0.7])
+    assert weights[1].tolist() == pytest.approx([0.2, 0.4, 0.4, 0.2])
+    for bad in (-2, 4):
+        with pytest.raises(ValueError, match=r"sample 1: forest labels must lie in \[-1, N = 4\)"):
+            vertex_weights(attention, torch.tensor([[0, 0, -1, 1], [0, bad, 0, 1]]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -154,7 +155,7 @@ def test_no_run_folder_after_an_early_failure(synthref_small, small_data, tmp_pa
     def fail(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(trainer, "_train", fail)
+    monkeypatch.setattr(trainer, "train", fail)
     cfg = small_config(synthref_small, tmp_path, "train.name=late")
     with pytest.raises(RuntimeError, match="out of memory"):
         fit(cfg, no_ray=True)
@@ -345,3 +346,96 @@ def test_tensorboard_tags_group_by_split():
                                          "skipped_train_undecodable_image", "train_steps")] == [
         "lr", "train/loss", "val/mean_iou", "val/best_mean_iou",
         "skipped/train_undecodable_image", "train/steps"]
+
+
+# Validation mean IoU per epoch (NaN: not validated) and the checkpoints kept after each epoch
+# with train.keep_checkpoints=2, by Ray's rule: the 2 best plus the latest, ties to the later.
+RETENTION_SCORES = [0.5, 0.7, float("nan"), 0.6, 0.6, 0.3]
+RETENTION_KEPT = [{1}, {1, 2}, {1, 2, 3}, {2, 4}, {2, 5}, {2, 5, 6}]
+
+
+def _kept_after_each_report(scores, keep):
+    from gtms.train import retention
+
+    on_disk, kept = [], []
+    for epoch, score in enumerate(scores, start=1):
+        on_disk.append(retention.scored({"epoch": epoch} if score != score else
+                                        {"epoch": epoch, "val_mean_iou": score}))
+        survivors = retention.kept_epochs(on_disk, keep)
+        on_disk = [m for m in on_disk if m["epoch"] in survivors]
+        kept.append(survivors)
+    return kept
+
+
+def test_retention_keeps_the_best_and_the_latest():
+    from gtms.train import retention
+
+    assert _kept_after_each_report(RETENTION_SCORES, 2) == RETENTION_KEPT
+    assert _kept_after_each_report(RETENTION_SCORES, 1)[-2:] == [{2, 5}, {2, 6}]
+    assert _kept_after_each_report(RETENTION_SCORES, 10)[-1] == {1, 2, 3, 4, 5, 6}
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        retention.kept_epochs([{"epoch": 1}], 0)
+    # The best is one of the kept: the top score, the later epoch of a tie, never an
+    # unvalidated one.
+    reports = [{"epoch": 1, "val_mean_iou": 0.6}, {"epoch": 2, "val_mean_iou": float("nan")},
+               {"epoch": 3, "val_mean_iou": 0.6}]
+    assert retention.best(reports)["epoch"] == 3
+    assert retention.best(reports[1:2]) is None
+    config = retention.ray_checkpoint_config(3)
+    assert (config.num_to_keep, config.checkpoint_score_attribute,
+            config.checkpoint_score_order) == (3, "val_mean_iou", "max")
+
+
+def test_retention_matches_rays_checkpoint_manager(tmp_path):
+    """The same sequence through Ray's own bookkeeping (the class Ray Train's CheckpointManager
+    builds on) deletes the same folders."""
+    checkpoint_manager = pytest.importorskip("ray.train._internal.checkpoint_manager")
+    from ray.train import Checkpoint
+    from ray.train._internal.session import _TrainingResult
+
+    from gtms.train import retention
+
+    for keep in (1, 2, 3):
+        manager = checkpoint_manager._CheckpointManager(retention.ray_checkpoint_config(keep))
+        folders = []
+        for epoch, score in enumerate(RETENTION_SCORES, start=1):
+            folder = tmp_path / f"keep{keep}" / f"epoch{epoch}"
+            folder.mkdir(parents=True)
+            folders.append(folder)
+            metrics = retention.scored({"epoch": epoch} if score != score else
+                                       {"epoch": epoch, "val_mean_iou": score})
+            manager.register_checkpoint(_TrainingResult(Checkpoint.from_directory(str(folder)),
+                                                        metrics))
+            on_disk = {e for e, f in enumerate(folders, start=1) if f.exists()}
+            assert on_disk == _kept_after_each_report(RETENTION_SCORES[:epoch], keep)[-1], \
+                (keep, epoch)
+
+
+def test_local_context_keeps_checkpoints_like_ray(tmp_path):
+    """LocalContext removes what train.keep_checkpoints does not keep, also across a resume,
+    counting the checkpoints an earlier session left in the run folder."""
+    from gtms.data.pipeline import spec_for
+    from gtms.train.checkpoint import checkpoint_dir_name, save_checkpoint
+    from gtms.train.contexts import LocalContext
+
+    def context():
+        spec = spec_for("val", input_size=64, word_len=8, mode="box-lloc", seed=0)
+        return LocalContext(root=str(tmp_path / "data"), train_split="train", val_split="val",
+                            train_spec=spec, val_spec=spec, limit_train=0, limit_eval=0,
+                            strict=False, checkpoint_root=tmp_path / "run", keep_checkpoints=2)
+
+    def report(ctx, epoch, score):
+        metrics = {"epoch": epoch} if score != score else {"epoch": epoch, "val_mean_iou": score}
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(tmp, model={}, epoch=epoch, metrics=metrics)
+            ctx.report(metrics, Path(tmp))
+        return {int(p.name.rsplit("_", 1)[1]) for p in (tmp_path / "run").iterdir()}
+
+    ctx = context()
+    assert [report(ctx, e, s) for e, s in enumerate(RETENTION_SCORES[:4], start=1)] == \
+        RETENTION_KEPT[:4]
+    assert ctx.latest_checkpoint() == tmp_path / "run" / checkpoint_dir_name(4)
+    resumed = context()  # a second session: epochs 2 and 4 are on disk, 2 still the best
+    assert sorted(resumed.checkpoints) == [2, 4]
+    assert [report(resumed, e, s) for e, s in enumerate(RETENTION_SCORES[4:], start=5)] == \
+        RETENTION_KEPT[4:]

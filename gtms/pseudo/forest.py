@@ -69,3 +69,57 @@ def structural_forest(parent: np.ndarray, box_mask: np.ndarray) -> np.ndarray:
             f"{np.shape(box_mask)}"
         )
     return _forest_labels(parent, inside)
+
+
+@numba.njit(cache=True, nogil=True)
+def _forest_maxima(values: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Numba kernel of :func:`forest_maxima`; returns ``(out, bad_sample)``, ``bad_sample`` -1
+    or the first sample with a label outside ``[-1, N)`` (then ``out`` is incomplete)."""
+    batch, n = values.shape
+    out = np.zeros((batch, n), values.dtype)
+    peak = np.empty(n, values.dtype)
+    for b in range(batch):
+        values_b, labels_b, out_b = values[b], labels[b], out[b]
+        peak[:] = 0
+        for v in range(n):
+            label = labels_b[v]
+            if label < -1 or label >= n:
+                return out, b
+            if label >= 0:
+                value, current = values_b[v], peak[label]
+                if (value > current or value != value) and current == current:
+                    peak[label] = value  # a NaN stays: it propagates as in torch's amax
+        for v in range(n):
+            label = labels_b[v]
+            if label >= 0:
+                out_b[v] = peak[label]
+    return out, -1
+
+
+def forest_maxima(values: np.ndarray, forest_labels: np.ndarray) -> np.ndarray:
+    """Every in-box vertex gets the largest value of its sub-tree (floored at 0), others 0.
+
+    Args:
+        values: ``[B, N]`` float32 or float64 (e.g. GradCAM attention).
+        forest_labels: ``[B, N]`` int sub-tree labels in ``[0, N)``, ``-1`` outside the box (see
+            :func:`structural_forest`).
+
+    Returns:
+        ``[B, N]`` in ``values``' dtype. A NaN in a sub-tree makes its maximum NaN.
+    """
+    values = np.ascontiguousarray(values)
+    labels = np.ascontiguousarray(forest_labels)
+    if values.ndim != 2 or labels.shape != values.shape:
+        raise ValueError(
+            f"values and forest_labels must both be [B, N], got {values.shape} and {labels.shape}"
+        )
+    if values.dtype not in (np.float32, np.float64):
+        raise ValueError(f"values must be float32 or float64, got {values.dtype}")
+    if labels.dtype not in (np.int32, np.int64):
+        labels = labels.astype(np.int64)
+    out, bad_sample = _forest_maxima(values, labels)
+    if bad_sample >= 0:
+        raise ValueError(
+            f"sample {bad_sample}: forest labels must lie in [-1, N = {values.shape[1]})"
+        )
+    return out

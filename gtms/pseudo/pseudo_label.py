@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from gtms.modes import PSEUDO_LABEL_MODES, get_mode
+from gtms.pseudo.forest import forest_maxima
 from gtms.pseudo.gradcam import gradcam_attention
 from gtms.pseudo.tree_filter import tree_filter_torch
 
@@ -55,12 +56,24 @@ def vertex_weights(attention: torch.Tensor, forest_labels: torch.Tensor) -> torc
 
     Returns:
         ``W [B, N]`` in ``attention``'s dtype and on its device, 0 outside the box.
+
+    On the CPU this is one pass of a numba kernel (:func:`~gtms.pseudo.forest.forest_maxima`,
+    which also checks the labels' range); elsewhere a scatter-max over per-sample slots.
     """
     if attention.shape != forest_labels.shape or attention.ndim != 2:
         raise ValueError(
             f"attention and forest_labels must both be [B, N], got {tuple(attention.shape)} "
             f"and {tuple(forest_labels.shape)}"
         )
+    if attention.device.type == "cpu" and attention.dtype in (torch.float32, torch.float64):
+        labels = torch.as_tensor(forest_labels, device="cpu")
+        return torch.from_numpy(forest_maxima(attention.detach().numpy(), labels.numpy()))
+    return _scatter_max(attention, forest_labels)
+
+
+def _scatter_max(attention: torch.Tensor, forest_labels: torch.Tensor) -> torch.Tensor:
+    """:func:`vertex_weights` on any device: scatter-max into per-sample slots (labels are not
+    range-checked: that would synchronise with the device)."""
     batch, n = attention.shape
     # One slot per (sample, sub-tree) plus a slot 0 per sample that collects the outside.
     offset = torch.arange(batch, device=attention.device).unsqueeze(1) * (n + 1) + 1

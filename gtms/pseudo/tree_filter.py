@@ -61,7 +61,7 @@ def _exp_nonpositive_inplace(values: np.ndarray, scratch_bits: np.ndarray) -> No
         values[i] *= scale[i]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _tree_filter_batch(
     x: np.ndarray, parent: np.ndarray, order: np.ndarray, dist: np.ndarray, sigma: float
 ) -> tuple[np.ndarray, int]:
@@ -72,19 +72,22 @@ def _tree_filter_batch(
 
     Works in BFS-position space: vertex ``order[k]`` lives at position ``k`` and its parent at
     ``parent_pos[k] < k``, so both sweeps run over contiguous arrays. Each image's inputs are
-    first copied sequentially into small buffers, which keeps the gathers in cache.
+    first copied sequentially into small buffers, which keeps the gathers in cache; the sweeps
+    of x and of ones share one ``[N, 2]`` array (one cache line per vertex), and the division
+    is its own loop so that it vectorises (``error_model="numpy"``: no zero-division branch;
+    the denominator is >= 1, the vertex's own affinity).
     """
     batch, n = x.shape
     out = np.empty((batch, n), x.dtype)
-    x_local = np.empty(n, np.float64)
+    x_local = np.empty(n, x.dtype)
     parent_local = np.empty(n, np.int32)
     dist_local = np.empty(n, np.float32)
     out_local = np.empty(n, np.float64)
     position = np.empty(n, np.int32)
     parent_pos = np.empty(n, np.int32)
     weight = np.empty(n, np.float64)  # affinity of position k to its parent
-    numer = np.empty(n, np.float64)  # sweeps of x
-    denom = np.empty(n, np.float64)  # sweeps of ones
+    sums = np.empty((n, 2), np.float64)  # [:, 0] sweeps of x, [:, 1] sweeps of ones
+    ratio = np.empty(n, np.float64)
     bits = np.empty(n, np.int64)
     neg_inv_sigma = -1.0 / sigma
     for b in range(batch):
@@ -98,33 +101,36 @@ def _tree_filter_batch(
             if v < 0 or v >= n:
                 return out, b
             position[v] = k
+        v = order_b[0]
         parent_pos[0] = 0
+        weight[0] = 0.0
+        sums[0, 0] = x_local[v]
+        sums[0, 1] = 1.0
         for k in range(1, n):
-            p = parent_local[order_b[k]]
+            v = order_b[k]
+            p = parent_local[v]
             if p < 0 or p >= n or position[p] >= k:
                 return out, b  # not a BFS order of a tree: parent missing or after child
             parent_pos[k] = position[p]
-        for k in range(n):
-            v = order_b[k]
             weight[k] = np.float64(dist_local[v]) * neg_inv_sigma
-            numer[k] = x_local[v]
-            denom[k] = 1.0
+            sums[k, 0] = x_local[v]
+            sums[k, 1] = 1.0
         _exp_nonpositive_inplace(weight, bits)
         for k in range(n - 1, 0, -1):  # leaf -> root: sub-tree sums
             p = parent_pos[k]
             w = weight[k]
-            numer[p] += w * numer[k]
-            denom[p] += w * denom[k]
+            sums[p, 0] += w * sums[k, 0]
+            sums[p, 1] += w * sums[k, 1]
         for k in range(1, n):  # root -> leaf: sums over the whole tree
             p = parent_pos[k]
             w = weight[k]
             keep = 1.0 - w * w
-            numer[k] = w * numer[p] + keep * numer[k]
-            denom[k] = w * denom[p] + keep * denom[k]
+            sums[k, 0] = w * sums[p, 0] + keep * sums[k, 0]
+            sums[k, 1] = w * sums[p, 1] + keep * sums[k, 1]
         for k in range(n):
-            numer[k] /= denom[k]
+            ratio[k] = sums[k, 0] / sums[k, 1]
         for k in range(n):
-            out_local[order_b[k]] = numer[k]
+            out_local[order_b[k]] = ratio[k]
         out[b] = out_local
     return out, -1
 

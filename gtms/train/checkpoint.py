@@ -28,14 +28,32 @@ from gtms.model.weights import CheckpointError
 FORMAT = "gtms-checkpoint-v2"
 FORMAT_EPOCHS_FROM_0 = "gtms-checkpoint-v1"
 FILENAME = "model.pt"
+DIR_PREFIX = "checkpoint_epoch_"
 
 
 NO_CONFIG = ("", "none")
 # Keys a given config must share with the checkpoint it runs (the input size may change).
 ARCH_KEYS = (("model", "preset"), ("data", "word_len"))
 
-__all__ = ["FILENAME", "FORMAT", "CheckpointError", "Trained", "is_gtms_checkpoint",
-           "load_checkpoint", "load_trained", "resolve_checkpoint_file", "save_checkpoint"]
+__all__ = ["FILENAME", "FORMAT", "CheckpointError", "Trained", "checkpoint_dir_name",
+           "checkpoint_dirs", "is_gtms_checkpoint", "load_checkpoint", "load_trained",
+           "read_metrics", "resolve_checkpoint_file", "save_checkpoint"]
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    """The folder of the checkpoint written after ``epoch`` (counted from 1):
+    ``checkpoint_epoch_0001``. Local and Ray runs, and the summary, all name it here."""
+    return f"{DIR_PREFIX}{epoch:04d}"
+
+
+def checkpoint_dirs(run_dir: str | Path) -> dict[int, Path]:
+    """The checkpoint folders of a local run folder that hold a checkpoint file, by epoch."""
+    found = {}
+    for folder in Path(run_dir).glob(f"{DIR_PREFIX}*"):
+        epoch = folder.name[len(DIR_PREFIX):]
+        if epoch.isdigit() and (folder / FILENAME).is_file():
+            found[int(epoch)] = folder
+    return dict(sorted(found.items()))
 
 
 def resolve_checkpoint_file(path: str | Path) -> Path:
@@ -80,6 +98,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{file} is not a readable checkpoint "
                               f"(refused or corrupt: {str(err).splitlines()[0]})") from None
     return _upgraded(payload)
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """The ``metrics`` a checkpoint was saved with (its epoch's line of ``metrics.jsonl``),
+    read without loading the weights into memory (memory-mapped)."""
+    file = resolve_checkpoint_file(path)
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not mappable (legacy serialization) or unreadable: the full loader says
+        payload = load_checkpoint(file)
+    payload = _upgraded(payload)
+    if not is_gtms_checkpoint(payload) or not isinstance(payload.get("metrics"), dict):
+        raise CheckpointError(f"{file} is not a training checkpoint of this project")
+    return dict(payload["metrics"])
 
 
 def _upgraded(payload: Any) -> Any:

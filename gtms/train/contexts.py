@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +27,8 @@ from gtms.data.pipeline import (
     stack_samples,
 )
 from gtms.data.tokenizer import ClipTokenizer
+from gtms.train import retention
+from gtms.train.checkpoint import checkpoint_dir_name, checkpoint_dirs, read_metrics
 
 Batch = dict[str, np.ndarray]
 
@@ -118,19 +121,23 @@ class LocalContext:
 
     def __init__(self, *, root: str, train_split: str, val_split: str, train_spec: SampleSpec,
                  val_spec: SampleSpec, limit_train: int, limit_eval: int, strict: bool,
-                 checkpoint_root: Path, keep_train: bool = False, keep_val: bool = False,
-                 device: torch.device | None = None):
+                 checkpoint_root: Path, keep_checkpoints: int, keep_train: bool = False,
+                 keep_val: bool = False, device: torch.device | None = None):
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.root, self.train_split, self.val_split = root, train_split, val_split
         self.train_spec, self.val_spec = train_spec, val_spec
         self.limit_train, self.limit_eval, self.strict = limit_train, limit_eval, strict
-        self.checkpoint_root = checkpoint_root
+        self.checkpoint_root = Path(checkpoint_root)
+        self.keep_checkpoints = keep_checkpoints
+        # The metrics of every checkpoint in the run folder (a resumed run's earlier ones too),
+        # by epoch: what retention ranks and the summary picks the best from.
+        self.checkpoints = {epoch: read_metrics(folder)
+                            for epoch, folder in checkpoint_dirs(self.checkpoint_root).items()}
         self.keep = {"train": keep_train, "val": keep_val}
         self.tokenizer = ClipTokenizer()
         self.epoch = 0
         self._kept: dict[str, list[dict[str, Any]]] = {}
         self._bad = BadRowCounter()
-        self.reports: list[dict[str, Any]] = []
 
     def prepare_model(self, model):
         return model
@@ -197,25 +204,32 @@ class LocalContext:
         return self._bad.of_epoch(epoch)
 
     def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.checkpoint_root.glob("checkpoint_epoch_*/model.pt"))
-        return found[-1].parent if found else None
+        found = checkpoint_dirs(self.checkpoint_root)
+        return found[max(found)] if found else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        self.reports.append(metrics)
-        if checkpoint_dir is not None:
-            target = self.checkpoint_root / f"checkpoint_epoch_{metrics['epoch']:04d}"
-            target.mkdir(parents=True, exist_ok=True)
-            for file in checkpoint_dir.iterdir():
-                (target / file.name).write_bytes(file.read_bytes())
+        """Copy the epoch's checkpoint into the run folder, then remove the folders that
+        ``train.keep_checkpoints`` does not keep (:mod:`gtms.train.retention`, as Ray does)."""
+        if checkpoint_dir is None:
+            return
+        metrics = retention.scored(metrics)
+        target = self.checkpoint_root / checkpoint_dir_name(metrics["epoch"])
+        target.mkdir(parents=True, exist_ok=True)
+        for file in checkpoint_dir.iterdir():
+            (target / file.name).write_bytes(file.read_bytes())
+        self.checkpoints[metrics["epoch"]] = metrics
+        kept = retention.kept_epochs(list(self.checkpoints.values()), self.keep_checkpoints)
+        for epoch in sorted(set(self.checkpoints) - kept):
+            shutil.rmtree(self.checkpoint_root / checkpoint_dir_name(epoch))
+            del self.checkpoints[epoch]
 
     def gather(self, obj: Any) -> list[Any]:
         return [obj]
 
 
 def _quiet_ray_train_worker() -> None:
-    """Ray Train logs every report and checkpoint at INFO on each worker, which buries our
-    one progress line per epoch; keep its warnings and errors."""
-    import logging
+    """A Ray Train worker's console: no Ray Data progress bars, no DDP stride note, and no
+    INFO line per report and checkpoint (:func:`_quiet_ray_train_reports`)."""
     import warnings
 
     from ray.data import DataContext
@@ -223,13 +237,30 @@ def _quiet_ray_train_worker() -> None:
     DataContext.get_current().enable_progress_bars = False
     # DDP's note that a 1x1 conv's gradient is not laid out like its bucket: harmless here.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    logging.getLogger("ray.train.v2._internal.execution.storage").setLevel(logging.WARNING)
-    try:  # this module names its logger by file path
-        import ray.train.v2._internal.execution.context as report_module
+    _quiet_ray_train_reports()
 
-        logging.getLogger(report_module.__file__).setLevel(logging.WARNING)
+
+def _quiet_ray_train_reports() -> None:
+    """Silence the two INFO lines Ray Train (2.60) logs on every worker at every report:
+    "Reporting training result N: ..." and "Checkpoint successfully created at ...". They
+    bury the loop's one progress line per epoch; warnings and errors still show.
+
+    This names two loggers of Ray's private ``ray.train.v2._internal`` modules, because the
+    public switch does not reach them: ``RunConfig(logging_config=ray.train.LoggingConfig(
+    log_level="WARNING"))`` filters only records of loggers named ``ray.train.*``, while the
+    module that logs the reports names its logger by its file path (``getLogger(__file__)``),
+    so its records reach the console through the root logger; that switch would also hide the
+    controller's "Requesting resources" lines that tell a user why a run waits on a cluster.
+    If a Ray upgrade renames these modules nothing breaks: the two lines come back per epoch.
+    """
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.storage").setLevel(logging.WARNING)
+    try:
+        import ray.train.v2._internal.execution.context as reports
     except ImportError:
-        pass
+        return
+    logging.getLogger(reports.__file__).setLevel(logging.WARNING)
 
 
 class RayTrainContext:
@@ -294,11 +325,9 @@ class RayTrainContext:
         from ray.train import Checkpoint
 
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        # An epoch without validation ranks below every validated one among the checkpoints
-        # kept by score (Ray orders NaN lowest) and still resumes as the latest.
-        metrics = {"val_mean_iou": math.nan, **metrics}
-        ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}")
+        # Ray keeps checkpoints by retention.ray_checkpoint_config (the trainer's RunConfig).
+        ray.train.report(retention.scored(metrics), checkpoint=checkpoint,
+                         checkpoint_dir_name=checkpoint_dir_name(metrics["epoch"]))
 
     def gather(self, obj: Any) -> list[Any]:
         import torch.distributed as dist

@@ -26,6 +26,7 @@ from gtms.config import Config, config_to_dict, dump_config
 from gtms.console import phase, progress_every_s, say
 from gtms.data.pipeline import (
     PoolSpec,
+    SampleSpec,
     build_dataset,
     exact_split_data_config,
     fits_in_memory,
@@ -38,6 +39,8 @@ from gtms.data.shards import verify_shards
 from gtms.errors import UserError
 from gtms.eval.metrics import percent
 from gtms.pretrain.run import with_synthclip
+from gtms.train import retention
+from gtms.train.checkpoint import checkpoint_dir_name
 from gtms.train.contexts import (
     LocalContext,
     RayTrainContext,
@@ -100,30 +103,40 @@ def write_run_metadata(run_dir: str, cfg: Config, *, world_size: int) -> None:
     folder.sync()
 
 
-def plan_run(cfg: Config, *, resume: str | None) -> tuple[Config, RunPaths]:
-    """Pick the run folder. ``resume`` = a run name, a run folder, or ``"latest"``."""
+def plan_run(cfg: Config, *, resume: str | None, set_overrides: tuple[str, ...] = (),
+             no_ray: bool = False) -> tuple[Config, RunPaths]:
+    """Pick the run folder and the config to run. ``resume`` = a run name, a run folder, or
+    ``"latest"``; a resumed run uses its own ``config.yaml`` with ``set_overrides`` on top
+    (e.g. ``--set train.epochs=20`` to train longer)."""
     base = storage.absolute(cfg.train.run_dir)
     if resume is None:
         name = cfg.train.name or default_run_name(cfg)
         if storage.exists(storage.join(base, name)):
             raise RunError(f"run folder {storage.join(base, name)} exists; pass --resume {name}"
                            " to continue it or choose another train.name")
-        return cfg, RunPaths(base, name)
+        paths = RunPaths(base, name)
+    else:
+        paths = _resumed_paths(base, resume)
+        config_file = storage.join(paths.run_dir, "config.yaml")
+        if not storage.exists(config_file):
+            raise RunError(f"--resume: {paths.run_dir} is not a run folder (no config.yaml)")
+        cfg = _load_remote_config(config_file, set_overrides)
+    if no_ray and storage.is_uri(paths.storage):
+        raise RunError("--no-ray needs a local train.run_dir (Ray writes URIs)")
+    return cfg, paths
+
+
+def _resumed_paths(base: str, resume: str) -> RunPaths:
     if resume == "latest":
         if storage.is_uri(base):
             raise RunError("--resume latest needs a local train.run_dir; name the run instead")
         runs = sorted(Path(base).glob("*/config.yaml"), key=lambda p: p.stat().st_mtime)
         if not runs:
             raise RunError(f"--resume latest: no runs under {base}")
-        paths = RunPaths(str(runs[-1].parent.parent), runs[-1].parent.name)
-    elif not storage.is_uri(resume) and Path(resume).is_dir():
-        paths = RunPaths(str(Path(resume).resolve().parent), Path(resume).resolve().name)
-    else:
-        paths = RunPaths(base, resume)
-    config_file = storage.join(paths.run_dir, "config.yaml")
-    if not storage.exists(config_file):
-        raise RunError(f"--resume: {paths.run_dir} is not a run folder (no config.yaml)")
-    return _load_remote_config(config_file), paths
+        return RunPaths(str(runs[-1].parent.parent), runs[-1].parent.name)
+    if not storage.is_uri(resume) and Path(resume).is_dir():
+        return RunPaths(str(Path(resume).resolve().parent), Path(resume).resolve().name)
+    return RunPaths(base, resume)
 
 
 def _load_remote_config(config_file: str, overrides: tuple[str, ...] = ()) -> Config:
@@ -133,17 +146,17 @@ def _load_remote_config(config_file: str, overrides: tuple[str, ...] = ()) -> Co
                             config_file, overrides)
 
 
-def _ray_worker(loop_config: dict) -> dict:
-    ctx = RayTrainContext(seed=loop_config["seed"])
-    try:
-        return train_loop(loop_config["config"], ctx, run_dir=loop_config["run_dir"],
-                          steps_per_epoch=loop_config["steps_per_epoch"])
-    finally:
-        ctx.close()
+@dataclass(frozen=True)
+class RunPlan:
+    """What :func:`fit` settles before the run folder is made."""
 
-
-def _limited(n: int, limit: int) -> int:
-    return min(n, limit) if limit else n
+    cfg: Config
+    paths: RunPaths
+    root: str          # the data root, its shards checked
+    n_train: int       # training refs per epoch
+    world: int         # training processes: 1 without Ray, else ray.num_workers
+    steps: int         # optimizer steps per epoch (see steps_per_epoch)
+    no_ray: bool
 
 
 def fit(cfg: Config, *, resume: str | None = None, no_ray: bool = False,
@@ -153,71 +166,96 @@ def fit(cfg: Config, *, resume: str | None = None, no_ray: bool = False,
 
     ``callbacks``: Ray Train ``UserCallback`` objects (e.g. Tune's report forwarding).
     """
-    if not no_ray:  # fail fast on a bad --address before writing anything
-        from gtms.runtime import init_ray
-
-        init_ray(cfg.ray, cli_address=address)
-    cfg = _absolute_model_paths(cfg)
-    cfg, paths = plan_run(cfg, resume=resume)
-    if resume is not None and set_overrides:  # e.g. --set train.epochs=20 to train longer
-        cfg = _load_remote_config(storage.join(paths.run_dir, "config.yaml"), set_overrides)
-    if no_ray and storage.is_uri(paths.storage):
-        raise RunError("--no-ray needs a local train.run_dir (Ray writes URIs)")
-    check_model_weights(cfg)
-    root = prepare_data_root(cfg)
-    verify_shards(root, (cfg.data.train_split, cfg.data.val_split))
-    if resume is None:
-        cfg = with_synthclip(cfg, root, no_ray=no_ray, address=address)
-    n_train = _limited(count_rows(root, cfg.data.train_split), cfg.data.limit_train_refs)
-    if n_train == 0:
-        raise RunError(f"split {cfg.data.train_split!r} under {root} is empty")
-    world = 1 if no_ray else max(cfg.ray.num_workers, 1)
-    steps = steps_per_epoch(n_train, cfg.train.batch_size, world)
+    if not no_ray:  # first: a bad --address fails before anything is checked or written
+        start_ray(cfg, address)
+    cfg, paths = plan_run(_absolute_model_paths(cfg), resume=resume,
+                          set_overrides=set_overrides, no_ray=no_ray)
+    cfg, root = prepare_inputs(cfg, new_run=resume is None, no_ray=no_ray, address=address)
+    plan = plan_epochs(cfg, paths, root, no_ray=no_ray)
     try:  # everything that can fail early is checked: make the run folder
-        write_run_metadata(paths.run_dir, cfg, world_size=world)
-        summary = _train(cfg, paths, root, n_train=n_train, world=world, steps=steps,
-                         no_ray=no_ray, address=address, callbacks=list(callbacks))
+        write_run_metadata(paths.run_dir, cfg, world_size=plan.world)
+        summary = train(plan, callbacks=list(callbacks))
     except Exception:
         if resume is None:
             remove_unfinished_run(paths.run_dir)
         raise
-    folder = storage.RunFolder(paths.run_dir)
-    summary["next_steps"] = next_steps(cfg, root, summary.get("best_checkpoint"), folder.path)
-    (folder.path / "summary.json").write_text(json.dumps(summary, indent=2))
-    folder.sync()
+    write_summary(plan, summary)
     return summary
 
 
-def _train(cfg: Config, paths: RunPaths, root: str, *, n_train: int, world: int, steps: int,
-           no_ray: bool, address: str | None, callbacks: list) -> dict[str, Any]:
-    specs = dict(
-        train=spec_for("train", input_size=cfg.data.input_size, word_len=cfg.data.word_len,
-                       mode=cfg.loss.mode, seed=cfg.train.seed),
-        val=spec_for("val", input_size=cfg.data.input_size, word_len=cfg.data.word_len,
-                     mode=cfg.loss.mode, seed=cfg.train.seed))
+def start_ray(cfg: Config, address: str | None) -> None:
+    """Join or start the Ray cluster this run (and its SynthCLIP pretraining) uses."""
+    from gtms.runtime import init_ray
+
+    init_ray(cfg.ray, cli_address=address)
+
+
+def prepare_inputs(cfg: Config, *, new_run: bool, no_ray: bool,
+                   address: str | None) -> tuple[Config, str]:
+    """Check the model weights, make sure the data exists (SynthRef may be generated) and its
+    shards are whole, and, for a new run, pretrain SynthCLIP when the config asks for it.
+    Returns the config (with the SynthCLIP weights) and the data root."""
+    check_model_weights(cfg)
+    root = prepare_data_root(cfg)
+    verify_shards(root, (cfg.data.train_split, cfg.data.val_split))
+    if new_run:
+        cfg = with_synthclip(cfg, root, no_ray=no_ray, address=address)
+    return cfg, root
+
+
+def plan_epochs(cfg: Config, paths: RunPaths, root: str, *, no_ray: bool) -> RunPlan:
+    """Count the training refs, the workers and the optimizer steps of an epoch."""
+    n_train = _limited(count_rows(root, cfg.data.train_split), cfg.data.limit_train_refs)
+    if n_train == 0:
+        raise RunError(f"split {cfg.data.train_split!r} under {root} is empty")
+    world = 1 if no_ray else max(cfg.ray.num_workers, 1)
+    return RunPlan(cfg, paths, root, n_train=n_train, world=world, no_ray=no_ray,
+                   steps=steps_per_epoch(n_train, cfg.train.batch_size, world))
+
+
+def _limited(n: int, limit: int) -> int:
+    return min(n, limit) if limit else n
+
+
+def sample_specs(cfg: Config) -> dict[str, SampleSpec]:
+    """What the pipeline makes of each ref for training and for validation."""
+    return {role: spec_for(role, input_size=cfg.data.input_size, word_len=cfg.data.word_len,
+                           mode=cfg.loss.mode, seed=cfg.train.seed) for role in ("train", "val")}
+
+
+def print_plan(plan: RunPlan) -> None:
+    cfg = plan.cfg
     # One worker's count is exact; Ray gives several workers uneven shares (see steps_per_epoch).
-    planned = f"{steps} steps/epoch" if world == 1 else \
-        f"about {steps} steps/epoch (the worker with the most batches sets the count)"
-    say(f"run folder: {paths.run_dir}")
-    phase(f"training {cfg.model.preset} / {cfg.loss.mode} on {n_train} {cfg.data.train_split} "
-          f"refs, batch {cfg.train.batch_size} per worker, {planned} x {cfg.train.epochs} "
-          f"epochs, {world} worker(s){' (no Ray)' if no_ray else ''}")
-    keep = memory_plan(cfg, root, specs, ray_store=not no_ray)
+    steps = f"{plan.steps} steps/epoch" if plan.world == 1 else \
+        f"about {plan.steps} steps/epoch (the worker with the most batches sets the count)"
+    say(f"run folder: {plan.paths.run_dir}")
+    phase(f"training {cfg.model.preset} / {cfg.loss.mode} on {plan.n_train} "
+          f"{cfg.data.train_split} refs, batch {cfg.train.batch_size} per worker, {steps} x "
+          f"{cfg.train.epochs} epochs, {plan.world} worker(s)"
+          f"{' (no Ray)' if plan.no_ray else ''}")
+
+
+def train(plan: RunPlan, *, callbacks: list) -> dict[str, Any]:
+    """Run the training loop in this process or on Ray Train; returns the summary."""
+    specs = sample_specs(plan.cfg)
+    print_plan(plan)
+    keep = memory_plan(plan.cfg, plan.root, specs, ray_store=not plan.no_ray)
     start = time.time()
-    if no_ray:
-        ctx = LocalContext(root=root, train_split=cfg.data.train_split,
-                           val_split=cfg.data.val_split, train_spec=specs["train"],
-                           val_spec=specs["val"], limit_train=cfg.data.limit_train_refs,
-                           limit_eval=cfg.data.limit_eval_refs, strict=cfg.data.strict,
-                           checkpoint_root=Path(paths.run_dir), keep_train=keep["train"],
-                           keep_val=keep["val"])
-        final = train_loop(config_to_dict(cfg), ctx, run_dir=paths.run_dir,
-                           steps_per_epoch=steps)
-        summary = _local_summary(ctx, paths, final)
+    if plan.no_ray:
+        summary = fit_locally(plan, specs, keep)
     else:
-        summary = _fit_on_ray(cfg, paths, root, specs, keep, steps, address, callbacks)
+        summary = fit_on_ray(plan, specs, keep, callbacks)
     summary["wall_time_s"] = round(time.time() - start, 1)
     return summary
+
+
+def write_summary(plan: RunPlan, summary: dict[str, Any]) -> None:
+    """Add the next-step commands to ``summary`` and write it to ``<run>/summary.json``."""
+    folder = storage.RunFolder(plan.paths.run_dir)
+    summary["next_steps"] = next_steps(plan.cfg, plan.root, summary.get("best_checkpoint"),
+                                       folder.path)
+    (folder.path / "summary.json").write_text(json.dumps(summary, indent=2))
+    folder.sync()
 
 
 def check_model_weights(cfg: Config) -> None:
@@ -271,29 +309,49 @@ def _absolute_model_paths(cfg: Config) -> Config:
     return replace(cfg, model=changes) if changes else cfg
 
 
-def _validated(metrics: dict | None) -> bool:
-    value = (metrics or {}).get("val_mean_iou")
-    return value is not None and value == value  # NaN: an epoch without validation
+def summarise(run_dir: str, checkpoints: list[tuple[str, dict]], final: dict,
+              latest: str | None) -> dict[str, Any]:
+    """The summary of a finished run from its kept checkpoints ``(location, metrics)``: the
+    best by :func:`gtms.train.retention.best` (the latest when no epoch was validated)."""
+    best = retention.best([metrics for _, metrics in checkpoints])
+    if best is None:  # no epoch was validated: the latest stands in
+        return {"run_dir": run_dir, "final": final, "best": final, "best_checkpoint": latest,
+                "latest_checkpoint": latest}
+    where = next(where for where, metrics in checkpoints if metrics is best)
+    return {"run_dir": run_dir, "final": final, "best": best, "best_checkpoint": where,
+            "latest_checkpoint": latest}
 
 
-def _local_summary(ctx: LocalContext, paths: RunPaths, final: dict) -> dict[str, Any]:
-    reports = [m for m in ctx.reports if _validated(m)]
-    best = max(reports, key=lambda m: m["val_mean_iou"]) if reports else final
-    run_dir = Path(paths.run_dir)
-    return {"run_dir": str(run_dir), "final": final, "best": best,
-            "best_checkpoint": str(run_dir / f"checkpoint_epoch_{best['epoch']:04d}"),
-            "latest_checkpoint": str(run_dir / f"checkpoint_epoch_{final['epoch']:04d}")
-            if final else None}
+def fit_locally(plan: RunPlan, specs: dict[str, SampleSpec],
+                keep: dict[str, bool]) -> dict[str, Any]:
+    """The loop in this process (``--no-ray``), checkpoints kept as on Ray."""
+    cfg, run_dir = plan.cfg, Path(plan.paths.run_dir)
+    ctx = LocalContext(root=plan.root, train_split=cfg.data.train_split,
+                       val_split=cfg.data.val_split, train_spec=specs["train"],
+                       val_spec=specs["val"], limit_train=cfg.data.limit_train_refs,
+                       limit_eval=cfg.data.limit_eval_refs, strict=cfg.data.strict,
+                       checkpoint_root=run_dir, keep_checkpoints=cfg.train.keep_checkpoints,
+                       keep_train=keep["train"], keep_val=keep["val"])
+    final = train_loop(config_to_dict(cfg), ctx, run_dir=str(run_dir), steps_per_epoch=plan.steps)
+    kept = [(str(run_dir / checkpoint_dir_name(epoch)), metrics)
+            for epoch, metrics in ctx.checkpoints.items()]
+    latest = str(run_dir / checkpoint_dir_name(max(ctx.checkpoints))) if ctx.checkpoints else None
+    return summarise(str(run_dir), kept, final, latest)
 
 
-def _fit_on_ray(cfg: Config, paths: RunPaths, root: str, specs: dict, keep: dict[str, bool],
-                steps: int, address: str | None, callbacks: list) -> dict[str, Any]:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def _ray_worker(loop_config: dict) -> dict:
+    """One Ray Train worker: the loop under a :class:`RayTrainContext`."""
+    ctx = RayTrainContext(seed=loop_config["config"]["train"]["seed"])
+    try:
+        return train_loop(loop_config["config"], ctx, run_dir=loop_config["run_dir"],
+                          steps_per_epoch=loop_config["steps_per_epoch"])
+    finally:
+        ctx.close()
 
-    from gtms.runtime import init_ray, use_gpu
 
-    init_ray(cfg.ray, cli_address=address)
+def ray_datasets(cfg: Config, root: str, specs: dict[str, SampleSpec],
+                 keep: dict[str, bool]) -> dict[str, Any]:
+    """The train and val Ray Datasets; splits that fit in memory are preprocessed once here."""
     pool = PoolSpec(cfg.ray.preprocess_actors, cfg.ray.preprocess_actors_max,
                     cfg.ray.actor_cpus, batch_size=cfg.ray.preprocess_batch_size)
     datasets = {
@@ -309,6 +367,18 @@ def _fit_on_ray(cfg: Config, paths: RunPaths, root: str, specs: dict, keep: dict
             say(f"preprocessing {role} once (decode, letterbox, trees) to keep it in memory")
             datasets[role] = datasets[role].materialize()
             say(f"preprocessed {role} in {time.perf_counter() - started:.1f} s")
+    return datasets
+
+
+def fit_on_ray(plan: RunPlan, specs: dict[str, SampleSpec], keep: dict[str, bool],
+               callbacks: list) -> dict[str, Any]:
+    """The loop on Ray Train's TorchTrainer (Ray already started by :func:`start_ray`)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from gtms.runtime import use_gpu
+
+    cfg, paths = plan.cfg, plan.paths
     gpu = use_gpu(cfg.ray)
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if gpu:
@@ -316,30 +386,26 @@ def _fit_on_ray(cfg: Config, paths: RunPaths, root: str, specs: dict, keep: dict
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"config": config_to_dict(cfg), "run_dir": paths.run_dir,
-                           "steps_per_epoch": steps, "seed": cfg.train.seed},
+                           "steps_per_epoch": plan.steps},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=paths.name, storage_path=paths.storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
-                                               checkpoint_score_attribute="val_mean_iou",
-                                               checkpoint_score_order="max"),
+            checkpoint_config=retention.ray_checkpoint_config(cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             callbacks=callbacks),
-        datasets=datasets,
+        datasets=ray_datasets(cfg, plan.root, specs, keep),
         dataset_config=exact_split_data_config(["train", "val"]),
     )
     say(f"starting {cfg.ray.num_workers} Ray Train worker(s); progress every "
         f"{progress_every_s():.0f} s, one line per epoch")
     result = trainer.fit()
-    validated = [cm for cm in result.best_checkpoints if _validated(cm[1])]
-    best = max(validated, key=lambda cm: cm[1]["val_mean_iou"]) \
-        if validated else (result.checkpoint, result.metrics)
+
     def location(checkpoint):  # Ray's paths drop the URI scheme; keep it for users
         return storage.join(paths.run_dir, Path(checkpoint.path).name) if checkpoint else None
 
-    return {"run_dir": paths.run_dir, "final": result.metrics, "best": best[1],
-            "best_checkpoint": location(best[0]), "latest_checkpoint": location(result.checkpoint)}
+    kept = [(location(checkpoint), metrics) for checkpoint, metrics in result.best_checkpoints]
+    return summarise(paths.run_dir, kept, result.metrics, location(result.checkpoint))
 
 
 def _run_py() -> str:
@@ -411,9 +477,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"wall time:           {summary.get('wall_time_s', 0):.0f} s")
     if final:
         scores = f"  val mean IoU {percent(final['val_mean_iou'])}  overall IoU " \
-            f"{percent(final['val_overall_iou'])}" if _validated(final) else ""
+            f"{percent(final['val_overall_iou'])}" if retention.validated(final) else ""
         print(f"final epoch:         {final['epoch']}{scores}")
-    if _validated(best):
+    if retention.validated(best):
         print(f"best epoch:          {best['epoch']}  val mean IoU "
               f"{percent(best['val_mean_iou'])}")
     print(f"best checkpoint:     {summary.get('best_checkpoint')}")
