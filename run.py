@@ -8,7 +8,7 @@ import importlib
 import sys
 
 from gtms.config import ConfigError
-from gtms.console import set_verbose
+from gtms.console import STDERR_FILTER, set_verbose
 from gtms.errors import UserError
 
 # Subcommands in the order --help lists them; each module registers its own parser.
@@ -39,6 +39,8 @@ def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_verbose(args.verbose)
+    if not args.verbose:  # Ray's C++ lines reach fd 2 directly; see gtms/console.py
+        STDERR_FILTER.install()
     try:
         return args.func(args)
     except ConfigError as err:
@@ -47,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        STDERR_FILTER.uninstall()
 
 
 if __name__ == "__main__":

@@ -173,8 +173,6 @@ def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trial
     console.say(f"{where}; Ray's own logs: {_logs_dir()}"
                 f"{' (--verbose shows them here)' if quiet else ''}")
     install_console_filter(quiet=quiet)
-    if quiet:  # after ray.init: Ray's own processes keep the real stderr
-        console.STDERR_FILTER.install()
     configure_ray_data()
     return ray.get_runtime_context()
 
