@@ -202,21 +202,24 @@ def install_console_filter(*, quiet: bool) -> bool:
         return False
 
     def handle(data: dict) -> None:
-        lines = forwarded_lines(data.get("lines", []), quiet=quiet)
+        system = data.get("pid") in ("raylet", "autoscaler")
+        lines = forwarded_lines(data.get("lines", []), quiet=quiet, system=system)
         if lines:
-            ray_worker.print_to_stdstream(dict(data, lines=lines), ignore_prefix=quiet)
+            ray_worker.print_to_stdstream(dict(data, lines=lines),
+                                          ignore_prefix=quiet and not system)
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", handle)
     return True
 
 
-def forwarded_lines(lines: list[str], *, quiet: bool) -> list[str]:
+def forwarded_lines(lines: list[str], *, quiet: bool, system: bool = False) -> list[str]:
     """The lines of a Ray worker's output to print on the driver's console.
 
     Quiet: our marked lines (mark removed) and error reports that are not known noise
-    (:func:`gtms.console.is_ray_noise`): tracebacks and ``Error`` lines. Verbose: every line,
-    marks removed."""
+    (:func:`gtms.console.is_ray_noise`): tracebacks and ``Error`` lines; from the raylet or
+    the autoscaler (``system``: e.g. a task killed for lack of memory) every line but known
+    noise. Verbose: every line, marks removed."""
     out, in_traceback = [], False
     for line in lines:
         ours = console.unmark(line)
@@ -227,6 +230,8 @@ def forwarded_lines(lines: list[str], *, quiet: bool) -> list[str]:
             out.append(line)
         elif console.is_ray_noise(line):
             continue
+        elif system:
+            out.append(line)
         elif line.startswith("Traceback "):
             in_traceback = True
             out.append(line)

@@ -183,6 +183,14 @@ def test_forwarded_lines_quiet_keeps_ours_and_errors():
         "epoch 2/2 | loss 0.4", "RuntimeError: a worker failed"]
 
 
+def test_forwarded_lines_of_the_raylet_keep_all_but_noise():
+    oom = ("Task was killed due to the node running low on memory. Memory on the node was "
+           "7.6GB / 8GB (0.95), which exceeds the memory usage threshold of 0.95.")
+    lines = [RAY_LINES[3], oom, "[gtms] ours"]
+    assert forwarded_lines(lines, quiet=True, system=True) == [oom, "ours"]
+    assert forwarded_lines(lines, quiet=True) == ["ours"]
+
+
 def test_forwarded_lines_verbose_keeps_everything_unmarked():
     lines = ["[gtms] epoch 1/2", "Requesting resources: {'CPU': 1.0} * 2", RAY_LINES[0]]
     assert forwarded_lines(lines, quiet=False) == [
