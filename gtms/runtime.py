@@ -20,15 +20,19 @@ from gtms import console
 from gtms.config import RayConfig
 from gtms.errors import UserError
 
-# A local cluster's worker processes (Ray's config, read from the environment when ray.init
-# starts the local raylet; setdefault, so a user's own setting wins). By default Ray prestarts
-# a worker per logical CPU for the first driver and keeps up to that many idle ones, ~130 MB of
-# PSS each (benchmarks/footprint.py: two "ray::IDLE" through the whole laptop run). Here no
-# worker is prestarted and an idle one exits after Ray's idle time (1 s); the cost is a worker
-# start (~1 s) for a task that finds none idle, rare once the splits are kept in memory.
-LOCAL_WORKER_SETTINGS = {
+# A local cluster's processes (Ray's settings, read from the environment of the processes that
+# ray.init starts; setdefault, so a user's own setting wins). Measured with
+# benchmarks/footprint.py on the laptop run, each Ray worker process holds ~115-130 MB of PSS:
+# * by default Ray prestarts a worker per logical CPU for the first driver and keeps up to that
+#   many idle ones (two "ray::IDLE" through the whole run). Here none is prestarted and an idle
+#   one exits after Ray's idle time (1 s); the cost is a worker start (~1 s) for a task that
+#   finds none idle, rare once the splits are kept in memory;
+# * Ray Train's PreemptionWatcher actor watches for cloud nodes being preempted, which a local
+#   cluster has none of.
+LOCAL_RAY_SETTINGS = {
     "RAY_prestart_worker_first_driver": "0",
     "RAY_num_workers_soft_limit": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 
 # Logical CPUs held back for Ray Data's read tasks and the driver-side split coordinator.
@@ -164,7 +168,7 @@ def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trial
     else:
         # The dashboard stays on loopback; it also serves the State API that Ray Train's
         # placement-group cleaner and Tune's early stopping rely on.
-        for key, value in LOCAL_WORKER_SETTINGS.items():
+        for key, value in LOCAL_RAY_SETTINGS.items():
             os.environ.setdefault(key, value)
         cpus = local_num_cpus(cfg, concurrent_trials, trial_cpus)
         ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
