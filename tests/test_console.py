@@ -214,3 +214,35 @@ def test_stderr_filter_drops_noise_written_to_fd_2(capfd):
     assert not stderr_filter.installed
     os.write(2, noise.encode())  # restored: nothing filters any more
     assert "constructor arguments" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_local_ray_start_is_quiet_and_lean(monkeypatch, capsys, verbose):
+    """What init_ray asks of a local Ray: the worker/watcher settings in the environment of
+    the processes it starts, Ray's own driver logging at WARNING unless --verbose, and one line
+    of ours that says where Ray's logs are."""
+    import logging
+
+    import ray
+
+    from gtms import runtime
+    from gtms.config import RayConfig
+
+    calls = []
+    env = {k: v for k, v in os.environ.items() if k not in runtime.LOCAL_RAY_SETTINGS}
+    env[console.VERBOSE_ENV] = "1" if verbose else "0"
+    monkeypatch.setattr(os, "environ", env)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: None)
+    monkeypatch.setattr(runtime, "install_console_filter", lambda quiet: None)
+    runtime.init_ray(RayConfig())
+    (kwargs,) = calls
+    assert kwargs["log_to_driver"] is True
+    assert kwargs["logging_level"] == (logging.INFO if verbose else logging.WARNING)
+    for key, value in runtime.LOCAL_RAY_SETTINGS.items():
+        assert env[key] == value
+    assert env["RAY_COLOR_PREFIX"] == "0"  # captured stdout is not a terminal
+    out = capsys.readouterr().out
+    assert out.startswith("started a local Ray (") and "Ray's own logs:" in out
+    assert ("--verbose shows them here" in out) is not verbose
