@@ -3,13 +3,16 @@
 * :func:`say` prints one of our lines; :func:`phase` the line that opens a phase ("== what it
   does"). Colour only when the stream is a terminal and ``NO_COLOR`` is unset.
 * :class:`Progress`: a tqdm bar on a terminal; elsewhere (a file, a pipe, a Ray worker whose
-  output the driver forwards) a plain line every ``every_s`` seconds with step/total, rate and
-  ETA (:func:`progress_line`), and a closing line.
-* Verbosity: quiet by default (Ray's own INFO lines stay in its log folder,
-  ``/tmp/ray/session_latest/logs``); ``run.py COMMAND --verbose`` lets them through. The choice
-  travels in ``$GTMS_VERBOSE`` so that Ray workers started by this process see it too.
-* :func:`is_ray_noise`: the lines Ray prints on a healthy run that a quiet console drops
-  (the driver's filter of forwarded worker output, see :mod:`gtms.runtime`).
+  output the driver forwards) a plain line every ``$GTMS_PROGRESS_EVERY_S`` seconds (15) with
+  step/total, rate, samples/s and ETA (:func:`progress_line`), and a closing line.
+* Verbosity: quiet by default: the console shows our lines, and Ray's stay in its log folder
+  (the first line of a Ray run names it); ``run.py COMMAND --verbose`` shows them too. The
+  choice is kept in ``$GTMS_VERBOSE`` for :mod:`gtms.runtime`, which starts Ray.
+* Quiet, three filters: in a Ray worker :func:`say` marks our lines (:func:`forward_to_driver`)
+  and the driver prints only marked lines and errors of what Ray forwards
+  (:func:`gtms.runtime.forwarded_lines`); Ray's Python loggers in the driver log at WARNING;
+  :data:`STDERR_FILTER` drops the known noise (:data:`RAY_NOISE`) that Ray's C++ code writes
+  straight to file descriptor 2.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ DEFAULT_EVERY_S = 15.0
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 COLOURS = {"bold": "1", "dim": "2", "green": "32", "yellow": "33", "red": "31", "cyan": "36"}
 
-# Ray's lines on a healthy run (Ray 2.60), matched after ANSI codes are removed. Each is
-# harmless: see the issue "quiet logs" and shared/RAY.md.
+# Ray's lines on a healthy run (Ray 2.60), matched after ANSI codes are removed; each is
+# harmless and each was on the console of `python run.py train` before it was quiet.
 RAY_NOISE = tuple(re.compile(p) for p in (
     # Ray Train's PreemptionWatcher and Ray Data's MapWorker actors (C++ core worker, ERROR)
     r"\bcore_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the "
