@@ -19,6 +19,12 @@ Ray / plain. Not a timed test: the figures depend on the machine and its load (p
 
 Scaling: run once with ``--workers 2`` and once with ``--workers 4 --cpus 4`` on a machine
 with 4 free cores; the ratio of the two "samples/s all workers" medians is the scaling figure.
+
+Threads: the plain process's torch uses every core for intra-op threads, a Ray Train worker one
+per CPU it holds (Ray sets ``OMP_NUM_THREADS`` = ``ray.cpus_per_worker``). On a shared machine
+that is already oversubscribed the plain process's threads collapse (measured on 2 cores at load
+7-10: 1.0-1.7 samples/s, against 24.7 with ``OMP_NUM_THREADS=1``); there, run with
+``OMP_NUM_THREADS=1`` and read the ratio as one-thread workers against one one-thread process.
 """
 
 from __future__ import annotations
