@@ -232,7 +232,7 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream,
-                             dynamic_ncols=True, leave=final_line)
+                             leave=final_line)
 
     def update(self, n: int = 1, *, samples: int | None = None) -> None:
         self.done += n

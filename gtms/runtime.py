@@ -176,7 +176,8 @@ def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trial
         where = f"started a local Ray ({cpus} logical CPUs on {os.cpu_count()} cores)"
     console.say(f"{where}; Ray's own logs: {_logs_dir()}"
                 f"{' (--verbose shows them here)' if quiet else ''}")
-    install_console_filter(quiet=quiet)
+    # Concurrent Tune trials: keep Ray's "(pid=...)" prefix, it tells their lines apart.
+    install_console_filter(quiet=quiet, prefixes=not quiet or concurrent_trials > 1)
     configure_ray_data()
     return ray.get_runtime_context()
 
@@ -191,12 +192,12 @@ def _logs_dir() -> str:
         return "/tmp/ray/session_latest/logs"
 
 
-def install_console_filter(*, quiet: bool) -> bool:
+def install_console_filter(*, quiet: bool, prefixes: bool = False) -> bool:
     """Print the output Ray forwards from its workers through :func:`forwarded_lines`: our own
     lines (marked by :func:`gtms.console.say` in a worker) lose their mark and Ray's
-    ``(Actor pid=...)`` prefix; on a quiet console Ray's own lines are dropped (they stay in the
-    workers' files in Ray's log folder). Returns False where this Ray has no such hook (then
-    Ray prints everything, marks included)."""
+    ``(Actor pid=...)`` prefix (kept with ``prefixes``); on a quiet console Ray's own lines
+    are dropped (they stay in the workers' files in Ray's log folder). Returns False where
+    this Ray has no such hook (then Ray prints everything, marks included)."""
     try:
         from ray._private import worker as ray_worker
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
@@ -210,7 +211,7 @@ def install_console_filter(*, quiet: bool) -> bool:
         lines = forwarded_lines(data.get("lines", []), quiet=quiet, system=system)
         if lines:
             ray_worker.print_to_stdstream(dict(data, lines=lines),
-                                          ignore_prefix=quiet and not system)
+                                          ignore_prefix=not (prefixes or system))
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", handle)

@@ -235,7 +235,7 @@ def test_local_ray_start_is_quiet_and_lean(monkeypatch, capsys, verbose):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setattr(ray, "get_runtime_context", lambda: None)
-    monkeypatch.setattr(runtime, "install_console_filter", lambda quiet: None)
+    monkeypatch.setattr(runtime, "install_console_filter", lambda **kwargs: None)
     runtime.init_ray(RayConfig())
     (kwargs,) = calls
     assert kwargs["log_to_driver"] is True

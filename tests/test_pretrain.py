@@ -133,12 +133,12 @@ def test_train_pretrains_once_then_reuses_the_cache(synthref_small, small_data, 
     weights = cache_dir(cfg, str(synthref_small)) / "clip.pt"
     assert not weights.exists()
     fit(cfg, no_ray=True)
-    assert "pretraining them once" in capsys.readouterr().err and weights.is_file()
+    assert "pretraining them once" in capsys.readouterr().out and weights.is_file()
     stamp = weights.stat().st_mtime_ns
     used = load_config(tmp_path / "first" / "config.yaml")
     assert used.model.clip_weights == str(weights)
     fit(load_config(DEFAULT_CONFIG, [*overrides, "train.name=second"]), no_ray=True)
-    assert "pretraining them once" not in capsys.readouterr().err
+    assert "pretraining them once" not in capsys.readouterr().out
     assert weights.stat().st_mtime_ns == stamp
 
 

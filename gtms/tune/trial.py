@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gtms import storage
+from gtms import console, storage
 from gtms.config import config_from_dict, replace, split_key
 
 
@@ -28,6 +28,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from gtms.eval.evaluate import evaluate
     from gtms.train.trainer import fit
 
+    console.forward_to_driver()  # this trial's lines reach a quiet driver console
     params = {k: v for k, v in config.items() if "." in k}
     cfg = apply_params(config["base"], {**config.get("params", {}), **params})
     name = f"trial-{tune.get_context().get_trial_id()}"
