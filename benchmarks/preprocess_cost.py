@@ -40,6 +40,7 @@ from collections.abc import Callable  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.pseudo_labels import time_ms  # noqa: E402
 from benchmarks.refcoco_like import refcoco_like_row  # noqa: E402
 from gtms.data.pipeline import STRIDE, preprocess_ref, spec_for, stack_samples  # noqa: E402
 from gtms.data.tokenizer import ClipTokenizer  # noqa: E402
@@ -55,16 +56,10 @@ from gtms.runtime import CPUS_PER_GPU  # noqa: E402
 
 
 def timed_ms(fn: Callable[[dict], object], rows: list[dict], repeats: int) -> tuple[float, float]:
-    """Best and median over ``repeats`` passes of the mean ms per row of ``fn(row)``."""
-    for row in rows[:2]:
-        fn(row)  # numba compile/load, tokenizer caches
-    passes = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for row in rows:
-            fn(row)
-        passes.append((time.perf_counter() - start) * 1e3 / len(rows))
-    return min(passes), statistics.median(passes)
+    """Best and median over ``repeats`` passes of the mean ms per row of ``fn(row)`` (one warm-up
+    pass first: numba compile/load, tokenizer caches)."""
+    timing = time_ms(lambda: [fn(row) for row in rows], repeats, per=len(rows))
+    return timing.best, timing.median
 
 
 def stage_functions(size: int, tokenizer: ClipTokenizer, word_len: int) -> dict[str, Callable]:
