@@ -9,6 +9,8 @@ from pycocotools import mask as mask_utils
 from gtms.data.transforms import Letterbox, rle_encode
 from gtms.eval.metrics import (
     SegmentationMeter,
+    error_shares,
+    error_summary,
     intersection_union,
     iou_from_counts,
     score_prediction,
@@ -89,3 +91,50 @@ def test_peak_in_box_and_grounding_summary():
     assert summary["mean_iou_grounded"] == pytest.approx(0.6)
     assert summary["mean_iou_missed"] == pytest.approx(0.1)
     assert np.isnan(grounding_summary([True], np.array([0.5]))["mean_iou_missed"])
+
+
+def test_error_shares_hand_computed():
+    # 12 x 12 grid; box rows 4-7, cols 4-7; mask = its left half (cols 4-5).
+    box = np.zeros((12, 12), np.float32)
+    box[4:8, 4:8] = 1
+    mask = np.zeros_like(box)
+    mask[4:8, 4:6] = 1
+    probs = np.zeros_like(box)
+    probs[4:8, 4:7] = 0.9      # 8 mask cells + 4 box-background cells (col 6)
+    probs[4, 8] = 0.9          # 1 cell just right of the box (near)
+    probs[5, 11] = 0.9         # 1 cell in the box's rows, 4 cells away (band)
+    probs[0, 0] = 0.9          # 1 cell elsewhere
+    probs[7, 5] = 0.2          # below the threshold: one missed mask cell
+    s = error_shares(probs, box, mask, threshold=0.35, near=2)
+    union = 7 + 4 + 1 + 1 + 1 + 1  # intersection, in-box FP, near, band, elsewhere, FN
+    assert s["iou"] == pytest.approx(7 / union)
+    assert s["fp_in_box"] == pytest.approx(4 / union)
+    assert s["fp_near_box"] == pytest.approx(1 / union)
+    assert s["fp_box_band"] == pytest.approx(1 / union)
+    assert s["fp_elsewhere"] == pytest.approx(1 / union)
+    assert s["fn"] == pytest.approx(1 / union)
+    assert sum(s.values()) == pytest.approx(1.0)
+    # The same IoU as the pixel-exact meter on the same maps.
+    inter, uni = intersection_union(probs > 0.35, mask > 0.5)
+    assert s["iou"] == pytest.approx(inter / uni)
+
+
+def test_error_shares_random_maps_add_up_and_summary_averages():
+    rng = np.random.default_rng(0)
+    shares = []
+    for _ in range(20):
+        box = np.zeros((20, 20), np.float32)
+        y, x = rng.integers(0, 14, 2)
+        box[y:y + 6, x:x + 5] = 1
+        mask = box * (rng.random(box.shape) < 0.6)
+        s = error_shares(rng.random(box.shape), box, mask, threshold=0.5)
+        assert sum(s.values()) == pytest.approx(1.0)
+        assert all(v >= 0 for v in s.values())
+        shares.append(s)
+    summary = error_summary(shares)
+    assert summary["err_fn"] == pytest.approx(np.mean([s["fn"] for s in shares]))
+    assert error_summary([]) == {}
+    empty = np.zeros((4, 4))
+    assert error_shares(empty, empty, empty, 0.35)["iou"] == 1.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        error_shares(np.zeros((4, 4)), np.zeros((4, 5)), np.zeros((4, 4)), 0.35)

@@ -107,18 +107,22 @@ def test_table_mean_std_and_files(tmp_path):
     assert payload["rows"]["tree"]["val"]["mean_iou_mean"] == pytest.approx(0.6)
     assert "val paper" not in markdown(table, ["val"], dataset="synthref", title="t")
     # Trials without grounding figures (evaluated before they existed) show a dash.
-    assert "| tree | — | — |" in text
+    assert "| tree | — | — | — | — | — | — | — |" in text
 
 
 def test_table_grounding_columns(tmp_path):
     trials = [{"mode": "tree", "seed": s, "metrics": {
         "val_mean_iou": 0.4, "val_overall_iou": 0.4, "val_grounded": g,
-        "val_mean_iou_grounded": m}} for s, g, m in [(0, 0.6, 0.5), (1, 0.8, 0.7)]]
+        "val_mean_iou_grounded": m, "val_err_fp_in_box": f, "val_err_fp_near_box": 0.1,
+        "val_err_fp_box_band": 0.05, "val_err_fp_elsewhere": 0.0, "val_err_fn": 0.2}}
+        for s, g, m, f in [(0, 0.6, 0.5, 0.1), (1, 0.8, 0.7, 0.3)]]
     table = collect(trials, ["tree"], ["val"])
     text = write_tables(tmp_path, table, ["val"], dataset="synthref", title="t", extra={})
-    assert "| tree | 70.00 ± 14.14 | 60.00 ± 14.14 |" in text
+    assert ("| tree | 70.00 ± 14.14 | 60.00 ± 14.14 | 20.00 ± 14.14 | 10.00 ± 0.00 | "
+            "5.00 ± 0.00 | 0.00 ± 0.00 | 20.00 ± 0.00 |") in text
     rows = list(csv.DictReader((tmp_path / "ablation.csv").open()))
     assert [float(r["grounded"]) for r in rows] == [0.6, 0.8]
+    assert [float(r["err_fp_in_box"]) for r in rows] == [0.1, 0.3]
 
 
 def _table(values: dict[str, list[float]]) -> dict:

@@ -23,8 +23,11 @@ from gtms.data.pipeline import PoolSpec, build_dataset, drop_skipped, spec_for
 from gtms.data.shards import verify_shards
 from gtms.errors import UserError
 from gtms.eval.metrics import (
+    ERROR_KEYS,
     PREC_THRESHOLDS,
     SegmentationMeter,
+    error_shares,
+    error_summary,
     grounding_summary,
     iou_from_counts,
     peak_in_box,
@@ -47,6 +50,7 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
                        limit=cfg.data.limit_eval_refs)
     meter = SegmentationMeter()
     hits: list[bool] = []
+    errors: list[dict] = []
     model.eval()
     start = time.perf_counter()
     skipped: Counter = Counter()
@@ -64,12 +68,15 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
             meter.add(*score_prediction(probs[i], batch["orig_hw"][i], batch["mask_rle"][i],
                                         cfg.data.input_size, cfg.train.threshold))
             hits.append(peak_in_box(probs[i], batch["box"][i]))
+            errors.append(error_shares(probs[i], batch["box"][i], batch["mask"][i],
+                                       cfg.train.threshold))
         bar.update(len(probs))
     bar.close()
     if not len(meter):
         raise EvalError(f"split {split!r} under {root} has no usable samples")
     summary = meter.summary()
     summary.update(grounding_summary(hits, iou_from_counts(meter.inter, meter.union)))
+    summary.update(error_summary(errors))
     summary["skipped"] = dict(skipped)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     summary["split_sentences"] = None if cfg.data.limit_eval_refs else \
@@ -125,6 +132,29 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if any("err_iou" in m for m in results.values()):
+        lines += ["", format_error_table(results)]
+    return "\n".join(lines)
+
+
+ERROR_HEADERS = {"fp_in_box": "FP in box", "fp_near_box": "FP near box",
+                 "fp_box_band": "FP box rows/cols", "fp_elsewhere": "FP elsewhere", "fn": "FN"}
+
+
+def format_error_table(results: dict[str, dict[str, Any]]) -> str:
+    """Where the errors are (:func:`gtms.eval.metrics.error_shares`): per split, the mean share
+    of each sentence's union, at the output stride; IoU + the five terms = 100."""
+    header = ["split", "IoU %", *(f"{ERROR_HEADERS[k]} %" for k in ERROR_KEYS)]
+    rows = [header]
+    for split, m in results.items():
+        if "err_iou" in m:
+            rows.append([split] + [f"{100 * m[f'err_{k}']:.1f}" for k in ("iou", *ERROR_KEYS)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["where the errors are (shares of each sentence's prediction-or-mask union at "
+             "stride 4; near = within 2 cells of the box, box rows/cols = farther but in the "
+             "box's rows or columns):"]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(2, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 

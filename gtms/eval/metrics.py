@@ -71,6 +71,60 @@ def grounding_summary(hits: list[bool], ious: np.ndarray) -> dict[str, float]:
             "mean_iou_grounded": mean(ious[hits_arr]), "mean_iou_missed": mean(ious[~hits_arr])}
 
 
+ERROR_KEYS = ("fp_in_box", "fp_near_box", "fp_box_band", "fp_elsewhere", "fn")
+
+
+def error_shares(probs_at_stride: np.ndarray, box_at_stride: np.ndarray,
+                 mask_at_stride: np.ndarray, threshold: float, *, near: int = 2) -> dict:
+    """Where one prediction's errors lie, at the output stride, as shares of its union with the
+    mask (so ``iou`` and the five error terms add up to 1):
+
+    - ``fp_in_box``: predicted inside the box but off the mask (the box's background);
+    - ``fp_near_box``: predicted outside the box within ``near`` cells of it;
+    - ``fp_box_band``: predicted farther out but in the box's rows or columns, the band that
+      ``L_loc`` (Dice of the row and column maxima) cannot penalise once the object fills them;
+    - ``fp_elsewhere``: every other false positive;
+    - ``fn``: mask cells not predicted.
+
+    ``probs``, ``box`` and ``mask`` are ``[H4, W4]`` maps; ``box``/``mask`` in ``{0, 1}``.
+    An empty union (nothing to find, nothing found) is a perfect ``iou`` of 1.
+    """
+    pred = probs_at_stride > threshold
+    box, mask = box_at_stride > 0.5, mask_at_stride > 0.5
+    if not (pred.shape == box.shape == mask.shape):
+        raise ValueError(f"prediction {pred.shape}, box {box.shape} and mask {mask.shape} "
+                         "differ in shape")
+    union = int((pred | mask).sum())
+    if union == 0:
+        return {"iou": 1.0, **{k: 0.0 for k in ERROR_KEYS}}
+    rows, cols = box.any(axis=1), box.any(axis=0)
+    near_box = np.zeros_like(box)
+    if box.any():
+        r = np.flatnonzero(rows)
+        c = np.flatnonzero(cols)
+        near_box[max(r[0] - near, 0):r[-1] + near + 1, max(c[0] - near, 0):c[-1] + near + 1] = True
+    band = rows[:, None] | cols[None, :]
+    false_pos = pred & ~mask
+    shares = {
+        "iou": (pred & mask).sum(),
+        "fp_in_box": (false_pos & box).sum(),
+        "fp_near_box": (false_pos & near_box & ~box).sum(),
+        "fp_box_band": (false_pos & band & ~near_box).sum(),
+        "fp_elsewhere": (false_pos & ~band & ~near_box).sum(),
+        "fn": (mask & ~pred).sum(),
+    }
+    return {k: float(v) / union for k, v in shares.items()}
+
+
+def error_summary(per_sentence: list[dict]) -> dict[str, float]:
+    """The mean of :func:`error_shares` over sentences, keys prefixed ``err_`` (``err_iou`` is
+    the mean IoU at the output stride, before the inverse letterbox)."""
+    if not per_sentence:
+        return {}
+    return {f"err_{k}": float(np.mean([s[k] for s in per_sentence]))
+            for k in ("iou", *ERROR_KEYS)}
+
+
 def iou_from_counts(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
     inter, union = np.asarray(inter, np.float64), np.asarray(union, np.float64)
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)

@@ -27,12 +27,17 @@ PAPER_TABLE2 = {
 # Per split and trial: the share of sentences whose prediction peaks inside the referred box,
 # and the mean IoU over those (see gtms.eval.metrics.grounding_summary).
 GROUNDING_KEYS = ("grounded", "mean_iou_grounded")
+# Per split and trial: where the errors lie (gtms.eval.metrics.error_shares), shares of union.
+ERROR_COLUMNS = {"err_fp_in_box": "FP in box", "err_fp_near_box": "FP near box",
+                 "err_fp_box_band": "FP box rows/cols", "err_fp_elsewhere": "FP elsewhere",
+                 "err_fn": "FN"}
+DIAGNOSTIC_KEYS = (*GROUNDING_KEYS, *ERROR_COLUMNS)
 
 
 def collect(trials: list[dict[str, Any]], rows: list[str], splits: list[str]) -> dict:
     """Trial results (``mode``, ``seed``, ``metrics``) -> {row: {split: {metric: [per seed]}}}."""
     table: dict = {row: {split: {key: [] for key in ("mean_iou", "overall_iou", "seeds",
-                                                       *GROUNDING_KEYS)}
+                                                       *DIAGNOSTIC_KEYS)}
                          for split in splits} for row in rows}
     for trial in sorted(trials, key=lambda t: (t["mode"], t["seed"])):
         for split in splits:
@@ -40,7 +45,7 @@ def collect(trials: list[dict[str, Any]], rows: list[str], splits: list[str]) ->
             cell["mean_iou"].append(trial["metrics"][f"{split}_mean_iou"])
             cell["overall_iou"].append(trial["metrics"][f"{split}_overall_iou"])
             cell["seeds"].append(trial["seed"])
-            for key in GROUNDING_KEYS:  # NaN for trials evaluated before grounding was scored
+            for key in DIAGNOSTIC_KEYS:  # NaN for trials evaluated before it was scored
                 value = trial["metrics"].get(f"{split}_{key}")
                 cell[key].append(float("nan") if value is None else float(value))
     return table
@@ -77,11 +82,18 @@ def markdown(table: dict, splits: list[str], *, dataset: str, title: str) -> str
     split = splits[0]
     lines += ["", f"Finding the object vs segmenting it ({split}): 'grounded' = sentences whose "
               "prediction peaks inside the referred object's box; 'mIoU grounded' = mean IoU "
-              "over those (the shape quality a row reaches where it found the object).", "",
-              "| row | grounded % | mIoU grounded % |", "|---|---|---|"]
+              "over those (the shape quality a row reaches where it found the object). "
+              "Then where the errors lie, as shares of each sentence's prediction-or-mask "
+              "union at stride 4: false positives inside the box off the mask, within 2 cells "
+              "outside the box, farther but in the box's rows or columns (what L_loc cannot "
+              "penalise), elsewhere, and missed mask cells.", "",
+              "| row | grounded % | mIoU grounded % | "
+              + " | ".join(f"{name} %" for name in ERROR_COLUMNS.values()) + " |",
+              "|---|---|---|" + "---|" * len(ERROR_COLUMNS)]
     for row, cells in table.items():
         lines.append(f"| {row} | {_fmt(cells[split]['grounded'])} | "
-                     f"{_fmt(cells[split]['mean_iou_grounded'])} |")
+                     f"{_fmt(cells[split]['mean_iou_grounded'])} | "
+                     + " | ".join(_fmt(cells[split][key]) for key in ERROR_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -134,13 +146,13 @@ def write_tables(out_dir: Path, table: dict, splits: list[str], *, dataset: str,
     (out_dir / "ablation.md").write_text(text)
     with (out_dir / "ablation.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["row", "split", "seed", "mean_iou", "overall_iou", *GROUNDING_KEYS])
+        writer.writerow(["row", "split", "seed", "mean_iou", "overall_iou", *DIAGNOSTIC_KEYS])
         for row, cells in table.items():
             for split in splits:
                 cell = cells[split]
                 for seed, miou, oiou, *grounding in zip(
                         cell["seeds"], cell["mean_iou"], cell["overall_iou"],
-                        *(cell[key] for key in GROUNDING_KEYS)):
+                        *(cell[key] for key in DIAGNOSTIC_KEYS)):
                     writer.writerow([row, split, seed, f"{miou:.6f}", f"{oiou:.6f}",
                                      *(f"{v:.6f}" if v == v else "" for v in grounding)])
     summary = {row: {split: {"mean_iou_mean": float(np.mean(c["mean_iou"])) if c["mean_iou"]

@@ -27,6 +27,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     from gtms.eval.evaluate import evaluate
     from gtms.train.trainer import fit
+    from gtms.tune.table import DIAGNOSTIC_KEYS
 
     console.forward_to_driver()  # this trial's lines reach a quiet driver console
     params = {k: v for k, v in config.items() if "." in k}
@@ -44,8 +45,9 @@ def run_trial(config: dict[str, Any]) -> None:
         final[f"{split}_mean_iou"] = metrics["mean_iou"]
         final[f"{split}_overall_iou"] = metrics["overall_iou"]
         final[f"{split}_n"] = metrics["n"]
-        final[f"{split}_grounded"] = metrics["grounded"]
-        final[f"{split}_mean_iou_grounded"] = metrics["mean_iou_grounded"]
+        for key in DIAGNOSTIC_KEYS:
+            if key in metrics:
+                final[f"{split}_{key}"] = metrics[key]
     final["run_dir"] = summary["run_dir"]
     final["best_checkpoint"] = str(summary["best_checkpoint"])
     final["train_wall_time_s"] = summary.get("wall_time_s")
