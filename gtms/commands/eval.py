@@ -26,6 +26,12 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default=None, metavar="JSON",
                         help="where to write the metrics (default: eval.json next to the "
                              "checkpoint)")
+    parser.add_argument("--pseudo-labels", action="store_true",
+                        help="also score the pseudo labels P-hat = TreeFilter(P x W) that this "
+                             "model's prediction P gives with four vertex weights W: the box "
+                             "(tree row), forest x GradCAM (GTMS), forest x the GT mask as "
+                             "attention (a perfect GradCAM) and the GT mask itself; shows what "
+                             "GradCAM adds and could add (gtms/eval/pseudo_quality.py)")
     parser.add_argument("--address", default=None, help="Ray cluster to join")
     parser.set_defaults(func=run)
 
@@ -37,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     trained = load_trained(args.checkpoint, args.config, args.overrides)
     splits = args.splits.split(",") if args.splits else None
     out = Path(args.out) if args.out else trained.file.parent / "eval.json"
-    report = evaluate(trained, splits=splits, out=out, address=args.address)
+    report = evaluate(trained, splits=splits, out=out, address=args.address,
+                      pseudo_labels=args.pseudo_labels)
     print(f"\n{report['dataset']} ({report['root']}), threshold {report['threshold']}")
     print(format_table(report["splits"]))
     print(f"\nmetrics written to {out}")

@@ -33,6 +33,7 @@ from gtms.eval.metrics import (
     peak_in_box,
     score_prediction,
 )
+from gtms.eval.pseudo_quality import PseudoLabelMeters, format_pseudo_table
 from gtms.train.checkpoint import Trained, load_trained
 
 
@@ -42,10 +43,14 @@ class EvalError(UserError, ValueError):
 
 @torch.no_grad()
 def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *,
-                   device: torch.device, pool: PoolSpec, progress: bool = True) -> dict[str, Any]:
-    """Stream one split through the preprocessing actors and score every sentence."""
+                   device: torch.device, pool: PoolSpec, progress: bool = True,
+                   pseudo_labels: bool = False) -> dict[str, Any]:
+    """Stream one split through the preprocessing actors and score every sentence.
+    ``pseudo_labels``: also score the P-hat this model's P gives with each vertex weight of
+    :mod:`gtms.eval.pseudo_quality` (the actors then build trees and forests too)."""
     spec = spec_for("eval", input_size=cfg.data.input_size, word_len=cfg.data.word_len,
-                    mode=cfg.loss.mode, seed=cfg.train.seed)
+                    mode=cfg.loss.mode, seed=cfg.train.seed, with_tree_in_eval=pseudo_labels)
+    pseudo = PseudoLabelMeters() if pseudo_labels else None
     ds = build_dataset(root, split, spec, pool, strict=cfg.data.strict,
                        limit=cfg.data.limit_eval_refs)
     meter = SegmentationMeter()
@@ -63,7 +68,11 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
             continue
         image = torch.as_tensor(np.array(batch["image"]), device=device)
         tokens = torch.as_tensor(np.array(batch["tokens"]), device=device)
-        probs = torch.sigmoid(model(image, tokens).logits.float())[:, 0].cpu().numpy()
+        out = model(image, tokens)
+        probs = torch.sigmoid(out.logits.float())[:, 0].cpu().numpy()
+        if pseudo is not None:
+            pseudo.add_batch(out, model, batch, sigma=cfg.pseudo.sigma,
+                             binarize_at=cfg.pseudo.binarize_at, threshold=cfg.train.threshold)
         for i in range(len(probs)):
             meter.add(*score_prediction(probs[i], batch["orig_hw"][i], batch["mask_rle"][i],
                                         cfg.data.input_size, cfg.train.threshold))
@@ -77,6 +86,8 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
     summary = meter.summary()
     summary.update(grounding_summary(hits, iou_from_counts(meter.inter, meter.union)))
     summary.update(error_summary(errors))
+    if pseudo is not None:
+        summary.update(pseudo.summary())
     summary["skipped"] = dict(skipped)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     summary["split_sentences"] = None if cfg.data.limit_eval_refs else \
@@ -134,6 +145,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     if any("err_iou" in m for m in results.values()):
         lines += ["", format_error_table(results)]
+    if any("phat_box_mean_iou" in m for m in results.values()):
+        lines += ["", format_pseudo_table(results)]
     return "\n".join(lines)
 
 
@@ -160,9 +173,10 @@ def format_error_table(results: dict[str, dict[str, Any]]) -> str:
 
 def evaluate(checkpoint: str | Path | Trained, cfg: Config | str | None = None,
              splits: list[str] | None = None, out: str | Path | None = None,
-             address: str | None = None) -> dict[str, Any]:
+             address: str | None = None, pseudo_labels: bool = False) -> dict[str, Any]:
     """Score ``checkpoint`` (a path, or what :func:`load_trained` returned) on ``splits``
-    (default ``data.eval_splits``); write the report to ``out`` when given."""
+    (default ``data.eval_splits``); write the report to ``out`` when given. ``pseudo_labels``:
+    see :func:`evaluate_split`."""
     from gtms.data.roots import prepare_data_root
     from gtms.runtime import init_ray
 
@@ -183,7 +197,8 @@ def evaluate(checkpoint: str | Path | Trained, cfg: Config | str | None = None,
         actors = max(pool.size, pool.max_size)
         phase(f"evaluating {split}: streaming it through {actors} preprocessing actor(s) and "
               f"scoring every sentence on {device.type}")
-        results[split] = evaluate_split(model, cfg, root, split, device=device, pool=pool)
+        results[split] = evaluate_split(model, cfg, root, split, device=device, pool=pool,
+                                        pseudo_labels=pseudo_labels)
     report = {"checkpoint": str(trained.file), "dataset": cfg.data.dataset, "root": root,
               "threshold": cfg.train.threshold, "input_size": cfg.data.input_size,
               "splits": results}

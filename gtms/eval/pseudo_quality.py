@@ -1,0 +1,103 @@
+"""How much better could GTMS's pseudo labels be? P-hat from one model's P with four W.
+
+For each evaluated sentence the model's own prediction ``P`` is filtered as in training,
+``P-hat = TreeFilter(P * W)`` (binarised at ``pseudo.binarize_at`` when the config does), with
+four vertex weights ``W``:
+
+- ``box``: the box indicator (the ``tree`` row of Table 2);
+- ``gradcam``: the structural forest x this model's GradCAM (the ``forest-gradcam`` row, GTMS);
+- ``oracle``: the structural forest x the ground-truth mask in place of GradCAM (every sub-tree
+  that touches the object gets 1, the others 0): what a perfect attention map could give;
+- ``mask``: W = the ground-truth mask itself (the tree filter's own ceiling).
+
+Each is scored as IoU of ``P-hat > threshold`` against the mask at the output stride, and ``W``
+as IoU of ``W > 0.5``. The gap between ``box`` and ``oracle`` bounds what GradCAM can add on
+this data with this forest; the gap between ``box`` and ``gradcam`` is what it adds now.
+``run.py eval --pseudo-labels`` prints it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gtms.eval.metrics import SegmentationMeter, intersection_union
+from gtms.pseudo.gradcam import gradcam_attention
+from gtms.pseudo.pseudo_label import binarize_relative, pseudo_label, vertex_weights
+
+W_SOURCES = ("box", "gradcam", "oracle", "mask")
+
+
+def weight_variants(box: torch.Tensor, mask: torch.Tensor, forest: torch.Tensor,
+                    attention: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The four ``W`` of the module doc, each ``[B, N]`` float32. ``box``, ``mask``: ``{0, 1}``
+    ``[B, N]``; ``forest``: sub-tree labels ``[B, N]`` (-1 outside the box); ``attention``:
+    GradCAM ``A [B, N]`` in [0, 1]."""
+    box, mask = box.float(), mask.float()
+    return {"box": box,
+            "gradcam": vertex_weights(attention.float(), forest),
+            "oracle": vertex_weights(mask * box, forest),
+            "mask": mask}
+
+
+class PseudoLabelMeters:
+    """P-hat and W quality per ``W`` source, accumulated over sentences."""
+
+    def __init__(self):
+        self.pseudo_label = {name: SegmentationMeter() for name in W_SOURCES}
+        self.weights = {name: SegmentationMeter() for name in W_SOURCES}
+
+    @torch.no_grad()
+    def add_batch(self, model_out, core: torch.nn.Module, batch: dict[str, np.ndarray], *,
+                  sigma: float, binarize_at: float, threshold: float) -> None:
+        """``model_out``: the model's output on the batch (logits, layer4, sentence);
+        ``core``: the model (its attention pool gives GradCAM); ``batch``: numpy columns with
+        ``box``, ``mask``, ``parent``, ``order``, ``dist`` and ``forest``."""
+        n = len(batch["box"])
+        device = model_out.logits.device
+        tensor = {k: torch.as_tensor(np.asarray(batch[k]), device=device)
+                  for k in ("box", "mask", "parent", "order", "dist", "forest")}
+        box = tensor["box"].float()
+        probs = torch.sigmoid(model_out.logits.detach().float())[:, 0].reshape(n, -1)
+        attention = gradcam_attention(model_out.layer4, model_out.sentence,
+                                      core.global_image_embedding, box).to(device)
+        masks = np.asarray(batch["mask"]) > 0.5
+        variants = weight_variants(box.reshape(n, -1), tensor["mask"].reshape(n, -1),
+                                   tensor["forest"].reshape(n, -1), attention.reshape(n, -1))
+        for name, weights in variants.items():
+            label = pseudo_label(probs, weights, tensor["parent"], tensor["order"],
+                                 tensor["dist"], sigma)
+            if binarize_at > 0:
+                label = binarize_relative(label, box.reshape(n, -1), binarize_at)
+            label = label.reshape(masks.shape).cpu().numpy()
+            weights = weights.reshape(masks.shape).cpu().numpy()
+            for i in range(n):
+                self.pseudo_label[name].add(*intersection_union(label[i] > threshold, masks[i]))
+                self.weights[name].add(*intersection_union(weights[i] > 0.5, masks[i]))
+
+    def summary(self) -> dict[str, float]:
+        """``phat_<source>_mean_iou`` and ``w_<source>_mean_iou`` for each ``W`` source."""
+        out = {}
+        for name in W_SOURCES:
+            if len(self.pseudo_label[name]):
+                out[f"phat_{name}_mean_iou"] = self.pseudo_label[name].summary()["mean_iou"]
+                out[f"w_{name}_mean_iou"] = self.weights[name].summary()["mean_iou"]
+        return out
+
+
+def format_pseudo_table(results: dict[str, dict]) -> str:
+    """Splits x W sources: P-hat mean IoU % (and W's in brackets)."""
+    header = ["split", *(f"P-hat, W={name} %" for name in W_SOURCES)]
+    rows = [header]
+    for split, m in results.items():
+        if f"phat_{W_SOURCES[0]}_mean_iou" not in m:
+            continue
+        rows.append([split] + [f"{100 * m[f'phat_{n}_mean_iou']:.1f} "
+                               f"({100 * m[f'w_{n}_mean_iou']:.1f})" for n in W_SOURCES])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["pseudo labels from this model's P (mean IoU against the GT mask at stride 4; W's "
+             "own in brackets): box = the tree row, gradcam = forest x this model's GradCAM "
+             "(GTMS), oracle = forest x the GT mask as attention, mask = W is the GT mask:"]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(2, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
