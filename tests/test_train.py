@@ -19,6 +19,7 @@ from gtms.config import load_config
 from gtms.data.roots import DataRootError
 from gtms.data.shards import read_manifest, shards_dir
 from gtms.eval.evaluate import EvalError, evaluate
+from gtms.eval.metrics import ERROR_KEYS
 from gtms.train.checkpoint import CheckpointError, load_checkpoint
 from gtms.train.trainer import RunError, fit
 
@@ -207,7 +208,7 @@ def test_modes_and_gtms_step_cost(synthref_small, tmp_path):
         assert ("train_pix" in final) == (mode == "tree")
 
 
-def test_eval_writes_metrics_json_and_bad_inputs(synthref_small, tmp_path, ray_cluster):
+def test_eval_writes_metrics_json_and_bad_inputs(synthref_small, tmp_path, ray_cluster, capsys):
     cfg = small_config(synthref_small, tmp_path, "train.name=for-eval", "train.epochs=1",
                        "data.limit_train_refs=8")
     summary = fit(cfg, no_ray=True)
@@ -218,7 +219,8 @@ def test_eval_writes_metrics_json_and_bad_inputs(synthref_small, tmp_path, ray_c
     assert list(printed["splits"]) == list(cfg.data.eval_splits)
     out = tmp_path / "eval.json"
     assert run.main(["eval", "--checkpoint", str(ckpt), "--splits", "val,testA",
-                     "--out", str(out), "--set", "data.limit_eval_refs=0"]) == 0
+                     "--out", str(out), "--set", "data.limit_eval_refs=0",
+                     "--pseudo-labels"]) == 0
     report = json.loads(out.read_text())
     assert set(report["splits"]) == {"val", "testA"}
     manifest = read_manifest(shards_dir(synthref_small))
@@ -226,6 +228,12 @@ def test_eval_writes_metrics_json_and_bad_inputs(synthref_small, tmp_path, ray_c
         assert metrics["n"] >= 8 and 0 <= metrics["mean_iou"] <= 1
         assert metrics["n"] == metrics["split_sentences"] == manifest["sentences"][split]
         assert {"overall_iou", "prec@0.5", "prec@0.9"} <= set(metrics)
+        errors = [metrics[f"err_{k}"] for k in ("iou", *ERROR_KEYS)]
+        assert sum(errors) == pytest.approx(1.0)
+        # W = the GT mask is the perfect weight; the oracle forest cannot beat it.
+        assert metrics["w_mask_mean_iou"] == pytest.approx(1.0)
+        assert 0 <= metrics["w_oracle_mean_iou"] <= 1 and 0 <= metrics["phat_gradcam_mean_iou"] <= 1
+    assert "where the errors are" in capsys.readouterr().out
     with pytest.raises(CheckpointError, match="not found"):
         evaluate(tmp_path / "missing", None, ["val"], None)
     junk = tmp_path / "junk.pt"
