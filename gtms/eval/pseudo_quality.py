@@ -55,7 +55,7 @@ class PseudoLabelMeters:
         ``box``, ``mask``, ``parent``, ``order``, ``dist`` and ``forest``."""
         n = len(batch["box"])
         device = model_out.logits.device
-        tensor = {k: torch.as_tensor(np.asarray(batch[k]), device=device)
+        tensor = {k: torch.from_numpy(np.array(batch[k])).to(device)  # a writable copy
                   for k in ("box", "mask", "parent", "order", "dist", "forest")}
         box = tensor["box"].float()
         probs = torch.sigmoid(model_out.logits.detach().float())[:, 0].reshape(n, -1)
