@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             return compute_losses(model, batch, mode=mode, sigma=cfg.pseudo.sigma,
                                   gamma=cfg.loss.gamma_max, binarize_at=cfg.pseudo.binarize_at,
-                                  pixel=cfg.loss.pixel)
+                                  pixel=cfg.loss.pixel, pixel_region=cfg.loss.pixel_region)
 
     def train_step(mode: str) -> Callable[[], None]:
         def run() -> None:

@@ -65,6 +65,31 @@ def test_pixel_loss_hand_computed_and_batch_mean():
         pixel_loss(logits, target, box, "l2")
 
 
+def test_pixel_loss_over_the_image_targets_zero_outside_the_box():
+    probs = torch.tensor([[[0.2, 0.9], [0.4, 0.1]], [[1.0, 1.0], [1.0, 1.0]]])
+    target = torch.tensor([[[0.0, 1.0], [0.7, 0.0]], [[0.5, 0.5], [0.5, 0.5]]])
+    box = torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])  # 2nd box empty
+    logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
+    # Every pixel counts; outside the box the target is 0 whatever P-hat says there.
+    first = (0.2 + 0.1 + 0.4 + 0.1) / 4
+    second = 1.0                      # no box: all four pixels should be 0 and are 1
+    got = pixel_loss(logits, target, box, "l1", "image")["pix"].item()
+    assert got == pytest.approx((first + second) / 2, rel=1e-4)
+    # A prediction outside the box gets a gradient only with region="image".
+    for region, outside_grad in (("box", 0.0), ("image", True)):
+        logit = logits.clone().requires_grad_(True)
+        pixel_loss(logit, target, box, "bce", region)["pix"].backward()
+        if outside_grad:
+            assert logit.grad[0, 1, 0] > 0      # P = 0.4 outside the box is pushed down
+        else:
+            assert logit.grad[0, 1, 0] == 0
+    terms = gtms_loss("tree", logits[:, None], box, pseudo_label=target, gamma=1.0, pixel="l1",
+                      pixel_region="image")
+    assert terms["pix"].item() == pytest.approx(got, rel=1e-6)
+    with pytest.raises(ValueError, match="region"):
+        pixel_loss(logits, target, box, "l1", "everywhere")
+
+
 def test_bce_pixel_loss_pushes_a_far_pixel_harder_than_l1():
     # A pixel at P = 0.05 whose label is 1: L1's push on the logit is sigmoid' = 0.0475,
     # BCE's is 1 - P = 0.95 (both over a one-pixel box).

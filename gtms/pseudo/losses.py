@@ -6,7 +6,10 @@
   ours) the binary cross-entropy of the logits against ``P-hat``, averaged over the box the same
   way. Through the sigmoid, L1's gradient on a logit is ``sigmoid'(z)``: a pixel at P = 0.05
   whose label is 1 gets 0.05 of a push, BCE gives it 0.95, so a model that fell below its
-  label can climb back.
+  label can climb back. ``region="image"`` (ours) averages the same error over every pixel
+  of the image with the target 0 outside the box: the paper's ``L_pix`` leaves a prediction
+  outside the box to ``L_loc`` alone, which sees a pixel in the box's rows (or columns) through
+  one projection and only where it is that projection's maximum.
 * ``L = L_loc + gamma L_pix`` (Eq. 8).
 * Baselines: BCE-with-logits against the mask (``mask-bce``, fully supervised CRIS) or against
   the box (``box-bce``).
@@ -67,8 +70,12 @@ def location_loss(probs: torch.Tensor, box: torch.Tensor) -> dict[str, torch.Ten
 PIXEL_LOSSES = ("l1", "bce")
 
 
+PIXEL_REGIONS = ("box", "image")
+
+
 def pixel_loss(
-    logits: torch.Tensor, pseudo_label: torch.Tensor, box: torch.Tensor, kind: str = "l1"
+    logits: torch.Tensor, pseudo_label: torch.Tensor, box: torch.Tensor, kind: str = "l1",
+    region: str = "box",
 ) -> dict[str, torch.Tensor]:
     """``L_pix`` (Eq. 7): the per-pixel error to the pseudo label, averaged inside the box.
 
@@ -77,6 +84,8 @@ def pixel_loss(
         pseudo_label: ``P-hat`` of the same shape (detached here).
         box: ``[B, H, W]`` 0/1 box raster; an empty box contributes 0.
         kind: ``"l1"`` = ``|P - P-hat|`` (the paper) or ``"bce"`` (ours, see the module doc).
+        region: ``"box"`` (the paper) or ``"image"``: averaged over every pixel, with the
+            target ``P-hat * box`` (0 outside the box; ours, see the module doc).
 
     Returns:
         ``{"loss", "pix"}``, both the batch mean of ``L_pix``.
@@ -84,12 +93,19 @@ def pixel_loss(
     logits = _as_bhw("logits", logits)
     target = _as_bhw("pseudo_label", pseudo_label).detach().to(logits.dtype)
     box = _as_bhw("box", box).to(logits.dtype)
+    if region not in PIXEL_REGIONS:
+        raise ValueError(f"pixel loss region must be one of {PIXEL_REGIONS}, got {region!r}")
+    if region == "image":
+        target = target * box
     if kind == "l1":
         error = (torch.sigmoid(logits) - target).abs()
     elif kind == "bce":
         error = nnf.binary_cross_entropy_with_logits(logits, target, reduction="none")
     else:
         raise ValueError(f"pixel loss must be one of {PIXEL_LOSSES}, got {kind!r}")
+    if region == "image":
+        pix = error.mean()
+        return {"loss": pix, "pix": pix}
     area = box.sum(dim=(1, 2)).clamp(min=1.0)
     pix = ((error * box).sum(dim=(1, 2)) / area).mean()
     return {"loss": pix, "pix": pix}
@@ -116,6 +132,7 @@ def gtms_loss(
     mask: torch.Tensor | None = None,
     gamma: float = 0.0,
     pixel: str = "l1",
+    pixel_region: str = "box",
 ) -> dict[str, torch.Tensor]:
     """The training loss of one ablation row.
 
@@ -126,7 +143,8 @@ def gtms_loss(
         pseudo_label: ``P-hat [B, H4, W4]`` (modes ``tree`` and ``forest-gradcam``).
         mask: ``[B, H4, W4]`` ground-truth mask (mode ``mask-bce``).
         gamma: weight of ``L_pix`` (see :func:`gtms.pseudo.schedules.gamma_at`).
-        pixel: the per-pixel error of ``L_pix``, see :func:`pixel_loss`.
+        pixel, pixel_region: the per-pixel error of ``L_pix`` and where it is averaged, see
+            :func:`pixel_loss`.
 
     Returns:
         ``mask-bce`` / ``box-bce``: ``{"loss", "bce"}``; ``box-lloc``: ``{"loss", "loc"}``;
@@ -149,6 +167,6 @@ def gtms_loss(
         raise ValueError(f"mode {mode!r} needs pseudo_label")
     if loss != "loc+pix":
         raise ValueError(f"mode {mode!r}: no loss {loss!r} in gtms_loss")
-    pix = pixel_loss(logits, pseudo_label, box, pixel)["pix"]
+    pix = pixel_loss(logits, pseudo_label, box, pixel, pixel_region)["pix"]
     gamma_t = torch.as_tensor(float(gamma), dtype=loc.dtype, device=loc.device)
     return {"loss": loc + gamma_t * pix, "loc": loc, "pix": pix, "gamma": gamma_t}

@@ -144,7 +144,8 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
                 result = compute_losses(model, batch, mode=cfg.loss.mode, sigma=cfg.pseudo.sigma,
                                         gamma=gamma_for(cfg, step, steps_per_epoch),
                                         binarize_at=cfg.pseudo.binarize_at,
-                                        pixel=cfg.loss.pixel)
+                                        pixel=cfg.loss.pixel,
+                                        pixel_region=cfg.loss.pixel_region)
             loss = result.terms["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} "

@@ -41,7 +41,7 @@ def pseudo_labels_for(model: torch.nn.Module, out, batch: dict[str, torch.Tensor
 
 def compute_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mode: str,
                    sigma: float, gamma: float, binarize_at: float = 0.0,
-                   pixel: str = "l1") -> StepOutput:
+                   pixel: str = "l1", pixel_region: str = "box") -> StepOutput:
     """Forward, pseudo labels (modes ``tree`` / ``forest-gradcam``) and the loss terms."""
     out = model(batch["image"], batch["tokens"])
     pseudo = None
@@ -50,7 +50,8 @@ def compute_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mo
                                    binarize_at=binarize_at)
     terms = gtms_loss(mode, out.logits.float(), batch["box"],
                       pseudo_label=None if pseudo is None else pseudo.pseudo_label,
-                      mask=batch.get("mask"), gamma=gamma, pixel=pixel)
+                      mask=batch.get("mask"), gamma=gamma, pixel=pixel,
+                      pixel_region=pixel_region)
     return StepOutput(terms, out.logits, pseudo)
 
 
