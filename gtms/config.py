@@ -114,9 +114,9 @@ class LossConfig:
     # of the logits against P-hat (ours: L1 through the sigmoid gives a pixel that is far from
     # its label almost no gradient, see gtms/pseudo/losses.py).
     pixel: Literal["l1", "bce"] = "l1"
-    # Where L_pix is averaged: "box" (Eq. 7, the paper: only the box's pixels) or "image" (ours:
-    # every pixel, the target 0 outside the box, so a prediction spilling out of the box is
-    # penalised per pixel as box BCE does; see the README, "Table 2 on the laptop").
+    # Which pixels L_pix sums (both divided by the box's area): "box" (Eq. 7, the paper) or
+    # "image" (ours: every pixel, the target 0 outside the box, so a prediction spilling out of
+    # the box is penalised per pixel as box BCE does; see the README, "Table 2 on the laptop").
     pixel_region: Literal["box", "image"] = "box"
 
 

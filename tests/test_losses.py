@@ -70,9 +70,10 @@ def test_pixel_loss_over_the_image_targets_zero_outside_the_box():
     target = torch.tensor([[[0.0, 1.0], [0.7, 0.0]], [[0.5, 0.5], [0.5, 0.5]]])
     box = torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])  # 2nd box empty
     logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
-    # Every pixel counts; outside the box the target is 0 whatever P-hat says there.
-    first = (0.2 + 0.1 + 0.4 + 0.1) / 4
-    second = 1.0                      # no box: all four pixels should be 0 and are 1
+    # Every pixel counts, still divided by the box's area (2); outside the box the target is 0
+    # whatever P-hat says there. A sample without a box contributes 0, as with region="box".
+    first = (0.2 + 0.1 + 0.4 + 0.1) / 2
+    second = 0.0
     got = pixel_loss(logits, target, box, "l1", "image")["pix"].item()
     assert got == pytest.approx((first + second) / 2, rel=1e-4)
     # A prediction outside the box gets a gradient only with region="image".

@@ -6,10 +6,11 @@
   ours) the binary cross-entropy of the logits against ``P-hat``, averaged over the box the same
   way. Through the sigmoid, L1's gradient on a logit is ``sigmoid'(z)``: a pixel at P = 0.05
   whose label is 1 gets 0.05 of a push, BCE gives it 0.95, so a model that fell below its
-  label can climb back. ``region="image"`` (ours) averages the same error over every pixel
-  of the image with the target 0 outside the box: the paper's ``L_pix`` leaves a prediction
-  outside the box to ``L_loc`` alone, which sees a pixel in the box's rows (or columns) through
-  one projection and only where it is that projection's maximum.
+  label can climb back. ``region="image"`` (ours) sums the same error over every pixel of
+  the image, with the target 0 outside the box, and still divides by the box's area: each
+  pixel keeps the paper's weight, and a prediction outside the box is penalised too. The
+  paper's ``L_pix`` leaves it to ``L_loc`` alone, which sees a pixel in the box's rows (or
+  columns) through one projection and only where it is that projection's maximum.
 * ``L = L_loc + gamma L_pix`` (Eq. 8).
 * Baselines: BCE-with-logits against the mask (``mask-bce``, fully supervised CRIS) or against
   the box (``box-bce``).
@@ -84,8 +85,9 @@ def pixel_loss(
         pseudo_label: ``P-hat`` of the same shape (detached here).
         box: ``[B, H, W]`` 0/1 box raster; an empty box contributes 0.
         kind: ``"l1"`` = ``|P - P-hat|`` (the paper) or ``"bce"`` (ours, see the module doc).
-        region: ``"box"`` (the paper) or ``"image"``: averaged over every pixel, with the
-            target ``P-hat * box`` (0 outside the box; ours, see the module doc).
+        region: ``"box"`` (the paper) or ``"image"``: summed over every pixel with the
+            target ``P-hat * box`` (0 outside the box), divided by the box's area as in the
+            paper (ours, see the module doc).
 
     Returns:
         ``{"loss", "pix"}``, both the batch mean of ``L_pix``.
@@ -103,11 +105,9 @@ def pixel_loss(
         error = nnf.binary_cross_entropy_with_logits(logits, target, reduction="none")
     else:
         raise ValueError(f"pixel loss must be one of {PIXEL_LOSSES}, got {kind!r}")
-    if region == "image":
-        pix = error.mean()
-        return {"loss": pix, "pix": pix}
-    area = box.sum(dim=(1, 2)).clamp(min=1.0)
-    pix = ((error * box).sum(dim=(1, 2)) / area).mean()
+    area = box.sum(dim=(1, 2))
+    counted = (error if region == "image" else error * box).sum(dim=(1, 2))
+    pix = torch.where(area > 0, counted / area.clamp(min=1.0), torch.zeros_like(area)).mean()
     return {"loss": pix, "pix": pix}
 
 
