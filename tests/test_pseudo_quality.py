@@ -4,7 +4,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from torch import nn
 
 from gtms.eval.pseudo_quality import PseudoLabelMeters, format_pseudo_table, weight_variants
 from gtms.pseudo import build_grid_tree, make_pseudo_labels, stack_grid_trees, structural_forest
@@ -40,22 +39,17 @@ def test_oracle_weights_are_the_subtrees_touching_the_mask():
     np.testing.assert_array_equal(w["mask"].numpy(), flat(mask).numpy())
 
 
-class MeanPool(nn.Module):
-    def __init__(self, channels=4, embed_dim=3):
-        super().__init__()
-        self.project = nn.Linear(channels, embed_dim)
-
-    def forward(self, features):
-        return self.project(features.mean(dim=(2, 3)))
-
-
 def test_meters_match_make_pseudo_labels_and_rank_the_oracle_first():
     image, box, mask = two_region_scene()
     tree = build_grid_tree(image)
     trees = stack_grid_trees([tree, tree])
     forest = np.stack([structural_forest(tree.parent, box.reshape(-1) > 0)] * 2)
     torch.manual_seed(0)
-    pool = MeanPool()
+    projection = torch.randn(4, 3)
+
+    def pool(features):  # a global embedding: mean over the grid, then a projection
+        return features.mean(dim=(2, 3)) @ projection
+
     layer4 = torch.randn(2, 4, 3, 3)
     sentence = torch.randn(2, 3)
     logits = torch.full((2, 1, SIZE, SIZE), 2.0)  # P = 0.88 everywhere: the box is predicted

@@ -26,6 +26,7 @@ from gtms.eval.metrics import (
     ERROR_KEYS,
     PREC_THRESHOLDS,
     SegmentationMeter,
+    aligned_table,
     error_shares,
     error_summary,
     grounding_summary,
@@ -140,9 +141,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         rows.append([split, pct(m["mean_iou"]), pct(m["overall_iou"])]
                     + [pct(m[f"prec@{x}"]) for x in PREC_THRESHOLDS]
                     + [pct(m.get("grounded")), pct(m.get("mean_iou_grounded")), str(m["n"])])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = aligned_table(rows)
     if any("err_iou" in m for m in results.values()):
         lines += ["", format_error_table(results)]
     if any("phat_box_mean_iou" in m for m in results.values()):
@@ -162,13 +161,9 @@ def format_error_table(results: dict[str, dict[str, Any]]) -> str:
     for split, m in results.items():
         if "err_iou" in m:
             rows.append([split] + [f"{100 * m[f'err_{k}']:.1f}" for k in ("iou", *ERROR_KEYS)])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["where the errors are (shares of each sentence's prediction-or-mask union at "
-             "stride 4; near = within 2 cells of the box, box rows/cols = farther but in the "
-             "box's rows or columns):"]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(2, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(["where the errors are (shares of each sentence's prediction-or-mask union "
+                      "at stride 4; near = within 2 cells of the box, box rows/cols = farther "
+                      "but in the box's rows or columns):", *aligned_table(rows)])
 
 
 def evaluate(checkpoint: str | Path | Trained, cfg: Config | str | None = None,

@@ -30,6 +30,15 @@ def percent(fraction: float) -> str:
     return f"{100 * fraction:.2f} %"
 
 
+def aligned_table(rows: list[list[str]]) -> list[str]:
+    """Rows of cells (the first is the header) -> right-aligned text lines, a rule of dashes
+    under the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
 def format_metric(key: str, value: float) -> str:
     """A per-epoch metric for the console: IoU and Prec@X keys in percent, others as is."""
     if key.endswith("_iou") or "prec@" in key:

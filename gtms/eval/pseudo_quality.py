@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gtms.eval.metrics import SegmentationMeter, intersection_union
+from gtms.eval.metrics import SegmentationMeter, aligned_table, intersection_union
 from gtms.pseudo.gradcam import gradcam_attention
 from gtms.pseudo.pseudo_label import binarize_relative, pseudo_label, vertex_weights
 
@@ -94,10 +94,7 @@ def format_pseudo_table(results: dict[str, dict]) -> str:
             continue
         rows.append([split] + [f"{100 * m[f'phat_{n}_mean_iou']:.1f} "
                                f"({100 * m[f'w_{n}_mean_iou']:.1f})" for n in W_SOURCES])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["pseudo labels from this model's P (mean IoU against the GT mask at stride 4; W's "
-             "own in brackets): box = the tree row, gradcam = forest x this model's GradCAM "
-             "(GTMS), oracle = forest x the GT mask as attention, mask = W is the GT mask:"]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(2, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(["pseudo labels from this model's P (mean IoU against the GT mask at stride "
+                      "4; W's own in brackets): box = the tree row, gradcam = forest x this "
+                      "model's GradCAM (GTMS), oracle = forest x the GT mask as attention, "
+                      "mask = W is the GT mask:", *aligned_table(rows)])
