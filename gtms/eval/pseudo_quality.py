@@ -23,7 +23,7 @@ import torch
 
 from gtms.eval.metrics import SegmentationMeter, aligned_table, intersection_union
 from gtms.pseudo.gradcam import gradcam_attention
-from gtms.pseudo.pseudo_label import binarize_relative, pseudo_label, vertex_weights
+from gtms.pseudo.pseudo_label import filtered_label, vertex_weights
 
 W_SOURCES = ("box", "gradcam", "oracle", "mask")
 
@@ -65,11 +65,9 @@ class PseudoLabelMeters:
         variants = weight_variants(box.reshape(n, -1), tensor["mask"].reshape(n, -1),
                                    tensor["forest"].reshape(n, -1), attention.reshape(n, -1))
         for name, weights in variants.items():
-            label = pseudo_label(probs, weights, tensor["parent"], tensor["order"],
-                                 tensor["dist"], sigma)
-            if binarize_at > 0:
-                label = binarize_relative(label, box.reshape(n, -1), binarize_at)
-            label = label.reshape(masks.shape).cpu().numpy()
+            label = filtered_label(probs, weights, box.reshape(n, -1), tensor["parent"],
+                                   tensor["order"], tensor["dist"], sigma=sigma,
+                                   binarize_at=binarize_at).reshape(masks.shape).cpu().numpy()
             weights = weights.reshape(masks.shape).cpu().numpy()
             for i in range(n):
                 self.pseudo_label[name].add(*intersection_union(label[i] > threshold, masks[i]))

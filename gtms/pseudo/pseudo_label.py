@@ -110,6 +110,17 @@ def binarize_relative(label: torch.Tensor, box: torch.Tensor, fraction: float) -
     return ((label >= fraction * peak) & inside & (peak > 0)).to(label.dtype)
 
 
+def filtered_label(probs: torch.Tensor, weights: torch.Tensor, box: torch.Tensor, parent, order,
+                   dist, *, sigma: float, binarize_at: float = 0.0) -> torch.Tensor:
+    """``P-hat`` from ``P [B, N]`` and any ``W [B, N]``: the filter of Eq. 4, then (with
+    ``binarize_at`` > 0) :func:`binarize_relative` inside ``box [B, N]``. The one place the
+    training step and ``eval --pseudo-labels`` turn weights into a pseudo label."""
+    label = pseudo_label(probs, weights, parent, order, dist, sigma)
+    if binarize_at > 0:
+        label = binarize_relative(label, box, binarize_at)
+    return label
+
+
 def make_pseudo_labels(
     logits: torch.Tensor,
     box_at_stride4: torch.Tensor,
@@ -172,9 +183,8 @@ def make_pseudo_labels(
         attention = gradcam_attention(layer4, sentence, global_embedding, box).to(probs.device)
         labels = torch.as_tensor(forest_labels, device=probs.device)
         weights = vertex_weights(attention.reshape(batch, -1), labels)
-    label = pseudo_label(probs.reshape(batch, -1), weights, parent, order, dist, sigma)
-    if binarize_at > 0:
-        label = binarize_relative(label, box.reshape(batch, -1), binarize_at)
+    label = filtered_label(probs.reshape(batch, -1), weights, box.reshape(batch, -1), parent,
+                           order, dist, sigma=sigma, binarize_at=binarize_at)
     return PseudoLabels(
         attention=attention,
         weights=weights.reshape(batch, height, width),
