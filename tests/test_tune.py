@@ -275,3 +275,120 @@ def test_two_point_sweep_writes_loadable_best_yaml(synthref_small, tmp_path, ray
     best = load_config(out / "best.yaml")
     assert best.pseudo.sigma in (0.01, 0.1) and best.data.input_size == 64
     assert (out / "best.yaml").read_text().startswith("# python run.py train --config")
+
+
+def test_threads_per_trial_share_the_cores():
+    from gtms.tune.local import threads_per_trial
+
+    assert threads_per_trial(1, cores=8) == 8
+    assert threads_per_trial(3, cores=8) == 2
+    assert threads_per_trial(2, cores=2) == 1
+    assert threads_per_trial(5, cores=2) == 1        # never below one thread
+
+
+def test_reusable_eval_needs_every_split_at_the_same_settings(tmp_path):
+    from gtms.config import load_config
+    from gtms.tune.local import reusable_eval
+
+    cfg = load_config(REPO / "experiments" / "synthref.yaml", ["data.input_size=224"])
+    assert reusable_eval(str(tmp_path), cfg, ["val"]) is None        # no eval.json
+    report = {"threshold": cfg.train.threshold, "input_size": 224,
+              "splits": {"val": {"mean_iou": 0.4}, "testA": {"mean_iou": 0.5}}}
+    (tmp_path / "eval.json").write_text(json.dumps(report))
+    assert reusable_eval(str(tmp_path), cfg, ["val", "testA"]) == report
+    assert reusable_eval(str(tmp_path), cfg, ["val", "testB"]) is None
+    other = load_config(REPO / "experiments" / "synthref.yaml", ["data.input_size=160"])
+    assert reusable_eval(str(tmp_path), other, ["val"]) is None
+    other = load_config(REPO / "experiments" / "synthref.yaml",
+                        ["data.input_size=224", "train.threshold=0.5"])
+    assert reusable_eval(str(tmp_path), other, ["val"]) is None
+
+
+def test_report_of_a_local_ablation(tmp_path):
+    """--report on an ablation run with --no-ray reads the trials' trial.json files."""
+    from gtms.config import Config, config_to_dict
+    from gtms.tune.ablation import report_ablation
+
+    base = config_to_dict(Config())
+    for mode, seed, score in [("tree", 0, 0.3), ("tree", 1, 0.5), ("box-bce", 0, 0.1)]:
+        run_dir = tmp_path / "trials" / f"{mode}-s{seed}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_mean_iou": score}))
+        metrics = {f"{s}_{k}": score for s in ("val", "testA", "testB")
+                   for k in ("mean_iou", "overall_iou")}
+        (run_dir / "trial.json").write_text(json.dumps(
+            {"mode": mode, "seed": seed, "base": base,
+             "metrics": {**metrics, "run_dir": str(run_dir), "evaluated": 1}}))
+    (tmp_path / "trials" / "box-lloc-s0").mkdir()          # unfinished: no trial.json
+    result = report_ablation(tmp_path, ["box-bce", "box-lloc", "tree"])
+    assert result["table"]["tree"]["val"]["mean_iou"] == pytest.approx([0.3, 0.5])
+    assert result["table"]["box-lloc"]["val"]["mean_iou"] == []
+    assert "| tree | 40.00 ± 14.14 |" in result["markdown"]
+    assert "finished seeds: box-bce 1, tree 2, box-lloc 0" in result["markdown"]
+
+
+def test_local_ablation_checks_its_folder_before_anything_runs(tmp_path):
+    from gtms.config import load_config
+
+    cfg = load_config(REPO / "experiments" / "synthref_ablation.yaml",
+                      [f"data.root={tmp_path / 'never-made'}"])
+    common = {"rows": ["tree"], "seeds": 1, "max_concurrent": 1, "no_ray": True}
+    (tmp_path / "old" / "trials").mkdir(parents=True)
+    with pytest.raises(UserError, match="pass --resume"):
+        ablation.run_ablation(cfg, out_dir=tmp_path / "old", resume=False, **common)
+    with pytest.raises(UserError, match="nothing to continue"):
+        ablation.run_ablation(cfg, out_dir=tmp_path / "new", resume=True, **common)
+    with pytest.raises(UserError, match="local --out"):
+        ablation.run_ablation(cfg, out_dir="s3://bucket/abl", resume=False, **common)
+    with pytest.raises(UserError, match="max-concurrent"):
+        ablation.run_ablation(cfg, out_dir=tmp_path / "new", resume=False,
+                              **{**common, "max_concurrent": 0})
+    assert not (tmp_path / "never-made").exists()
+
+
+def test_a_failing_local_trial_is_reported_with_its_log(tmp_path, capsys):
+    """A child that stops with an error is named with its exit code and log; the driver goes
+    on and returns it as failed, with no trial.json."""
+    from gtms.config import load_config
+    from gtms.tune.local import run_local_trials
+
+    cfg = load_config(None, ["data.dataset=refcoco", f"data.root={tmp_path / 'missing'}"])
+    trials, failed = run_local_trials(cfg, rows=["box-bce"], seed_values=[0],
+                                      splits=["val"], trials_dir=tmp_path / "trials",
+                                      max_concurrent=1, poll_s=0.2)
+    assert trials == [] and len(failed) == 1
+    assert failed[0].startswith("box-bce-s0 (exit 2") and "box-bce-s0.log" in failed[0]
+    log = (tmp_path / "trials" / "box-bce-s0.log").read_text()
+    assert "error:" in log and "missing" in log
+    assert "FAILED box-bce-s0" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_ablation_without_ray_trains_processes_and_matches_ray_eval(synthref_small, tmp_path,
+                                                                   ray_cluster, capsys):
+    """--no-ray: one trial as a child process; its evaluation (no Ray) scores the best
+    checkpoint exactly as Ray Data's actors do, and --resume after a lost trial.json only
+    rebuilds it from the kept run and eval.json."""
+    from gtms.eval.evaluate import evaluate
+
+    out = tmp_path / "ablation"
+    assert run.main(["ablate", "--no-ray", "--rows", "box-lloc", "--out", str(out), "--set",
+                     f"data.root={synthref_small}", *TINY]) == 0
+    trial = json.loads((out / "trials" / "box-lloc-s0" / "trial.json").read_text())
+    best = trial["metrics"]["best_checkpoint"]
+    assert (Path(best) / "eval.json").is_file()
+    on_ray = evaluate(best, None, ["val", "testA"])["splits"]
+    for split in ("val", "testA"):
+        assert trial["metrics"][f"{split}_n"] == on_ray[split]["n"]
+        assert trial["metrics"][f"{split}_mean_iou"] == pytest.approx(on_ray[split]["mean_iou"],
+                                                                    abs=1e-9)
+        assert trial["metrics"][f"{split}_overall_iou"] == pytest.approx(
+            on_ray[split]["overall_iou"], abs=1e-9)
+    table = json.loads((out / "ablation.json").read_text())["rows"]
+    assert table["box-lloc"]["val"]["mean_iou"] == [trial["metrics"]["val_mean_iou"]]
+    (out / "trials" / "box-lloc-s0" / "trial.json").unlink()
+    capsys.readouterr()
+    assert run.main(["ablate", "--no-ray", "--resume", "--rows", "box-lloc", "--out", str(out),
+                     "--set", f"data.root={synthref_small}", *TINY]) == 0
+    assert "trained before" in (out / "trials" / "box-lloc-s0.log").read_text()
+    assert json.loads((out / "ablation.json").read_text())["rows"] == table

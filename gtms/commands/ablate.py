@@ -15,7 +15,8 @@ def register(subparsers) -> None:
                     "loss.mode and train.seed change) as Ray Tune trials, evaluate each on "
                     "every data.eval_splits split, and write ablation.md / .csv / .json with "
                     "mean IoU and overall IoU, mean ± std over seeds (beside the paper's "
-                    "numbers for RefCOCO). On a laptop trials queue one at a time.")
+                    "numbers for RefCOCO). On a laptop trials queue one at a time; --no-ray "
+                    "runs them as plain processes, several at a time, which is faster there.")
     add_config_flags(parser)
     parser.add_argument("--rows", default=",".join(ABLATION_MODES), metavar="A,B",
                         help=f"comma-separated rows (default: all: {', '.join(ABLATION_MODES)})")
@@ -25,12 +26,18 @@ def register(subparsers) -> None:
                              "a multi-node cluster) (default: "
                              "<train.run_dir>/ablation-<dataset>)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted ablation in --out (restores the Tuner)")
+                        help="continue an interrupted ablation in --out (restores the Tuner; "
+                             "with --no-ray keeps the finished trials and resumes the others)")
     parser.add_argument("--report", action="store_true",
                         help="train nothing: write the tables and ablation.png from the trials "
                              "that have finished in --out (an interrupted or running ablation)")
     parser.add_argument("--max-concurrent", type=int, default=1, metavar="N",
                         help="trials at once (default 1; raise it on a cluster)")
+    parser.add_argument("--no-ray", action="store_true",
+                        help="run the trials as plain processes on this machine (train and "
+                             "eval --no-ray), --max-concurrent at a time with an equal share "
+                             "of the cores each, logs in <out>/trials/; faster than Ray Tune "
+                             "on a small laptop (README, 'Table 2 on the laptop')")
     parser.add_argument("--address", default=None, help="Ray cluster to join")
     parser.set_defaults(func=run)
 
@@ -49,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     result = run_ablation(cfg, rows=[r.strip() for r in args.rows.split(",") if r.strip()],
                           seeds=args.seeds, out_dir=out, resume=args.resume,
-                          max_concurrent=args.max_concurrent, address=args.address)
+                          max_concurrent=args.max_concurrent, address=args.address,
+                          no_ray=args.no_ray)
     print("\n" + result["markdown"])
     print(f"wall time {result['wall_time_s']:.0f} s; tables in {result['out_dir']}")
     return 0

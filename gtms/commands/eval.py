@@ -32,6 +32,9 @@ def register(subparsers) -> None:
                              "(tree row), forest x GradCAM (GTMS), forest x the GT mask as "
                              "attention (a perfect GradCAM) and the GT mask itself; shows what "
                              "GradCAM adds and could add (gtms/eval/pseudo_quality.py)")
+    parser.add_argument("--no-ray", action="store_true",
+                        help="preprocess the splits in this process instead of Ray Data's "
+                             "actors (same numbers; no Ray start-up, one core)")
     parser.add_argument("--address", default=None, help="Ray cluster to join")
     parser.set_defaults(func=run)
 
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     splits = args.splits.split(",") if args.splits else None
     out = Path(args.out) if args.out else trained.file.parent / "eval.json"
     report = evaluate(trained, splits=splits, out=out, address=args.address,
-                      pseudo_labels=args.pseudo_labels)
+                      pseudo_labels=args.pseudo_labels, no_ray=args.no_ray)
     print(f"\n{report['dataset']} ({report['root']}), threshold {report['threshold']}")
     print(format_table(report["splits"]))
     print(f"\nmetrics written to {out}")

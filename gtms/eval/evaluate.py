@@ -1,4 +1,5 @@
-"""``run.py eval``: CRIS-style evaluation of a checkpoint, streamed through Ray Data.
+"""``run.py eval``: CRIS-style evaluation of a checkpoint, streamed through Ray Data (or, with
+``--no-ray``, preprocessed in this process).
 
 Per sentence: sigmoid of the stride-4 logits, upsample to the letterbox, inverse affine back to
 the original image, threshold (``train.threshold``, CRIS 0.35), IoU against the original mask.
@@ -11,6 +12,7 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,9 @@ import torch
 
 from gtms.config import Config
 from gtms.console import Progress, phase
-from gtms.data.pipeline import PoolSpec, build_dataset, drop_skipped, spec_for
+from gtms.data.pipeline import PoolSpec, SampleSpec, build_dataset, drop_skipped, spec_for
 from gtms.data.shards import verify_shards
+from gtms.data.tokenizer import ClipTokenizer
 from gtms.errors import UserError
 from gtms.eval.metrics import (
     ERROR_KEYS,
@@ -36,6 +39,7 @@ from gtms.eval.metrics import (
 )
 from gtms.eval.pseudo_quality import PseudoLabelMeters, format_pseudo_table
 from gtms.train.checkpoint import Trained, load_trained
+from gtms.train.contexts import preprocessed_samples, stacked_batches
 
 
 class EvalError(UserError, ValueError):
@@ -44,16 +48,17 @@ class EvalError(UserError, ValueError):
 
 @torch.no_grad()
 def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *,
-                   device: torch.device, pool: PoolSpec, progress: bool = True,
+                   device: torch.device, pool: PoolSpec | None, progress: bool = True,
                    pseudo_labels: bool = False) -> dict[str, Any]:
-    """Stream one split through the preprocessing actors and score every sentence.
+    """Stream one split through the preprocessing actors of ``pool`` (``None``: preprocess it
+    in this process, no Ray; the same samples) and score every sentence.
     ``pseudo_labels``: also score the P-hat this model's P gives with each vertex weight of
     :mod:`gtms.eval.pseudo_quality` (the actors then build trees and forests too)."""
     spec = spec_for("eval", input_size=cfg.data.input_size, word_len=cfg.data.word_len,
                     mode=cfg.loss.mode, seed=cfg.train.seed, with_tree_in_eval=pseudo_labels)
     pseudo = PseudoLabelMeters() if pseudo_labels else None
-    ds = build_dataset(root, split, spec, pool, strict=cfg.data.strict,
-                       limit=cfg.data.limit_eval_refs)
+    batches = split_batches(root, split, spec, pool, batch_size=cfg.train.eval_batch_size,
+                            strict=cfg.data.strict, limit=cfg.data.limit_eval_refs)
     meter = SegmentationMeter()
     hits: list[bool] = []
     errors: list[dict] = []
@@ -62,7 +67,7 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
     skipped: Counter = Counter()
     total = None if cfg.data.limit_eval_refs else split_sentence_count(root, split)
     bar = Progress(f"evaluating {split}", total, unit="sentence", enabled=progress)
-    for batch in ds.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="numpy"):
+    for batch in batches:
         batch, dropped = drop_skipped(batch)
         skipped.update(dropped)
         if not len(batch["ref_id"]):
@@ -99,6 +104,19 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
               "(undecodable image, bad box or mask; --set data.strict=true stops at the first)",
               file=sys.stderr, flush=True)
     return summary
+
+
+def split_batches(root: str, split: str, spec: SampleSpec, pool: PoolSpec | None, *,
+                  batch_size: int, strict: bool, limit: int) -> Iterator[dict[str, np.ndarray]]:
+    """Numpy batches of a split's preprocessed samples (placeholders of unusable rows
+    included): streamed through Ray Data's actors, or made in this process when ``pool`` is
+    ``None``."""
+    if pool is None:
+        samples = preprocessed_samples(root, split, spec, ClipTokenizer(), limit=limit,
+                                       strict=strict)
+        return stacked_batches(samples, spec, batch_size)
+    ds = build_dataset(root, split, spec, pool, strict=strict, limit=limit)
+    return ds.iter_batches(batch_size=batch_size, batch_format="numpy")
 
 
 def split_sentence_count(root: str, split: str) -> int | None:
@@ -168,10 +186,12 @@ def format_error_table(results: dict[str, dict[str, Any]]) -> str:
 
 def evaluate(checkpoint: str | Path | Trained, cfg: Config | str | None = None,
              splits: list[str] | None = None, out: str | Path | None = None,
-             address: str | None = None, pseudo_labels: bool = False) -> dict[str, Any]:
+             address: str | None = None, pseudo_labels: bool = False,
+             no_ray: bool = False) -> dict[str, Any]:
     """Score ``checkpoint`` (a path, or what :func:`load_trained` returned) on ``splits``
     (default ``data.eval_splits``); write the report to ``out`` when given. ``pseudo_labels``:
-    see :func:`evaluate_split`."""
+    see :func:`evaluate_split`. ``no_ray``: preprocess in this process instead of Ray Data's
+    actors (same numbers)."""
     from gtms.data.roots import prepare_data_root
     from gtms.runtime import init_ray
 
@@ -184,14 +204,16 @@ def evaluate(checkpoint: str | Path | Trained, cfg: Config | str | None = None,
     for split in splits:
         _check_split(root, split)
     verify_shards(root, splits)
-    init_ray(cfg.ray, cli_address=address)
-    pool = PoolSpec(cfg.ray.preprocess_actors, cfg.ray.preprocess_actors_max,
-                    cfg.ray.actor_cpus, batch_size=cfg.ray.preprocess_batch_size)
+    pool = None
+    if not no_ray:
+        init_ray(cfg.ray, cli_address=address)
+        pool = PoolSpec(cfg.ray.preprocess_actors, cfg.ray.preprocess_actors_max,
+                        cfg.ray.actor_cpus, batch_size=cfg.ray.preprocess_batch_size)
     results = {}
     for split in splits:
-        actors = max(pool.size, pool.max_size)
-        phase(f"evaluating {split}: streaming it through {actors} preprocessing actor(s) and "
-              f"scoring every sentence on {device.type}")
+        where = "preprocessing it in this process" if pool is None else \
+            f"streaming it through {max(pool.size, pool.max_size)} preprocessing actor(s)"
+        phase(f"evaluating {split}: {where} and scoring every sentence on {device.type}")
         results[split] = evaluate_split(model, cfg, root, split, device=device, pool=pool,
                                         pseudo_labels=pseudo_labels)
     report = {"checkpoint": str(trained.file), "dataset": cfg.data.dataset, "root": root,

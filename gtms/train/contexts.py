@@ -108,6 +108,34 @@ def without_single_samples(batches: Iterable[Batch]) -> Iterator[Batch]:
         yield held
 
 
+def preprocessed_samples(root: str, split: str, spec: SampleSpec, tokenizer: ClipTokenizer, *,
+                         limit: int = 0, shuffle_seed: int | None = None,
+                         strict: bool = False) -> Iterator[dict[str, Any]]:
+    """The samples of a split preprocessed in this process, as the Ray Data actors make them; a
+    row that cannot be used gives a placeholder (counted and dropped downstream) or, with
+    ``strict``, stops with its error."""
+    for row in iter_shard_rows(root, split, limit=limit, shuffle_seed=shuffle_seed):
+        try:
+            yield from preprocess_ref(row, spec, tokenizer)
+        except BadRowError as err:
+            if strict:
+                raise
+            yield placeholder_sample(spec, err)
+
+
+def stacked_batches(samples: Iterable[dict[str, Any]], spec: SampleSpec,
+                    batch_size: int) -> Iterator[Batch]:
+    """``samples`` stacked into batches of ``batch_size`` (the last one smaller)."""
+    pending: list[dict[str, Any]] = []
+    for sample in samples:
+        pending.append(sample)
+        if len(pending) == batch_size:
+            yield stack_samples(pending, spec)
+            pending = []
+    if pending:
+        yield stack_samples(pending, spec)
+
+
 class LocalContext:
     """One process, no Ray: rows are read with pyarrow and preprocessed inline.
 
@@ -147,13 +175,8 @@ class LocalContext:
 
     def _preprocessed(self, split: str, spec: SampleSpec, limit: int,
                       shuffle_seed: int | None) -> Iterator[dict[str, Any]]:
-        for row in iter_shard_rows(self.root, split, limit=limit, shuffle_seed=shuffle_seed):
-            try:
-                yield from preprocess_ref(row, spec, self.tokenizer)
-            except BadRowError as err:
-                if self.strict:
-                    raise
-                yield placeholder_sample(spec, err)
+        return preprocessed_samples(self.root, split, spec, self.tokenizer, limit=limit,
+                                    shuffle_seed=shuffle_seed, strict=self.strict)
 
     def _samples(self, role: str, split: str, spec: SampleSpec, limit: int,
                  shuffle_seed: int | None) -> Iterator[dict[str, Any]]:
@@ -175,18 +198,9 @@ class LocalContext:
 
     def _batches(self, role: str, samples: Iterator[dict[str, Any]], spec: SampleSpec,
                  batch_size: int, finish) -> Iterator[Batch]:
-        def stacked():
-            pending: list[dict[str, Any]] = []
-            for sample in samples:
-                pending.append(sample)
-                if len(pending) == batch_size:
-                    yield stack_samples(pending, spec)
-                    pending = []
-            if pending:
-                yield stack_samples(pending, spec)
-
         epoch = self.epoch
-        return finished_batches(stacked(), finish, lambda c: self._bad.add(role, epoch, c))
+        return finished_batches(stacked_batches(samples, spec, batch_size), finish,
+                                lambda c: self._bad.add(role, epoch, c))
 
     def train_batches(self, epoch: int, batch_size: int) -> Iterable[Batch]:
         seed = self.train_spec.seed

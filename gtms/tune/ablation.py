@@ -94,22 +94,77 @@ def trials_with_runs(trials: list[dict], local: Path) -> list[dict]:
 
 
 def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: str | Path, resume: bool,
-                 max_concurrent: int, address: str | None = None) -> dict[str, Any]:
-    from ray import tune
-
+                 max_concurrent: int, address: str | None = None,
+                 no_ray: bool = False) -> dict[str, Any]:
     from gtms.data.roots import prepare_data_root
-    from gtms.pretrain.run import with_synthclip
-    from gtms.runtime import init_ray
-    from gtms.tune.trial import run_trial
 
     unknown = [r for r in rows if r not in ABLATION_MODES]
     if unknown:
         raise TuneError(f"unknown ablation rows {unknown}; allowed: {', '.join(ABLATION_MODES)}")
     if seeds < 1:
         raise TuneError("--seeds must be >= 1")
+    if max_concurrent < 1:
+        raise TuneError("--max-concurrent must be >= 1")
     out_dir = experiment_dir(out_dir)
+    if no_ray:
+        if address or storage.is_uri(out_dir):
+            raise TuneError("--no-ray runs the trials on this machine: it takes a local --out "
+                            "and no --address")
+        if storage.exists(trials_dir(out_dir)) and not resume:
+            raise TuneError(f"{trials_dir(out_dir)} exists; pass --resume to continue it or "
+                            "choose another --out")
+        if resume and not storage.exists(trials_dir(out_dir)):
+            raise TuneError(f"--resume: nothing to continue in {trials_dir(out_dir)}")
     root = prepare_data_root(cfg)
     cfg = replace(cfg, data={"root": root})
+    if no_ray:
+        return _run_local(cfg, rows=rows, seeds=seeds, out_dir=out_dir,
+                          max_concurrent=max_concurrent)
+    return _run_tuner(cfg, rows=rows, seeds=seeds, out_dir=out_dir, resume=resume,
+                      max_concurrent=max_concurrent, address=address)
+
+
+def _title(cfg: Config, seeds: int) -> str:
+    return (f"GTMS ablation on {cfg.data.dataset} ({cfg.model.preset}, {cfg.train.epochs} "
+            f"epochs, {seeds} seed(s))")
+
+
+def _run_local(cfg: Config, *, rows: list[str], seeds: int, out_dir: str,
+               max_concurrent: int) -> dict[str, Any]:
+    """The trials as processes on this machine (:mod:`gtms.tune.local`)."""
+    from gtms.pretrain.run import with_synthclip
+    from gtms.tune.local import run_local_trials
+
+    splits = list(cfg.data.eval_splits)
+    cfg = with_synthclip(cfg, cfg.data.root, no_ray=True)   # once, before the trials start
+    seed_values = [cfg.train.seed + i for i in range(seeds)]
+    print(f"ablation: {len(rows)} rows x {seeds} seed(s) = {len(rows) * seeds} trials, "
+          f"{cfg.train.epochs} epochs each, splits {', '.join(splits)}; results in {out_dir}",
+          flush=True)
+    start = time.time()
+    trials, failed = run_local_trials(cfg, rows=rows, seed_values=seed_values, splits=splits,
+                                      trials_dir=Path(trials_dir(out_dir)),
+                                      max_concurrent=max_concurrent)
+    if failed:
+        raise TuneError(f"{len(failed)} trial(s) failed: {'; '.join(failed)}; fix and rerun "
+                        f"with --resume --out {out_dir}")
+    wanted = {(r, s) for r in rows for s in seed_values}
+    trials = [t for t in trials if (t["mode"], t["seed"]) in wanted]
+    wall = round(time.time() - start, 1)
+    return write_report(trials, rows, splits, cfg, out_dir, title=_title(cfg, seeds),
+                        wall_time_s=wall)
+
+
+def _run_tuner(cfg: Config, *, rows: list[str], seeds: int, out_dir: str, resume: bool,
+               max_concurrent: int, address: str | None) -> dict[str, Any]:
+    """The trials as Ray Tune trials (each a Ray Train run)."""
+    from ray import tune
+
+    from gtms.pretrain.run import with_synthclip
+    from gtms.runtime import init_ray
+    from gtms.tune.trial import run_trial
+
+    root = cfg.data.root
     splits = list(cfg.data.eval_splits)
     init_ray(cfg.ray, cli_address=address, concurrent_trials=max_concurrent,
              trial_cpus=trial_resources()["cpu"])
@@ -143,9 +198,8 @@ def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: str | Pat
         raise TuneError(f"{len(failed)} trial(s) failed ({details}); fix and rerun with "
                         f"--resume --out {out_dir}")
     wall = round(time.time() - start, 1)
-    title = (f"GTMS ablation on {cfg.data.dataset} ({cfg.model.preset}, {cfg.train.epochs} "
-             f"epochs, {seeds} seed(s))")
-    return write_report(trials, rows, splits, cfg, out_dir, title=title, wall_time_s=wall)
+    return write_report(trials, rows, splits, cfg, out_dir, title=_title(cfg, seeds),
+                        wall_time_s=wall)
 
 
 def write_report(trials: list[dict], rows: list[str], splits: list[str], cfg: Config,
@@ -168,9 +222,15 @@ def write_report(trials: list[dict], rows: list[str], splits: list[str], cfg: Co
 
 def finished_trials(out_dir: str) -> tuple[list[dict], dict]:
     """The trials of a local ``out_dir`` that trained and were evaluated, read from the
-    Tuner's ``result.json`` files (their last record), and the trials' base config dict."""
+    Tuner's ``result.json`` files (their last record) or, for an ablation run with
+    ``--no-ray``, the trials' ``trial.json`` files; and the trials' base config dict."""
     import json
 
+    from gtms.tune.local import finished_local_trials
+
+    if not Path(tuner_dir(out_dir)).exists():
+        local = finished_local_trials(Path(trials_dir(out_dir)))
+        return local, (local[0]["base"] if local else {})
     trials, base = [], None
     for result in sorted(Path(tuner_dir(out_dir)).glob("*/result.json")):
         lines = [line for line in result.read_text().splitlines() if line.strip()]
@@ -195,7 +255,8 @@ def report_ablation(out_dir: str | Path, rows: list[str]) -> dict[str, Any]:
     out_dir = experiment_dir(out_dir)
     trials, base = finished_trials(out_dir)
     if not trials:
-        raise TuneError(f"no finished trial under {tuner_dir(out_dir)}")
+        raise TuneError(f"no finished trial under {tuner_dir(out_dir)} or "
+                        f"{trials_dir(out_dir)}")
     cfg = config_from_dict(base, f"{tuner_dir(out_dir)} (trial base config)")
     done = {t["mode"] for t in trials}
     rows = [r for r in rows if r in done] + [r for r in rows if r not in done]

@@ -27,7 +27,6 @@ def run_trial(config: dict[str, Any]) -> None:
 
     from gtms.eval.evaluate import evaluate
     from gtms.train.trainer import fit
-    from gtms.tune.table import DIAGNOSTIC_KEYS
 
     console.forward_to_driver()  # this trial's lines reach a quiet driver console
     params = {k: v for k, v in config.items() if "." in k}
@@ -37,10 +36,19 @@ def run_trial(config: dict[str, Any]) -> None:
     cfg = replace(cfg, train={"run_dir": trials, "name": name})
     resume = name if storage.exists(storage.join(trials, name, "config.yaml")) else None
     summary = fit(cfg, resume=resume, callbacks=(TuneReportCallback(),))
-    final = dict(summary["final"] or {})
     splits = list(config.get("splits") or [])
     report = evaluate(summary["best_checkpoint"], cfg, splits) if splits else \
         {"splits": {}}
+    tune.report(trial_metrics(summary, report))
+
+
+def trial_metrics(summary: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """A trial's final result: the training summary's last epoch, plus per split of the
+    evaluation ``report`` ``<split>_mean_iou`` / ``_overall_iou`` / ``_n`` and the
+    diagnostics of the table (:data:`gtms.tune.table.DIAGNOSTIC_KEYS`)."""
+    from gtms.tune.table import DIAGNOSTIC_KEYS
+
+    final = dict(summary["final"] or {})
     for split, metrics in report["splits"].items():
         final[f"{split}_mean_iou"] = metrics["mean_iou"]
         final[f"{split}_overall_iou"] = metrics["overall_iou"]
@@ -52,4 +60,4 @@ def run_trial(config: dict[str, Any]) -> None:
     final["best_checkpoint"] = str(summary["best_checkpoint"])
     final["train_wall_time_s"] = summary.get("wall_time_s")
     final["evaluated"] = 1
-    tune.report(final)
+    return final
