@@ -91,7 +91,8 @@ def error_shares(probs_at_stride: np.ndarray, box_at_stride: np.ndarray,
     - ``fp_in_box``: predicted inside the box but off the mask (the box's background);
     - ``fp_near_box``: predicted outside the box within ``near`` cells of it;
     - ``fp_box_band``: predicted farther out but in the box's rows or columns, the band that
-      ``L_loc`` (Dice of the row and column maxima) cannot penalise once the object fills them;
+      ``L_loc`` (Dice of the row and column maxima) sees only through one of its two
+      projections, and only where a pixel is its column's (or row's) maximum;
     - ``fp_elsewhere``: every other false positive;
     - ``fn``: mask cells not predicted.
 

@@ -85,8 +85,8 @@ def markdown(table: dict, splits: list[str], *, dataset: str, title: str) -> str
               "over those (the shape quality a row reaches where it found the object). "
               "Then where the errors lie, as shares of each sentence's prediction-or-mask "
               "union at stride 4: false positives inside the box off the mask, within 2 cells "
-              "outside the box, farther but in the box's rows or columns (what L_loc cannot "
-              "penalise), elsewhere, and missed mask cells.", "",
+              "outside the box, farther but in the box's rows or columns (L_loc sees these "
+              "only through one projection's maxima), elsewhere, and missed mask cells.", "",
               "| row | grounded % | mIoU grounded % | "
               + " | ".join(f"{name} %" for name in ERROR_COLUMNS.values()) + " |",
               "|---|---|---|" + "---|" * len(ERROR_COLUMNS)]
