@@ -7,7 +7,10 @@ change, so TensorBoard and ``tail -f`` work on either side.
 
 from __future__ import annotations
 
+import fcntl
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -102,3 +105,16 @@ class RunFolder:
     def sync(self) -> None:
         if self.remote:
             upload_dir(self.path, self.remote)
+
+
+@contextmanager
+def folder_lock(folder: Path, name: str = ".lock") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder/name`` (created with the folder): concurrent builders of
+    one cache (SynthRef, SynthCLIP) on a machine wait for each other instead of racing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / name, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

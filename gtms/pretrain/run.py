@@ -14,13 +14,11 @@ weights.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -41,7 +39,7 @@ from gtms.pretrain.loop import (
     read_checkpoint,
     save_pairs,
 )
-from gtms.storage import is_uri
+from gtms.storage import folder_lock, is_uri
 
 REPORT_NAME = "report.json"
 
@@ -80,7 +78,7 @@ def ensure_synthclip(cfg: Config, data_root: str | Path, *, no_ray: bool = False
                      address: str | None = None) -> Path:
     """The cached SynthCLIP weights for ``cfg``, pretraining them first if absent."""
     out = cache_dir(cfg, data_root)
-    with _lock(out.parent):
+    with folder_lock(out.parent):
         if not (out / WEIGHTS_NAME).is_file():
             phase(f"SynthCLIP weights for this setup are not cached: pretraining them once "
                   f"({cfg.pretrain.epochs} epochs) into {out}")
@@ -202,14 +200,3 @@ def _run_ray(cfg: Config, loop_config: dict, out: Path, address: str | None) -> 
 
 def _say(text: str) -> None:
     say(f"pretrain: {text}")
-
-
-@contextmanager
-def _lock(folder: Path):
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -17,13 +17,11 @@ at least two objects of one category (the target's distractor). Same settings, s
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import pickle
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,6 +52,7 @@ from gtms.data.synthref.scene import (
 )
 from gtms.data.synthref.shapes import CATEGORIES, GROUP_A, GROUP_B
 from gtms.data.synthref.stats import reference_statistics
+from gtms.storage import folder_lock
 
 STATISTICS_NAME = "statistics.json"
 SYNTHREF_VERSION = 2  # 2: RefCOCO-like object scale (box median >= 20 % of the image)
@@ -284,7 +283,7 @@ def prepare_synthref(out_dir: str | Path, settings: SynthRefSettings, *, strict:
     """
     out_dir = Path(out_dir)
     check_layout(rows_per_file, rows_per_row_group)
-    with _lock(out_dir):
+    with folder_lock(out_dir, ".prepare.lock"):
         if force or _generated_settings(out_dir) != settings.to_dict():
             generate_synthref(out_dir, settings, progress=progress)
         report = build_shards(refer_source(out_dir), out_dir, strict=strict,
@@ -334,13 +333,3 @@ def ensure_synthref(out_dir: str | Path = DEFAULT_DIR, *, num_images: int = DEFA
             f"{shards_dir(out_dir)}")
     return shards_dir(out_dir)
 
-
-@contextmanager
-def _lock(out_dir: Path):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".prepare.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
