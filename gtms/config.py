@@ -96,6 +96,11 @@ class PseudoConfig:
     # its in-box maximum, else 0 (ours; the soft label collapses, see gtms/pseudo/pseudo_label.py).
     binarize_at: float = field(default=0.0, metadata=_check(lambda v: 0 <= v <= 1,
                                                              "must be in [0, 1]"))
+    # Where GradCAM's A comes from: "trained" = the towers being trained (the paper's Sec. 3.2);
+    # "frozen" = a frozen copy of the towers the run started from, A computed once per sentence
+    # and cached (ours: fine-tuning erodes the alignment GradCAM reads; gtms/pseudo/
+    # attention_source.py and the README's "Table 2 on the laptop").
+    attention_source: Literal["trained", "frozen"] = "trained"
 
 
 @dataclass(frozen=True)

@@ -444,8 +444,11 @@ def spec_for(split_role: str, *, input_size: int, word_len: int, mode: str, seed
     with trees for pseudo-label quality) or ``eval``."""
     if split_role == "train":
         needs = get_mode(mode)
+        # GradCAM rows carry the mask to measure A's health against (AttentionMeter); only
+        # mask-bce trains on it (gtms.train.step.compute_losses).
         return SampleSpec(input_size, word_len, training=True, with_tree=needs.tree,
-                          with_forest=needs.forest, with_mask=needs.mask, seed=seed)
+                          with_forest=needs.forest, with_mask=needs.mask or needs.gradcam,
+                          seed=seed)
     if split_role in ("val", "eval"):
         return SampleSpec(input_size, word_len, training=False,
                           with_tree=split_role == "val" or with_tree_in_eval, with_mask=True,

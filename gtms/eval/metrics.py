@@ -180,3 +180,74 @@ def score_prediction(probs_at_stride: np.ndarray, orig_hw, mask_rle, input_size:
     probs = Letterbox(height, width, input_size).invert_prediction(probs_at_stride)
     target = rle_decode(mask_rle, height, width)
     return intersection_union(probs > threshold, target)
+
+
+@dataclass
+class AttentionMeter:
+    """The health of GradCAM's attention A over many samples (GTMS's semantic signal).
+
+    * **fallback** — the share of samples whose raw map was zero in the box, so A fell back to
+      the box (W = box, P-hat = the tree row's): GradCAM added nothing for them;
+    * **pointing** — among the other samples with mask cells in the box, the share whose argmax
+      of A inside the box lies on the mask; **pointing chance** — the mean share of the box's
+      cells on the mask (a uniformly random in-box cell) over the same samples;
+    * **contrast** — mean A on the mask minus mean A off the mask, both inside the box, over
+      every sample with cells of both kinds (a fallback sample contributes 0).
+
+    Counts and sums only, so meters of several workers merge exactly (:meth:`merge`).
+    """
+
+    samples: int = 0
+    fallback: int = 0
+    pointed: int = 0
+    hits: int = 0
+    chance_sum: float = 0.0
+    contrasted: int = 0
+    contrast_sum: float = 0.0
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def add(self, attention: np.ndarray, fallback: np.ndarray, box: np.ndarray,
+            mask: np.ndarray | None = None) -> None:
+        """``attention`` A ``[B, H4, W4]`` in [0, 1], ``fallback`` ``[B]`` bool, ``box`` and
+        ``mask`` ``[B, H4, W4]`` {0, 1} at the same stride (no mask: fallback only)."""
+        n = len(attention)
+        fallback = np.asarray(fallback, bool).reshape(n)
+        self.samples += n
+        self.fallback += int(fallback.sum())
+        if mask is None:
+            return
+        a = np.asarray(attention, np.float32).reshape(n, -1)
+        box = np.asarray(box).reshape(n, -1) > 0.5
+        mask = np.asarray(mask).reshape(n, -1) > 0.5
+        on, off = mask & box, box & ~mask
+        n_on, n_off = on.sum(1), off.sum(1)
+        peak = np.where(box, a, -np.inf).argmax(1)
+        point = (n_on > 0) & ~fallback
+        self.pointed += int(point.sum())
+        self.hits += int(mask[np.arange(n), peak][point].sum())
+        self.chance_sum += float((n_on[point] / box.sum(1)[point]).sum())
+        both = (n_on > 0) & (n_off > 0)
+        a_on = (a * on).sum(1)[both] / n_on[both]
+        a_off = (a * off).sum(1)[both] / n_off[both]
+        self.contrasted += int(both.sum())
+        self.contrast_sum += float((a_on - a_off).sum())
+
+    def merge(self, other: AttentionMeter) -> AttentionMeter:
+        return AttentionMeter(*(getattr(self, f) + getattr(other, f)
+                                for f in self.__dataclass_fields__))
+
+    def summary(self) -> dict[str, float]:
+        """``attention_fallback`` and, when masks were given, ``attention_pointing``,
+        ``attention_pointing_chance`` and ``attention_contrast`` (fractions; NaN when no
+        sample qualified)."""
+        out = {"attention_fallback": self.fallback / max(self.samples, 1)}
+        if self.pointed or self.contrasted:
+            nan = float("nan")
+            out["attention_pointing"] = self.hits / self.pointed if self.pointed else nan
+            out["attention_pointing_chance"] = (self.chance_sum / self.pointed
+                                                if self.pointed else nan)
+            out["attention_contrast"] = (self.contrast_sum / self.contrasted
+                                         if self.contrasted else nan)
+        return out

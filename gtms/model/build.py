@@ -274,3 +274,15 @@ def param_groups(model: CRIS, *, lr: float, backbone_lr_mult: float) -> list[dic
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def starting_backbone(preset: str, *, word_len: int, clip_weights: str | Path | None,
+                      init_checkpoint: str | Path | None, seed: int) -> torch.nn.Module:
+    """The CLIP towers a run starts from, built again: the same builder call as the run's model,
+    under ``seed`` (so a randomly initialised preset gets the same weights as rank 0 of the run)
+    without touching the caller's random state. Eval mode, no gradients."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(preset, word_len=word_len, clip_weights=clip_weights,
+                            init_checkpoint=init_checkpoint)
+    return model.backbone.eval().requires_grad_(False)

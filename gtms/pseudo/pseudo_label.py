@@ -27,7 +27,7 @@ import torch
 
 from gtms.modes import PSEUDO_LABEL_MODES, get_mode
 from gtms.pseudo.forest import forest_maxima
-from gtms.pseudo.gradcam import gradcam_attention
+from gtms.pseudo.gradcam import attention_from_cam, gradcam_cam
 from gtms.pseudo.tree_filter import tree_filter_torch
 
 
@@ -38,11 +38,14 @@ class PseudoLabels(NamedTuple):
         attention: GradCAM attention ``A`` in [0, 1]; ``None`` in mode ``tree``.
         weights: vertex weights ``W`` (0 outside the box).
         pseudo_label: the soft pseudo label ``P-hat`` in [0, 1].
+        fallback: ``[B]`` bool, A was zero in the sample's box and fell back to the box (so W
+            is the box and P-hat the tree row's); ``None`` in mode ``tree``.
     """
 
     attention: torch.Tensor | None
     weights: torch.Tensor
     pseudo_label: torch.Tensor
+    fallback: torch.Tensor | None = None
 
 
 def vertex_weights(attention: torch.Tensor, forest_labels: torch.Tensor) -> torch.Tensor:
@@ -135,6 +138,7 @@ def make_pseudo_labels(
     layer4: torch.Tensor | None = None,
     sentence: torch.Tensor | None = None,
     global_embedding: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    cam: torch.Tensor | None = None,
 ) -> PseudoLabels:
     """All pseudo-label work of one training step.
 
@@ -150,6 +154,9 @@ def make_pseudo_labels(
         layer4: ``[B, C, h, w]`` layer-4 features (mode ``forest-gradcam`` only).
         sentence: ``[B, D]`` sentence features (mode ``forest-gradcam`` only).
         global_embedding: ``[B, C, h, w] -> [B, D]`` attention pool (mode ``forest-gradcam``).
+        cam: ``[B, h, w]`` raw GradCAM computed elsewhere (a frozen attention source,
+            :mod:`gtms.pseudo.attention_source`); replaces ``layer4``, ``sentence`` and
+            ``global_embedding``.
 
     Returns:
         :class:`PseudoLabels` with ``[B, H4, W4]`` tensors, all detached.
@@ -167,11 +174,11 @@ def make_pseudo_labels(
         )
     batch, height, width = probs.shape
     box = box_at_stride4.to(device=probs.device, dtype=probs.dtype)
-    attention = None
+    attention = fallback = None
     if not gradcam:
         weights = box.reshape(batch, -1)
     else:
-        needed = dict(
+        needed = dict(forest_labels=forest_labels) if cam is not None else dict(
             forest_labels=forest_labels,
             layer4=layer4,
             sentence=sentence,
@@ -180,7 +187,9 @@ def make_pseudo_labels(
         missing = [name for name, value in needed.items() if value is None]
         if missing:
             raise ValueError(f"mode {mode!r} needs {', '.join(missing)}")
-        attention = gradcam_attention(layer4, sentence, global_embedding, box).to(probs.device)
+        if cam is None:
+            cam = gradcam_cam(layer4, sentence, global_embedding)
+        attention, fallback = attention_from_cam(cam.to(probs.device), box)
         labels = torch.as_tensor(forest_labels, device=probs.device)
         weights = vertex_weights(attention.reshape(batch, -1), labels)
     label = filtered_label(probs.reshape(batch, -1), weights, box.reshape(batch, -1), parent,
@@ -189,4 +198,5 @@ def make_pseudo_labels(
         attention=attention,
         weights=weights.reshape(batch, height, width),
         pseudo_label=label.reshape(batch, height, width),
+        fallback=fallback,
     )

@@ -26,14 +26,22 @@ import torch
 
 from gtms.config import Config, config_from_dict, config_to_dict
 from gtms.console import Progress
-from gtms.eval.metrics import SegmentationMeter
+from gtms.eval.attention import attention_sources
+from gtms.eval.metrics import AttentionMeter, SegmentationMeter
 from gtms.model.build import build_model
 from gtms.modes import QUALITY_MODE, get_mode
 from gtms.pseudo import gamma_at
 from gtms.train.checkpoint import load_checkpoint, save_checkpoint
 from gtms.train.optim import build_optimizer, build_scheduler
 from gtms.train.runlog import RunLogger
-from gtms.train.step import compute_losses, new_meters, to_device, unwrap, validation_step
+from gtms.train.step import (
+    add_attention,
+    compute_losses,
+    new_meters,
+    to_device,
+    unwrap,
+    validation_step,
+)
 
 
 class LoopContext(Protocol):
@@ -120,15 +128,19 @@ def optimizer_step(model, optimizer, scaler, loss: torch.Tensor, grad_clip: floa
 
 def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, epoch: int,
                     step: int, steps_per_epoch: int, log,
-                    epoch_start: float | None = None) -> tuple[int, dict[str, float]]:
+                    epoch_start: float | None = None,
+                    attention=None) -> tuple[int, dict[str, float], AttentionMeter]:
     """One pass over this worker's shard (``epoch``: the 0-based index). Returns (this worker's
-    global step, mean loss terms + throughput + ``steps``, this worker's batches).
+    global step, mean loss terms + throughput + ``steps``, this worker's batches; GradCAM's
+    health over this worker's samples).
 
     ``startup_s`` is the time from ``epoch_start`` (default: now) to the first batch;
-    ``data_wait`` the share of the epoch spent waiting for batches.
+    ``data_wait`` the share of the epoch spent waiting for batches. ``attention``: the
+    GradCAM source (:mod:`gtms.pseudo.attention_source`; default the model's own towers).
     """
     model.train()
     sums: dict[str, float] = {}
+    health = AttentionMeter()
     batches = samples = 0
     start = time.perf_counter()
     timed = TimedBatches(ctx.train_batches(epoch, cfg.train.batch_size),
@@ -145,7 +157,9 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
                                         gamma=gamma_for(cfg, step, steps_per_epoch),
                                         binarize_at=cfg.pseudo.binarize_at,
                                         pixel=cfg.loss.pixel,
-                                        pixel_region=cfg.loss.pixel_region)
+                                        pixel_region=cfg.loss.pixel_region,
+                                        attention=attention)
+            add_attention(health, result.pseudo, batch)
             loss = result.terms["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} "
@@ -166,7 +180,7 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
     stats.update(steps=batches, samples=samples, seconds=seconds,
                  samples_per_s=samples / max(seconds, 1e-9),
                  data_wait=timed.waited / max(seconds, 1e-9), startup_s=startup)
-    return step, stats
+    return step, stats, health
 
 
 def should_validate(epoch: int, epochs: int, val_every: int) -> bool:
@@ -196,7 +210,16 @@ def _epoch_totals(ctx: LoopContext, stats: dict[str, float]) -> tuple[int, float
             sum(n for _, n, _ in parts) / max(max(s for _, _, s in parts), 1e-9))
 
 
-def validate(model, ctx: LoopContext, cfg: Config) -> tuple[dict[str, float], Any]:
+def merged_attention(ctx: LoopContext, meter: AttentionMeter) -> AttentionMeter:
+    """Every worker's GradCAM health, summed (exact: counts and sums)."""
+    total = AttentionMeter()
+    for part in ctx.gather(meter):
+        total = total.merge(part)
+    return total
+
+
+def validate(model, ctx: LoopContext, cfg: Config,
+             attention=None) -> tuple[dict[str, float], Any]:
     """Score this worker's part of the validation split, gather all workers' results."""
     model.eval()
     meters = new_meters()
@@ -210,13 +233,15 @@ def validate(model, ctx: LoopContext, cfg: Config) -> tuple[dict[str, float], An
             startup = time.perf_counter() - start
         result = validation_step(model, batch, meters, input_size=cfg.data.input_size,
                                  threshold=cfg.train.threshold, pseudo_mode=pseudo_mode,
-                                 sigma=cfg.pseudo.sigma, binarize_at=cfg.pseudo.binarize_at)
+                                 sigma=cfg.pseudo.sigma, binarize_at=cfg.pseudo.binarize_at,
+                                 attention=attention)
         progress.update(samples=len(batch["image"]))
         if first is None:
             first = (batch, result)
     progress.close()
-    gathered = ctx.gather((meters.prediction, meters.pseudo_label, meters.weights))
-    merged = [SegmentationMeter() for _ in range(3)]
+    gathered = ctx.gather((meters.prediction, meters.pseudo_label, meters.weights,
+                           meters.attention))
+    merged = [SegmentationMeter() for _ in range(3)] + [AttentionMeter()]
     for part in gathered:
         merged = [m.merge(p) for m, p in zip(merged, part)]
     metrics = {f"val_{k}": v for k, v in merged[0].summary().items()}
@@ -225,6 +250,8 @@ def validate(model, ctx: LoopContext, cfg: Config) -> tuple[dict[str, float], An
             summary = meter.summary()
             metrics[f"val_{name}_mean_iou"] = summary["mean_iou"]
             metrics[f"val_{name}_overall_iou"] = summary["overall_iou"]
+    if len(merged[3]):
+        metrics.update({f"val_{k}": v for k, v in merged[3].summary().items()})
     metrics["val_startup_s"] = startup if startup is not None else time.perf_counter() - start
     metrics["val_seconds"] = time.perf_counter() - start
     return metrics, first
@@ -248,6 +275,7 @@ def train_loop(config: dict, ctx: LoopContext, *, run_dir: str | None,
     if latest is not None:
         done, step = _restore(latest, model, optimizer, scheduler, scaler)
     model = ctx.prepare_model(model)
+    attention = attention_sources(cfg, ctx.device)
     log = RunLogger(run_dir) if (ctx.rank == 0 and run_dir) else None
     if log and done:
         log.console(f"resuming at epoch {done + 1} (after {step} steps) from {latest}")
@@ -259,9 +287,12 @@ def train_loop(config: dict, ctx: LoopContext, *, run_dir: str | None,
         ctx.set_epoch(index)
         lr = optimizer.param_groups[-1]["lr"]
         steps_before = step
-        _, stats = train_one_epoch(model, optimizer, scaler, ctx, cfg, epoch=index,
-                                   step=step, steps_per_epoch=steps_per_epoch, log=log,
-                                   epoch_start=epoch_start)
+        _, stats, health = train_one_epoch(model, optimizer, scaler, ctx, cfg, epoch=index,
+                                           step=step, steps_per_epoch=steps_per_epoch, log=log,
+                                           epoch_start=epoch_start, attention=attention["train"])
+        health = merged_attention(ctx, health)
+        if len(health):
+            stats.update(health.summary())
         stats["steps"], stats["samples_per_s_total"] = _epoch_totals(ctx, stats)
         step = steps_before + stats["steps"]   # the same on every worker
         if get_mode(cfg.loss.mode).pseudo_label:  # gamma weighs L_pix, which only they have
@@ -269,7 +300,7 @@ def train_loop(config: dict, ctx: LoopContext, *, run_dir: str | None,
         scheduler.step()
         val, first = {}, None
         if should_validate(epoch, cfg.train.epochs, cfg.train.val_every):
-            val, first = validate(model, ctx, cfg)
+            val, first = validate(model, ctx, cfg, attention["val"])
         metrics = {"epoch": epoch, "step": step, "lr": lr,
                    **{f"train_{k}": v for k, v in stats.items()}, **val}
         for split, counts in gather_bad_rows(ctx, index).items():

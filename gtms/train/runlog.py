@@ -22,7 +22,12 @@ CONSOLE_KEYS = (("train_loss", "loss"), ("train_loc", "loc"), ("train_pix", "pix
                 ("train_steps", "steps"),
                 ("train_samples_per_s", "samples/s/worker"), ("train_data_wait", "data wait"),
                 ("val_mean_iou", "val mIoU"),
-                ("val_overall_iou", "val oIoU"), ("val_pseudo_label_mean_iou", "P^ mIoU"))
+                ("val_overall_iou", "val oIoU"), ("val_pseudo_label_mean_iou", "P^ mIoU"),
+                ("train_attention_fallback", "A fallback"),
+                ("val_attention_fallback", "val A fallback"),
+                ("val_attention_pointing", "val A pointing"))
+# GradCAM's health (gtms.eval.metrics.AttentionMeter): shares shown in percent.
+PERCENT_KEYS = ("train_attention_fallback", "val_attention_fallback", "val_attention_pointing")
 TENSORBOARD_GROUPS = ("train", "val", "skipped")
 
 
@@ -31,6 +36,8 @@ def _format(key: str, label: str, value: Any) -> str:
         return f"{label} {value:.3g}"
     if key == "train_data_wait":
         return f"{label} {100 * value:.0f} %"
+    if key in PERCENT_KEYS:
+        return f"{label} {100 * value:.1f} %"
     if key.endswith("_iou"):
         return f"{label} {percent(value)}"
     if key == "train_samples_per_s":
@@ -80,7 +87,10 @@ class RunLogger:
         for key, label in CONSOLE_KEYS:
             if key in metrics:
                 value = metrics[key]
-                parts.append(_format(key, label, value))
+                text = _format(key, label, value)
+                if key == "val_attention_pointing" and "val_attention_pointing_chance" in metrics:
+                    text += f" (chance {100 * metrics['val_attention_pointing_chance']:.1f} %)"
+                parts.append(text)
         skipped = {k: v for k, v in metrics.items() if k.startswith("skipped_")}
         if skipped:
             parts.append("skipped " + ", ".join(f"{k[8:]}={v}" for k, v in skipped.items()))

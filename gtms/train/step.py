@@ -12,9 +12,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from gtms.eval.metrics import SegmentationMeter, intersection_union, score_prediction
+from gtms.eval.metrics import (
+    AttentionMeter,
+    SegmentationMeter,
+    intersection_union,
+    score_prediction,
+)
 from gtms.modes import get_mode
 from gtms.pseudo import gtms_loss, make_pseudo_labels
+from gtms.pseudo.attention_source import AttentionSource, TrainedAttention
 from gtms.pseudo.pseudo_label import PseudoLabels
 
 
@@ -30,27 +36,46 @@ class StepOutput:
 
 
 def pseudo_labels_for(model: torch.nn.Module, out, batch: dict[str, torch.Tensor], *, mode: str,
-                      sigma: float, binarize_at: float = 0.0) -> PseudoLabels:
-    """GTMS pseudo labels of a batch: W (box or forest x GradCAM) and P-hat = filter(P * W)."""
-    core = unwrap(model)
+                      sigma: float, binarize_at: float = 0.0,
+                      attention: AttentionSource | None = None) -> PseudoLabels:
+    """GTMS pseudo labels of a batch: W (box or forest x GradCAM) and P-hat = filter(P * W).
+    ``attention``: where GradCAM's map comes from (default: the model's own towers)."""
+    cam = None
+    if get_mode(mode).gradcam:
+        source = attention if attention is not None else TrainedAttention()
+        cam = source.cams(out, batch, unwrap(model))
     return make_pseudo_labels(
         out.logits, batch["box"], batch["parent"], batch["order"], batch["dist"], mode=mode,
-        sigma=sigma, binarize_at=binarize_at, forest_labels=batch.get("forest"), layer4=out.layer4,
-        sentence=out.sentence, global_embedding=core.global_image_embedding)
+        sigma=sigma, binarize_at=binarize_at, forest_labels=batch.get("forest"), cam=cam)
+
+
+def add_attention(meter: AttentionMeter, pseudo: PseudoLabels | None,
+                  batch: dict[str, Any]) -> None:
+    """Count a batch's GradCAM health into ``meter`` (nothing for rows without GradCAM); the
+    mask, when the batch has one, is only measured against."""
+    if pseudo is None or pseudo.attention is None:
+        return
+    mask = batch.get("mask")
+    meter.add(pseudo.attention.float().cpu().numpy(), pseudo.fallback.cpu().numpy(),
+              np.asarray(torch.as_tensor(batch["box"]).cpu()),
+              None if mask is None else np.asarray(torch.as_tensor(mask).cpu()))
 
 
 def compute_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mode: str,
                    sigma: float, gamma: float, binarize_at: float = 0.0,
-                   pixel: str = "l1", pixel_region: str = "box") -> StepOutput:
-    """Forward, pseudo labels (modes ``tree`` / ``forest-gradcam``) and the loss terms."""
+                   pixel: str = "l1", pixel_region: str = "box",
+                   attention: AttentionSource | None = None) -> StepOutput:
+    """Forward, pseudo labels (modes ``tree`` / ``forest-gradcam``) and the loss terms. Only
+    ``mask-bce`` trains on the batch's mask; other rows may carry it to be measured against."""
     out = model(batch["image"], batch["tokens"])
     pseudo = None
     if get_mode(mode).pseudo_label:
         pseudo = pseudo_labels_for(model, out, batch, mode=mode, sigma=sigma,
-                                   binarize_at=binarize_at)
+                                   binarize_at=binarize_at, attention=attention)
     terms = gtms_loss(mode, out.logits.float(), batch["box"],
                       pseudo_label=None if pseudo is None else pseudo.pseudo_label,
-                      mask=batch.get("mask"), gamma=gamma, pixel=pixel,
+                      mask=batch.get("mask") if get_mode(mode).mask else None, gamma=gamma,
+                      pixel=pixel,
                       pixel_region=pixel_region)
     return StepOutput(terms, out.logits, pseudo)
 
@@ -74,21 +99,25 @@ class ValidationMeters:
     prediction: SegmentationMeter
     pseudo_label: SegmentationMeter
     weights: SegmentationMeter
+    attention: AttentionMeter
 
 
 def new_meters() -> ValidationMeters:
-    return ValidationMeters(SegmentationMeter(), SegmentationMeter(), SegmentationMeter())
+    return ValidationMeters(SegmentationMeter(), SegmentationMeter(), SegmentationMeter(),
+                            AttentionMeter())
 
 
 @torch.no_grad()
 def validation_step(model: torch.nn.Module, batch: dict[str, Any], meters: ValidationMeters, *,
                     input_size: int, threshold: float, pseudo_mode: str | None,
-                    sigma: float, binarize_at: float = 0.0) -> dict[str, Any]:
+                    sigma: float, binarize_at: float = 0.0,
+                    attention: AttentionSource | None = None) -> dict[str, Any]:
     """Score one evaluation batch (numpy columns from the pipeline, eval meta included).
 
     Prediction: CRIS evaluation against the original mask. Pseudo labels (``pseudo_mode`` set
     and tree columns present): IoU of P-hat > threshold and of W > 0.5 against the mask at
-    stride 4 — measured only, never used for training. Returns the tensors for image grids.
+    stride 4, and GradCAM's health (:class:`AttentionMeter`) — measured only, never used for
+    training. Returns the tensors for image grids.
     """
     device = next(unwrap(model).parameters()).device
     tensors = to_device({k: v for k, v in batch.items() if k not in ("mask_rle", "sentence")},
@@ -101,7 +130,8 @@ def validation_step(model: torch.nn.Module, batch: dict[str, Any], meters: Valid
     pseudo = None
     if pseudo_mode and "parent" in tensors:
         pseudo = pseudo_labels_for(model, out, tensors, mode=pseudo_mode, sigma=sigma,
-                                   binarize_at=binarize_at)
+                                   binarize_at=binarize_at, attention=attention)
+        add_attention(meters.attention, pseudo, tensors)
         side = probs.shape[-1]
         masks = batch["mask"] > 0.5
         p_hat = pseudo.pseudo_label.reshape(len(probs), side, side).cpu().numpy()
