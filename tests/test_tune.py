@@ -392,3 +392,72 @@ def test_ablation_without_ray_trains_processes_and_matches_ray_eval(synthref_sma
                      "--set", f"data.root={synthref_small}", *TINY]) == 0
     assert "trained before" in (out / "trials" / "box-lloc-s0.log").read_text()
     assert json.loads((out / "ablation.json").read_text())["rows"] == table
+
+
+# --- rows paired by seed: one seed, one initial model and one data order for every row ------
+
+def test_rows_of_a_seed_start_from_the_same_weights():
+    import torch
+
+    from gtms.config import Config, replace
+    from gtms.train.loop import initial_model
+
+    def weights(mode, seed):
+        cfg = replace(Config(), model={"preset": "tiny"}, data={"word_len": 8},
+                      loss={"mode": mode}, train={"seed": seed})
+        return initial_model(cfg).state_dict()
+
+    first = weights("mask-bce", 3)
+    for mode in ("box-bce", "tree", "forest-gradcam"):
+        other = weights(mode, 3)
+        assert other.keys() == first.keys()
+        assert all(torch.equal(first[k], other[k]) for k in first), mode
+    assert not all(torch.equal(first[k], v) for k, v in weights("mask-bce", 4).items())
+
+
+def _train_order(root, mode, seed, *, keep, epochs, limit=0, start=0):
+    """Ref ids per epoch of LocalContext's training batches for ``mode``."""
+    from gtms.data.pipeline import spec_for
+    from gtms.train.contexts import LocalContext
+
+    specs = {role: spec_for(role, input_size=64, word_len=8, mode=mode, seed=seed)
+             for role in ("train", "val")}
+    ctx = LocalContext(root=str(root), train_split="train", val_split="val",
+                       train_spec=specs["train"], val_spec=specs["val"], limit_train=limit,
+                       limit_eval=0, strict=False, checkpoint_root=Path(root) / "unused",
+                       keep_checkpoints=1, keep_train=keep)
+    order = []
+    for epoch in range(start, epochs):
+        ctx.set_epoch(epoch)
+        order.append([int(r) for b in ctx.train_batches(epoch, 8) for r in b["ref_id"]])
+    return order
+
+
+def test_rows_of_a_seed_see_the_same_data_order(synthref_small):
+    """The samples a mode needs (trees, forests, masks) change their size and so whether the
+    split is kept in memory; neither changes the refs' order per epoch (nor a resume does)."""
+    streamed = _train_order(synthref_small, "tree", 7, keep=False, epochs=3)
+    assert len(set(map(tuple, streamed))) == 3                   # reshuffled every epoch
+    assert sorted(streamed[0]) == sorted(streamed[2])
+    for mode, keep in [("mask-bce", True), ("box-bce", False), ("forest-gradcam", True)]:
+        assert _train_order(synthref_small, mode, 7, keep=keep, epochs=3) == streamed, mode
+    assert _train_order(synthref_small, "tree", 7, keep=True, epochs=3, start=2) == \
+        streamed[2:]                                             # a resumed run
+    assert _train_order(synthref_small, "tree", 8, keep=False, epochs=1)[0] != streamed[0]
+    # data.limit_train_refs: the same first refs every epoch, kept or streamed
+    limited = _train_order(synthref_small, "mask-bce", 7, keep=True, epochs=3, limit=13)
+    assert limited == _train_order(synthref_small, "box-lloc", 7, keep=False, epochs=3,
+                                   limit=13)
+    assert all(len(e) == 13 and set(e) == set(limited[0]) for e in limited)
+
+
+def test_row_positions_limit_then_shuffle():
+    from gtms.train.contexts import row_positions
+
+    assert row_positions([2, 3]) == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    assert row_positions([2, 3], limit=3) == [(0, 0), (0, 1), (1, 0)]
+    shuffled = row_positions([2, 3, 4], limit=6, shuffle_seed=1)
+    assert sorted(shuffled) == row_positions([2, 3, 4], limit=6)
+    assert shuffled == row_positions([2, 3, 4], limit=6, shuffle_seed=1)
+    groups = [g for g, _ in shuffled]                            # whole row groups in turn
+    assert groups == sorted(groups, key=groups.index)
