@@ -15,7 +15,16 @@ from gtms.errors import UserError
 from gtms.tune import ablation
 from gtms.tune.plot import plot_ablation, read_curves
 from gtms.tune.sweep import load_sweep
-from gtms.tune.table import collect, markdown, ordering_verdict, write_tables
+from gtms.tune import paired
+from gtms.tune.table import (
+    collect,
+    compare,
+    convergence,
+    health,
+    markdown,
+    run_checks,
+    write_tables,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "experiments").glob("*sweep*.yaml"))
@@ -125,26 +134,207 @@ def test_table_grounding_columns(tmp_path):
     assert [float(r["err_fp_in_box"]) for r in rows] == [0.1, 0.3]
 
 
-def _table(values: dict[str, list[float]]) -> dict:
-    return {row: {"val": {"mean_iou": v}} for row, v in values.items()}
+# --- paired statistics: pinned against scipy and hand computations -------------------------
+
+def test_t_interval_matches_scipy_and_a_hand_computation():
+    from scipy import stats
+
+    low, high = np.array([0.40, 0.45, 0.50]), np.array([0.42, 0.50, 0.53])
+    mean, lo, hi = paired.t_interval(high - low)
+    ci = stats.ttest_rel(high, low).confidence_interval(0.95)
+    assert (lo, hi) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    # by hand: d = 0.02, 0.05, 0.03; sd = 0.0152753; t(0.975, 2) = 4.302653
+    assert mean == pytest.approx(0.1 / 3)
+    half = 4.302652729911275 * 0.015275252316519465 / np.sqrt(3)
+    assert (lo, hi) == pytest.approx((0.1 / 3 - half, 0.1 / 3 + half), abs=1e-9)
+    assert lo == pytest.approx(-0.004612, abs=1e-6)                 # 3 seeds: wide
+    assert np.isnan(paired.t_interval([0.1])[1]) and paired.t_interval([0.1])[0] == 0.1
+    assert paired.t_interval([0.1, float("nan"), 0.3])[0] == pytest.approx(0.2)
 
 
-def test_ordering_verdict_checks_order_noise_and_share_of_mask():
-    held = ordering_verdict(_table({"box-bce": [0.10, 0.11], "box-lloc": [0.30, 0.31],
-                                    "tree": [0.40, 0.41], "forest-gradcam": [0.50, 0.51],
-                                    "mask-bce": [0.52, 0.53]}))
-    assert len(held) == 5 and all(line.startswith("holds") for line in held), held
-    assert "96.2 %" in held[-1]
-    # tree above forest-gradcam; a gap within seed noise; forest-gradcam far below mask-bce.
-    failed = ordering_verdict(_table({"box-lloc": [0.30, 0.50], "tree": [0.42, 0.42],
-                                      "forest-gradcam": [0.40, 0.40], "mask-bce": [0.80, 0.80]}))
-    assert [line.split(":")[0] for line in failed] == ["fails", "fails", "holds", "fails"]
-    assert "(40.00 % vs 42.00 %, gap +2.00 points against seed std 14.14)" in failed[0]
-    # forest-gradcam may equal mask-bce; a missing row is skipped, not counted as a failure.
-    tie = ordering_verdict(_table({"forest-gradcam": [0.5], "mask-bce": [0.5]}))
-    assert tie[0].startswith("holds") and "gap +0.00" in tie[0] and tie[1].startswith("holds")
-    above = ordering_verdict(_table({"forest-gradcam": [0.6, 0.62], "mask-bce": [0.5, 0.52]}))
-    assert above[0].startswith("fails")
+def test_pooled_mean_iou_weights_splits_by_sentences():
+    metrics = {"val_mean_iou": 0.5, "val_n": 300, "testA_mean_iou": 0.8, "testA_n": 100}
+    assert paired.pooled_mean_iou(metrics, ["val", "testA"]) == pytest.approx(0.575)
+    assert np.isnan(paired.pooled_mean_iou({"val_mean_iou": 0.5}, ["val"]))   # no count
+
+
+def _sentences(ious_by_split: dict[str, list[float]], sentences_per_ref: int = 2) -> dict:
+    return {split: {"ref_id": np.arange(len(v)) // sentences_per_ref + 1000 * i,
+                    "sent_index": np.arange(len(v)) % sentences_per_ref,
+                    "iou": np.asarray(v, np.float32)}
+            for i, (split, v) in enumerate(ious_by_split.items())}
+
+
+def _keys(ious, splits=("val",)):
+    return paired.sentence_keys(_sentences(dict(zip(splits, ious))), list(splits))
+
+
+def test_paired_bootstrap_exact_cases():
+    rng = np.random.default_rng(1)
+    base = [rng.uniform(0.2, 0.8, 40) for _ in range(3)]
+    # the same gain on every sentence of every seed: no spread at all
+    low = [_keys([b]) for b in base]
+    high = [_keys([b + 0.05]) for b in base]
+    lo, hi, n = paired.paired_bootstrap(low, high)
+    assert (lo, hi) == pytest.approx((0.05, 0.05), abs=1e-6) and n == 40
+    lo, hi, _ = paired.paired_bootstrap(low, [_keys([b * 0.9]) for b in base], share=True)
+    assert (lo, hi) == pytest.approx((0.9, 0.9), abs=1e-6)
+    # a gain that differs by seed only: with 3 seeds the 2.5 % and 97.5 % points are the
+    # smallest and largest seed (each drawn three times with probability 1/27 > 2.5 %)
+    gains = [0.01, 0.04, 0.10]
+    lo, hi, _ = paired.paired_bootstrap(low, [_keys([b + g]) for b, g in zip(base, gains)])
+    assert (lo, hi) == pytest.approx((0.01, 0.10), abs=1e-6)
+    # sentences only one side scored are left out; refs of different splits stay apart
+    two = paired.paired_bootstrap([_keys([base[0][:30], base[1]], ("val", "testA"))],
+                                  [_keys([base[0], base[1] + 0.02], ("val", "testA"))])
+    assert two[2] == 70
+
+
+def test_paired_bootstrap_one_seed_matches_the_cluster_standard_error():
+    """One seed: only refs are resampled; the interval is the normal one of a ratio-of-sums
+    mean difference with the ref as cluster (computed independently here)."""
+    rng = np.random.default_rng(2)
+    low = rng.uniform(0, 1, 2000)
+    high = np.clip(low + rng.normal(0.03, 0.2, 2000), 0, 1)
+    lo, hi, _ = paired.paired_bootstrap([_keys([low])], [_keys([high])], resamples=4000)
+    d = (high - low).reshape(-1, 2)                      # two sentences per ref
+    per_ref, count = d.sum(1), np.full(len(d), 2.0)
+    mean = per_ref.sum() / count.sum()
+    se = np.sqrt(np.sum((per_ref - mean * count) ** 2)) / count.sum()
+    assert (lo + hi) / 2 == pytest.approx(mean, abs=0.15 * se)
+    assert (hi - lo) / 2 == pytest.approx(1.96 * se, rel=0.08)
+
+
+def test_verdicts_read_the_interval():
+    assert paired.verdict(0.01, 0.05) == "holds"
+    assert paired.verdict(-0.01, 0.05) == "undecided"
+    assert paired.verdict(-0.05, -0.01) == "fails"
+    assert paired.verdict(float("nan"), float("nan")) == "undecided"
+    # forest-gradcam <= mask-bce (interval of mask-bce minus forest-gradcam): a tie holds,
+    # only forest-gradcam significantly above mask-bce fails
+    assert paired.verdict(-0.03, 0.01, at_most=True) == "holds"
+    assert paired.verdict(0.01, 0.03, at_most=True) == "holds"
+    assert paired.verdict(-0.03, -0.01, at_most=True) == "fails"
+    assert paired.verdict(0.91, 0.95, threshold=0.9) == "holds"
+    assert paired.verdict(0.85, 0.95, threshold=0.9) == "undecided"
+
+
+ORDER_SCORES = {"box-bce": [0.30, 0.32, 0.31], "box-lloc": [0.40, 0.45, 0.43],
+                "tree": [0.41, 0.44, 0.45], "forest-gradcam": [0.55, 0.57, 0.56],
+                "mask-bce": [0.58, 0.61, 0.60]}
+
+
+def _trials(scores: dict[str, list[float]], splits=("val", "testA"), n=(30, 10),
+            sentences: bool = False) -> list[dict]:
+    out = []
+    for mode, values in scores.items():
+        for seed, value in enumerate(values):
+            metrics = {}
+            for k, (split, count) in enumerate(zip(splits, n)):
+                metrics.update({f"{split}_mean_iou": value + 0.01 * k,
+                                f"{split}_overall_iou": value, f"{split}_n": count})
+            trial = {"mode": mode, "seed": seed, "metrics": metrics}
+            if sentences:
+                trial["sentences"] = _sentences(
+                    {split: np.full(count, value + 0.01 * k)
+                     for k, (split, count) in enumerate(zip(splits, n))})
+            out.append(trial)
+    return out
+
+
+def test_compare_pairs_rows_by_seed():
+    from scipy import stats
+
+    result = compare(_trials(ORDER_SCORES), list(ORDER_SCORES), ["val", "testA"])
+    pairs = {(p["lower"], p["higher"]): p for p in result["pairs"]}
+    assert list(pairs) == [("box-bce", "box-lloc"), ("box-lloc", "tree"),
+                           ("tree", "forest-gradcam"), ("forest-gradcam", "mask-bce")]
+    pooled = {m: [v + 0.01 * 10 / 40 for v in vals] for m, vals in ORDER_SCORES.items()}
+    assert result["pooled"]["tree"]["mean_iou"] == pytest.approx(pooled["tree"])
+    item = pairs[("box-lloc", "tree")]
+    ci = stats.ttest_rel(pooled["tree"], pooled["box-lloc"]).confidence_interval()
+    assert (item["t_low"], item["t_high"]) == pytest.approx((ci.low, ci.high))
+    assert item["differences"] == pytest.approx([0.01, -0.01, 0.02])
+    assert item["verdict"] == "undecided" and item["claim"] == "<"
+    assert pairs[("box-bce", "box-lloc")]["verdict"] == "holds"
+    assert pairs[("forest-gradcam", "mask-bce")]["claim"] == "<="
+    assert pairs[("forest-gradcam", "mask-bce")]["verdict"] == "holds"
+    assert np.isnan(item["bootstrap_low"])                     # no per-sentence IoUs
+    split = item["splits"]["testA"]
+    assert split["differences"] == pytest.approx([0.01, -0.01, 0.02])
+    share = result["share_of_mask"]
+    per_seed = [f / m for f, m in zip(pooled["forest-gradcam"], pooled["mask-bce"])]
+    assert share["shares"] == pytest.approx(per_seed)
+    ci = stats.ttest_1samp(per_seed, 0.9).confidence_interval()
+    assert (share["t_low"], share["t_high"]) == pytest.approx((ci.low, ci.high))
+    assert share["verdict"] == "holds"
+    # with per-sentence IoUs the bootstrap interval is there too
+    boot = compare(_trials(ORDER_SCORES, sentences=True), list(ORDER_SCORES),
+                   ["val", "testA"])["pairs"][0]
+    assert boot["bootstrap_sentences"] == 40
+    assert boot["bootstrap_low"] <= boot["mean"] <= boot["bootstrap_high"]
+    # only seeds both rows have are paired; a missing row is skipped
+    partial = compare(_trials({"tree": [0.4, 0.5], "forest-gradcam": [0.6]}),
+                      ["tree", "forest-gradcam"], ["val", "testA"])
+    assert partial["pairs"][0]["seeds"] == [0] and partial["pairs"][0]["verdict"] == "undecided"
+    assert partial["share_of_mask"] is None
+
+
+def test_convergence_over_the_last_fifth_and_health_at_the_last_epoch():
+    records = [{"epoch": e, "val_mean_iou": v} for e, v in
+               enumerate([0.1, 0.3, 0.4, 0.45, 0.50, 0.50, 0.51, 0.505, 0.509, 0.51], 1)]
+    flat = convergence(records)                 # epochs 9 and 10: range 0.001
+    assert flat["epochs"] == [9, 10] and flat["converged"] is True
+    assert flat["range"] == pytest.approx(0.001)
+    rising = convergence(records[:5] + [{"epoch": 6, "val_mean_iou": 0.7}])  # epochs 5, 6
+    assert rising["converged"] is False and rising["range"] == pytest.approx(0.2)
+    assert convergence(records[:1])["converged"] is None     # one validated epoch: unknown
+    assert convergence(records[:4])["epochs"] == [3, 4]      # a fifth of 4 epochs: the last 2
+    assert convergence([])["converged"] is None
+    last = {"epoch": 3, "train_attention_fallback": 0.2, "val_attention_pointing": 0.7}
+    values = health([{"epoch": 2, "train_attention_fallback": 0.9}, last])
+    assert values["train_attention_fallback"] == 0.2 and np.isnan(values["val_attention_contrast"])
+    checks = run_checks([{"mode": "tree", "seed": 0, "records": records},
+                         {"mode": "tree", "seed": 1, "records": records[:1]}], ["tree"])
+    assert checks["tree"]["converged"] is None                # one seed unknown
+
+
+def test_report_with_pairs_convergence_and_health(tmp_path):
+    trials = _trials(ORDER_SCORES, sentences=True)
+    flat = [{"epoch": e, "val_mean_iou": 0.5 + 0.001 * e} for e in range(1, 11)]
+    rising = [{"epoch": e, "val_mean_iou": 0.05 * e} for e in range(1, 11)]
+    for t in trials:
+        t["records"] = rising if t["mode"] == "box-bce" else [dict(r) for r in flat]
+        if t["mode"] == "forest-gradcam":
+            t["records"][-1].update(train_attention_fallback=0.25, val_attention_fallback=0.5,
+                                    val_attention_pointing=0.8,
+                                    val_attention_pointing_chance=0.4,
+                                    val_attention_contrast=1.5)
+    rows = list(ORDER_SCORES)
+    table = collect(trials, rows, ["val", "testA"])
+    text = write_tables(tmp_path, table, ["val", "testA"], dataset="refcoco", title="t",
+                        extra={}, trials=trials)
+    assert "The verdict reads the 95 % t interval over seeds" in text
+    assert "| box-bce < box-lloc | 3 | +11.67 | [" in text
+    assert "| forest-gradcam <= mask-bce | 3 |" in text
+    assert "| forest-gradcam >= 90 % of mask-bce | 3 | 93." in text
+    assert "mask-bce converged: yes" in text
+    assert "| box-bce | no |" in text
+    assert "| forest-gradcam | 25.0 | 50.0 | 80.0 | 40.0 | 1.500 |" in text
+    assert "| tree | — | — | — | — | — |" in text
+    payload = json.loads((tmp_path / "ablation.json").read_text())
+    first = payload["comparison"]["pairs"][0]
+    assert first["differences"] == pytest.approx([0.1, 0.13, 0.12])
+    assert first["verdict"] == "holds" and first["bootstrap_low"] is not None
+    assert payload["checks"]["mask-bce"]["converged"] is True
+    assert payload["checks"]["tree"]["health"][0]["val_attention_contrast"] is None
+    assert payload["ordering"][0].startswith("holds: box-bce < box-lloc")
+    paired_rows = list(csv.DictReader((tmp_path / "ablation_paired.csv").open()))
+    mean = [r for r in paired_rows if r["comparison"] == "box-bce < box-lloc"
+            and r["split"] == "pooled" and r["seed"] == "mean"][0]
+    assert float(mean["difference"]) == pytest.approx(np.mean([0.1, 0.13, 0.12]), abs=1e-6)
+    assert float(mean["t_low"]) == pytest.approx(first["t_low"], abs=1e-6) and mean["verdict"] == "holds"
+    assert len([r for r in paired_rows if r["seed"] not in ("mean",)]) == 4 * 3 * 3 + 3
 
 
 def test_read_curves_and_plot(tmp_path):
@@ -325,6 +515,12 @@ def test_report_of_a_local_ablation(tmp_path):
     assert result["table"]["box-lloc"]["val"]["mean_iou"] == []
     assert "| tree | 40.00 ± 14.14 |" in result["markdown"]
     assert "finished seeds: box-bce 1, tree 2, box-lloc 0" in result["markdown"]
+    # older trials: no sentence counts, per-sentence IoUs or health keys, one epoch
+    assert "| box-bce <= tree |" not in result["markdown"]
+    assert "| box-bce < tree | 0 | — | — | — | undecided |" in result["markdown"]
+    assert "| tree | — | s0 —, s1 — |" in result["markdown"]
+    assert "| tree | — | — | — | — | — |" in result["markdown"]
+    assert (tmp_path / "ablation_paired.csv").is_file()
 
 
 def test_local_ablation_checks_its_folder_before_anything_runs(tmp_path):
