@@ -12,10 +12,9 @@ import pytest
 import run
 from gtms.config import ConfigError, load_config
 from gtms.errors import UserError
-from gtms.tune import ablation
+from gtms.tune import ablation, paired
 from gtms.tune.plot import plot_ablation, read_curves
 from gtms.tune.sweep import load_sweep
-from gtms.tune import paired
 from gtms.tune.table import (
     collect,
     compare,
@@ -293,7 +292,8 @@ def test_convergence_over_the_last_fifth_and_health_at_the_last_epoch():
     assert convergence([])["converged"] is None
     last = {"epoch": 3, "train_attention_fallback": 0.2, "val_attention_pointing": 0.7}
     values = health([{"epoch": 2, "train_attention_fallback": 0.9}, last])
-    assert values["train_attention_fallback"] == 0.2 and np.isnan(values["val_attention_contrast"])
+    assert values["train_attention_fallback"] == 0.2
+    assert np.isnan(values["val_attention_contrast"])
     checks = run_checks([{"mode": "tree", "seed": 0, "records": records},
                          {"mode": "tree", "seed": 1, "records": records[:1]}], ["tree"])
     assert checks["tree"]["converged"] is None                # one seed unknown
@@ -333,7 +333,8 @@ def test_report_with_pairs_convergence_and_health(tmp_path):
     mean = [r for r in paired_rows if r["comparison"] == "box-bce < box-lloc"
             and r["split"] == "pooled" and r["seed"] == "mean"][0]
     assert float(mean["difference"]) == pytest.approx(np.mean([0.1, 0.13, 0.12]), abs=1e-6)
-    assert float(mean["t_low"]) == pytest.approx(first["t_low"], abs=1e-6) and mean["verdict"] == "holds"
+    assert float(mean["t_low"]) == pytest.approx(first["t_low"], abs=1e-6)
+    assert mean["verdict"] == "holds"
     assert len([r for r in paired_rows if r["seed"] not in ("mean",)]) == 4 * 3 * 3 + 3
 
 
@@ -657,3 +658,42 @@ def test_row_positions_limit_then_shuffle():
     assert shuffled == row_positions([2, 3, 4], limit=6, shuffle_seed=1)
     groups = [g for g, _ in shuffled]                            # whole row groups in turn
     assert groups == sorted(groups, key=groups.index)
+
+
+def test_per_sentence_ious_travel_beside_eval_json_and_into_the_trial(tmp_path):
+    """eval.json leaves the per-sentence IoUs out; they go to eval.sentences.npz, which a
+    reused evaluation reads back and the trial's run folder keeps for the report."""
+    from gtms.config import load_config
+    from gtms.eval.evaluate import (
+        SENTENCES,
+        read_sentence_ious,
+        sentence_ious_bytes,
+        sentences_path,
+        without_sentences,
+    )
+    from gtms.tune.ablation import read_trial_sentences
+    from gtms.tune.local import reusable_eval
+    from gtms.tune.trial import save_sentence_ious, trial_metrics
+
+    arrays = {"ref_id": np.array([5, 5, 9]), "sent_index": np.array([0, 1, 0], np.int32),
+              "iou": np.array([0.5, 0.25, 1.0], np.float32)}
+    results = {"val": {"mean_iou": 0.58, "overall_iou": 0.5, "n": 3, SENTENCES: arrays}}
+    back = read_sentence_ious(sentence_ious_bytes(results))
+    assert set(back) == {"val"} and all(np.array_equal(back["val"][k], v)
+                                        for k, v in arrays.items())
+    assert sentence_ious_bytes(without_sentences(results)) is None
+    assert sentences_path("/a/b/eval.json") == "/a/b/eval.sentences.npz"
+    cfg = load_config(REPO / "experiments" / "synthref.yaml", ["data.input_size=224"])
+    report = {"threshold": cfg.train.threshold, "input_size": 224,
+              "splits": without_sentences(results)}
+    (tmp_path / "eval.json").write_text(json.dumps(report))
+    (tmp_path / "eval.sentences.npz").write_bytes(sentence_ious_bytes(results))
+    reused = reusable_eval(str(tmp_path), cfg, ["val"])
+    assert np.array_equal(reused["splits"]["val"][SENTENCES]["iou"], arrays["iou"])
+    path = save_sentence_ious(reused, str(tmp_path / "run"))
+    metrics = trial_metrics({"final": {}, "run_dir": str(tmp_path / "run"),
+                             "best_checkpoint": str(tmp_path)}, reused, sentence_ious=path)
+    assert "val_sentences" not in metrics and metrics["sentence_ious"] == path
+    assert len(json.dumps(metrics)) < 1000                 # no arrays in the Tune result
+    assert np.array_equal(read_trial_sentences(metrics)["val"]["ref_id"], arrays["ref_id"])
+    assert read_trial_sentences({}) is None

@@ -41,7 +41,6 @@ from gtms.eval.pseudo_quality import PseudoLabelMeters, format_pseudo_table
 from gtms.train.checkpoint import Trained, load_trained
 from gtms.train.contexts import preprocessed_samples, stacked_batches
 
-
 # Per split of an evaluation report: every scored sentence's ``ref_id``, ``sent_index`` and
 # ``iou`` (arrays). eval.json leaves them out; they go to the file beside it
 # (:func:`sentences_path`), which the ablation's paired statistics read.

@@ -163,7 +163,7 @@ def compare(trials: list[dict], rows: list[str], splits: list[str]) -> dict[str,
     for low, high, claim in _claimed_pairs([r for r in rows if r in pooled]):
         lows, highs = _by_seed(trials, low), _by_seed(trials, high)
         seeds = sorted(s for s in set(lows) & set(highs)
-                       if pooled[low][s] == pooled[low][s] and pooled[high][s] == pooled[high][s])
+                       if not math.isnan(pooled[low][s] + pooled[high][s]))
         diffs = [pooled[high][s] - pooled[low][s] for s in seeds]
         item = {"lower": low, "higher": high, "claim": claim, "seeds": seeds,
                 "lower_values": [pooled[low][s] for s in seeds],
@@ -177,7 +177,7 @@ def compare(trials: list[dict], rows: list[str], splits: list[str]) -> dict[str,
         item["verdict_bootstrap"] = paired.verdict(boot_low, boot_high, at_most=at_most)
         item["splits"] = {}
         for split in splits:
-            both = [s for s in sorted(set(lows) & set(highs))]
+            both = sorted(set(lows) & set(highs))
             split_diffs = [highs[s]["metrics"][f"{split}_mean_iou"]
                            - lows[s]["metrics"][f"{split}_mean_iou"] for s in both]
             item["splits"][split] = {"seeds": both, "differences": split_diffs,
@@ -188,7 +188,7 @@ def compare(trials: list[dict], rows: list[str], splits: list[str]) -> dict[str,
             {"forest-gradcam", "mask-bce"} <= set(rows):
         forest, mask = _by_seed(trials, "forest-gradcam"), _by_seed(trials, "mask-bce")
         seeds = sorted(s for s in set(forest) & set(mask)
-                       if pooled["mask-bce"][s] > 0 and pooled["forest-gradcam"][s] == 
+                       if pooled["mask-bce"][s] > 0 and pooled["forest-gradcam"][s] ==
                        pooled["forest-gradcam"][s])
         shares = [pooled["forest-gradcam"][s] / pooled["mask-bce"][s] for s in seeds]
         share = {"seeds": seeds, "shares": shares, "claim": MIN_SHARE_OF_MASK,
@@ -312,8 +312,9 @@ def checks_markdown(checks: dict[str, dict]) -> str:
     """Convergence of each row and the pseudo-label health table."""
     lines = ["", "## Convergence", "",
              f"A trial has converged when its val mean IoU over the last fifth of its epochs "
-             f"(at least the last {MIN_LAST_EPOCHS}) stays within {100 * CONVERGED_WITHIN:.0f} point (max - min); '—' when fewer "
-             "than two of those epochs were validated.", "",
+             f"(at least the last {MIN_LAST_EPOCHS}) stays within "
+             f"{100 * CONVERGED_WITHIN:.0f} point (max - min); '—' when fewer than two of "
+             "those epochs were validated.", "",
              "| row | converged | val mIoU range over the last fifth, per seed (points) |",
              "|---|---|---|"]
     for row, c in checks.items():
