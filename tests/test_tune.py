@@ -575,7 +575,13 @@ def test_ablation_without_ray_trains_processes_and_matches_ray_eval(synthref_sma
     best = trial["metrics"]["best_checkpoint"]
     assert (Path(best) / "eval.json").is_file()
     on_ray = evaluate(best, None, ["val", "testA"])["splits"]
+    sentences = ablation.read_trial_sentences(trial["metrics"])   # for the paired bootstrap
     for split in ("val", "testA"):
+        assert len(sentences[split]["iou"]) == trial["metrics"][f"{split}_n"]
+        assert float(sentences[split]["iou"].mean()) == pytest.approx(
+            trial["metrics"][f"{split}_mean_iou"], abs=1e-6)
+        assert np.array_equal(np.sort(sentences[split]["ref_id"]),
+                              np.sort(on_ray[split]["sentences"]["ref_id"]))
         assert trial["metrics"][f"{split}_n"] == on_ray[split]["n"]
         assert trial["metrics"][f"{split}_mean_iou"] == pytest.approx(on_ray[split]["mean_iou"],
                                                                     abs=1e-9)
