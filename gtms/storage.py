@@ -55,6 +55,18 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def write_bytes(path: str, data: bytes) -> None:
+    """Write the file ``path`` (local or URI), making its folder."""
+    if not is_uri(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(data)
+        return
+    filesystem, inner = _fs(path)
+    filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(inner) as f:
+        f.write(data)
+
+
 def upload_dir(local: Path, remote: str) -> None:
     """Copy the files of ``local`` into ``remote`` (overwriting)."""
     from pyarrow import fs

@@ -12,10 +12,18 @@ import pytest
 import run
 from gtms.config import ConfigError, load_config
 from gtms.errors import UserError
-from gtms.tune import ablation
+from gtms.tune import ablation, paired
 from gtms.tune.plot import plot_ablation, read_curves
 from gtms.tune.sweep import load_sweep
-from gtms.tune.table import collect, markdown, ordering_verdict, write_tables
+from gtms.tune.table import (
+    collect,
+    compare,
+    convergence,
+    health,
+    markdown,
+    run_checks,
+    write_tables,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "experiments").glob("*sweep*.yaml"))
@@ -125,26 +133,209 @@ def test_table_grounding_columns(tmp_path):
     assert [float(r["err_fp_in_box"]) for r in rows] == [0.1, 0.3]
 
 
-def _table(values: dict[str, list[float]]) -> dict:
-    return {row: {"val": {"mean_iou": v}} for row, v in values.items()}
+# --- paired statistics: pinned against scipy and hand computations -------------------------
+
+def test_t_interval_matches_scipy_and_a_hand_computation():
+    from scipy import stats
+
+    low, high = np.array([0.40, 0.45, 0.50]), np.array([0.42, 0.50, 0.53])
+    mean, lo, hi = paired.t_interval(high - low)
+    ci = stats.ttest_rel(high, low).confidence_interval(0.95)
+    assert (lo, hi) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    # by hand: d = 0.02, 0.05, 0.03; sd = 0.0152753; t(0.975, 2) = 4.302653
+    assert mean == pytest.approx(0.1 / 3)
+    half = 4.302652729911275 * 0.015275252316519465 / np.sqrt(3)
+    assert (lo, hi) == pytest.approx((0.1 / 3 - half, 0.1 / 3 + half), abs=1e-9)
+    assert lo == pytest.approx(-0.004612, abs=1e-6)                 # 3 seeds: wide
+    assert np.isnan(paired.t_interval([0.1])[1]) and paired.t_interval([0.1])[0] == 0.1
+    assert paired.t_interval([0.1, float("nan"), 0.3])[0] == pytest.approx(0.2)
 
 
-def test_ordering_verdict_checks_order_noise_and_share_of_mask():
-    held = ordering_verdict(_table({"box-bce": [0.10, 0.11], "box-lloc": [0.30, 0.31],
-                                    "tree": [0.40, 0.41], "forest-gradcam": [0.50, 0.51],
-                                    "mask-bce": [0.52, 0.53]}))
-    assert len(held) == 5 and all(line.startswith("holds") for line in held), held
-    assert "96.2 %" in held[-1]
-    # tree above forest-gradcam; a gap within seed noise; forest-gradcam far below mask-bce.
-    failed = ordering_verdict(_table({"box-lloc": [0.30, 0.50], "tree": [0.42, 0.42],
-                                      "forest-gradcam": [0.40, 0.40], "mask-bce": [0.80, 0.80]}))
-    assert [line.split(":")[0] for line in failed] == ["fails", "fails", "holds", "fails"]
-    assert "(40.00 % vs 42.00 %, gap +2.00 points against seed std 14.14)" in failed[0]
-    # forest-gradcam may equal mask-bce; a missing row is skipped, not counted as a failure.
-    tie = ordering_verdict(_table({"forest-gradcam": [0.5], "mask-bce": [0.5]}))
-    assert tie[0].startswith("holds") and "gap +0.00" in tie[0] and tie[1].startswith("holds")
-    above = ordering_verdict(_table({"forest-gradcam": [0.6, 0.62], "mask-bce": [0.5, 0.52]}))
-    assert above[0].startswith("fails")
+def test_pooled_mean_iou_weights_splits_by_sentences():
+    metrics = {"val_mean_iou": 0.5, "val_n": 300, "testA_mean_iou": 0.8, "testA_n": 100}
+    assert paired.pooled_mean_iou(metrics, ["val", "testA"]) == pytest.approx(0.575)
+    assert np.isnan(paired.pooled_mean_iou({"val_mean_iou": 0.5}, ["val"]))   # no count
+
+
+def _sentences(ious_by_split: dict[str, list[float]], sentences_per_ref: int = 2) -> dict:
+    return {split: {"ref_id": np.arange(len(v)) // sentences_per_ref + 1000 * i,
+                    "sent_index": np.arange(len(v)) % sentences_per_ref,
+                    "iou": np.asarray(v, np.float32)}
+            for i, (split, v) in enumerate(ious_by_split.items())}
+
+
+def _keys(ious, splits=("val",)):
+    return paired.sentence_keys(_sentences(dict(zip(splits, ious))), list(splits))
+
+
+def test_paired_bootstrap_exact_cases():
+    rng = np.random.default_rng(1)
+    base = [rng.uniform(0.2, 0.8, 40) for _ in range(3)]
+    # the same gain on every sentence of every seed: no spread at all
+    low = [_keys([b]) for b in base]
+    high = [_keys([b + 0.05]) for b in base]
+    lo, hi, n = paired.paired_bootstrap(low, high)
+    assert (lo, hi) == pytest.approx((0.05, 0.05), abs=1e-6) and n == 40
+    lo, hi, _ = paired.paired_bootstrap(low, [_keys([b * 0.9]) for b in base], share=True)
+    assert (lo, hi) == pytest.approx((0.9, 0.9), abs=1e-6)
+    # a gain that differs by seed only: with 3 seeds the 2.5 % and 97.5 % points are the
+    # smallest and largest seed (each drawn three times with probability 1/27 > 2.5 %)
+    gains = [0.01, 0.04, 0.10]
+    lo, hi, _ = paired.paired_bootstrap(low, [_keys([b + g]) for b, g in zip(base, gains)])
+    assert (lo, hi) == pytest.approx((0.01, 0.10), abs=1e-6)
+    # sentences only one side scored are left out; refs of different splits stay apart
+    two = paired.paired_bootstrap([_keys([base[0][:30], base[1]], ("val", "testA"))],
+                                  [_keys([base[0], base[1] + 0.02], ("val", "testA"))])
+    assert two[2] == 70
+
+
+def test_paired_bootstrap_one_seed_matches_the_cluster_standard_error():
+    """One seed: only refs are resampled; the interval is the normal one of a ratio-of-sums
+    mean difference with the ref as cluster (computed independently here)."""
+    rng = np.random.default_rng(2)
+    low = rng.uniform(0, 1, 2000)
+    high = np.clip(low + rng.normal(0.03, 0.2, 2000), 0, 1)
+    lo, hi, _ = paired.paired_bootstrap([_keys([low])], [_keys([high])], resamples=4000)
+    d = (high - low).reshape(-1, 2)                      # two sentences per ref
+    per_ref, count = d.sum(1), np.full(len(d), 2.0)
+    mean = per_ref.sum() / count.sum()
+    se = np.sqrt(np.sum((per_ref - mean * count) ** 2)) / count.sum()
+    assert (lo + hi) / 2 == pytest.approx(mean, abs=0.15 * se)
+    assert (hi - lo) / 2 == pytest.approx(1.96 * se, rel=0.08)
+
+
+def test_verdicts_read_the_interval():
+    assert paired.verdict(0.01, 0.05) == "holds"
+    assert paired.verdict(-0.01, 0.05) == "undecided"
+    assert paired.verdict(-0.05, -0.01) == "fails"
+    assert paired.verdict(float("nan"), float("nan")) == "undecided"
+    # forest-gradcam <= mask-bce (interval of mask-bce minus forest-gradcam): a tie holds,
+    # only forest-gradcam significantly above mask-bce fails
+    assert paired.verdict(-0.03, 0.01, at_most=True) == "holds"
+    assert paired.verdict(0.01, 0.03, at_most=True) == "holds"
+    assert paired.verdict(-0.03, -0.01, at_most=True) == "fails"
+    assert paired.verdict(0.91, 0.95, threshold=0.9) == "holds"
+    assert paired.verdict(0.85, 0.95, threshold=0.9) == "undecided"
+
+
+ORDER_SCORES = {"box-bce": [0.30, 0.32, 0.31], "box-lloc": [0.40, 0.45, 0.43],
+                "tree": [0.41, 0.44, 0.45], "forest-gradcam": [0.55, 0.57, 0.56],
+                "mask-bce": [0.58, 0.61, 0.60]}
+
+
+def _trials(scores: dict[str, list[float]], splits=("val", "testA"), n=(30, 10),
+            sentences: bool = False) -> list[dict]:
+    out = []
+    for mode, values in scores.items():
+        for seed, value in enumerate(values):
+            metrics = {}
+            for k, (split, count) in enumerate(zip(splits, n)):
+                metrics.update({f"{split}_mean_iou": value + 0.01 * k,
+                                f"{split}_overall_iou": value, f"{split}_n": count})
+            trial = {"mode": mode, "seed": seed, "metrics": metrics}
+            if sentences:
+                trial["sentences"] = _sentences(
+                    {split: np.full(count, value + 0.01 * k)
+                     for k, (split, count) in enumerate(zip(splits, n))})
+            out.append(trial)
+    return out
+
+
+def test_compare_pairs_rows_by_seed():
+    from scipy import stats
+
+    result = compare(_trials(ORDER_SCORES), list(ORDER_SCORES), ["val", "testA"])
+    pairs = {(p["lower"], p["higher"]): p for p in result["pairs"]}
+    assert list(pairs) == [("box-bce", "box-lloc"), ("box-lloc", "tree"),
+                           ("tree", "forest-gradcam"), ("forest-gradcam", "mask-bce")]
+    pooled = {m: [v + 0.01 * 10 / 40 for v in vals] for m, vals in ORDER_SCORES.items()}
+    assert result["pooled"]["tree"]["mean_iou"] == pytest.approx(pooled["tree"])
+    item = pairs[("box-lloc", "tree")]
+    ci = stats.ttest_rel(pooled["tree"], pooled["box-lloc"]).confidence_interval()
+    assert (item["t_low"], item["t_high"]) == pytest.approx((ci.low, ci.high))
+    assert item["differences"] == pytest.approx([0.01, -0.01, 0.02])
+    assert item["verdict"] == "undecided" and item["claim"] == "<"
+    assert pairs[("box-bce", "box-lloc")]["verdict"] == "holds"
+    assert pairs[("forest-gradcam", "mask-bce")]["claim"] == "<="
+    assert pairs[("forest-gradcam", "mask-bce")]["verdict"] == "holds"
+    assert np.isnan(item["bootstrap_low"])                     # no per-sentence IoUs
+    split = item["splits"]["testA"]
+    assert split["differences"] == pytest.approx([0.01, -0.01, 0.02])
+    share = result["share_of_mask"]
+    per_seed = [f / m for f, m in zip(pooled["forest-gradcam"], pooled["mask-bce"])]
+    assert share["shares"] == pytest.approx(per_seed)
+    ci = stats.ttest_1samp(per_seed, 0.9).confidence_interval()
+    assert (share["t_low"], share["t_high"]) == pytest.approx((ci.low, ci.high))
+    assert share["verdict"] == "holds"
+    # with per-sentence IoUs the bootstrap interval is there too
+    boot = compare(_trials(ORDER_SCORES, sentences=True), list(ORDER_SCORES),
+                   ["val", "testA"])["pairs"][0]
+    assert boot["bootstrap_sentences"] == 40
+    assert boot["bootstrap_low"] <= boot["mean"] <= boot["bootstrap_high"]
+    # only seeds both rows have are paired; a missing row is skipped
+    partial = compare(_trials({"tree": [0.4, 0.5], "forest-gradcam": [0.6]}),
+                      ["tree", "forest-gradcam"], ["val", "testA"])
+    assert partial["pairs"][0]["seeds"] == [0] and partial["pairs"][0]["verdict"] == "undecided"
+    assert partial["share_of_mask"] is None
+
+
+def test_convergence_over_the_last_fifth_and_health_at_the_last_epoch():
+    records = [{"epoch": e, "val_mean_iou": v} for e, v in
+               enumerate([0.1, 0.3, 0.4, 0.45, 0.50, 0.50, 0.51, 0.505, 0.509, 0.51], 1)]
+    flat = convergence(records)                 # epochs 9 and 10: range 0.001
+    assert flat["epochs"] == [9, 10] and flat["converged"] is True
+    assert flat["range"] == pytest.approx(0.001)
+    rising = convergence(records[:5] + [{"epoch": 6, "val_mean_iou": 0.7}])  # epochs 5, 6
+    assert rising["converged"] is False and rising["range"] == pytest.approx(0.2)
+    assert convergence(records[:1])["converged"] is None     # one validated epoch: unknown
+    assert convergence(records[:4])["epochs"] == [3, 4]      # a fifth of 4 epochs: the last 2
+    assert convergence([])["converged"] is None
+    last = {"epoch": 3, "train_attention_fallback": 0.2, "val_attention_pointing": 0.7}
+    values = health([{"epoch": 2, "train_attention_fallback": 0.9}, last])
+    assert values["train_attention_fallback"] == 0.2
+    assert np.isnan(values["val_attention_contrast"])
+    checks = run_checks([{"mode": "tree", "seed": 0, "records": records},
+                         {"mode": "tree", "seed": 1, "records": records[:1]}], ["tree"])
+    assert checks["tree"]["converged"] is None                # one seed unknown
+
+
+def test_report_with_pairs_convergence_and_health(tmp_path):
+    trials = _trials(ORDER_SCORES, sentences=True)
+    flat = [{"epoch": e, "val_mean_iou": 0.5 + 0.001 * e} for e in range(1, 11)]
+    rising = [{"epoch": e, "val_mean_iou": 0.05 * e} for e in range(1, 11)]
+    for t in trials:
+        t["records"] = rising if t["mode"] == "box-bce" else [dict(r) for r in flat]
+        if t["mode"] == "forest-gradcam":
+            t["records"][-1].update(train_attention_fallback=0.25, val_attention_fallback=0.5,
+                                    val_attention_pointing=0.8,
+                                    val_attention_pointing_chance=0.4,
+                                    val_attention_contrast=1.5)
+    rows = list(ORDER_SCORES)
+    table = collect(trials, rows, ["val", "testA"])
+    text = write_tables(tmp_path, table, ["val", "testA"], dataset="refcoco", title="t",
+                        extra={}, trials=trials)
+    assert "The verdict reads the 95 % t interval over seeds" in text
+    assert "| box-bce < box-lloc | 3 | +11.67 | [" in text
+    assert "| forest-gradcam <= mask-bce | 3 |" in text
+    assert "| forest-gradcam >= 90 % of mask-bce | 3 | 93." in text
+    assert "mask-bce converged: yes" in text
+    assert "| box-bce | no |" in text
+    assert "| forest-gradcam | 25.0 | 50.0 | 80.0 | 40.0 | 1.500 |" in text
+    assert "| tree | — | — | — | — | — |" in text
+    payload = json.loads((tmp_path / "ablation.json").read_text())
+    first = payload["comparison"]["pairs"][0]
+    assert first["differences"] == pytest.approx([0.1, 0.13, 0.12])
+    assert first["verdict"] == "holds" and first["bootstrap_low"] is not None
+    assert payload["checks"]["mask-bce"]["converged"] is True
+    assert payload["checks"]["tree"]["health"][0]["val_attention_contrast"] is None
+    assert payload["ordering"][0].startswith("holds: box-bce < box-lloc")
+    paired_rows = list(csv.DictReader((tmp_path / "ablation_paired.csv").open()))
+    mean = [r for r in paired_rows if r["comparison"] == "box-bce < box-lloc"
+            and r["split"] == "pooled" and r["seed"] == "mean"][0]
+    assert float(mean["difference"]) == pytest.approx(np.mean([0.1, 0.13, 0.12]), abs=1e-6)
+    assert float(mean["t_low"]) == pytest.approx(first["t_low"], abs=1e-6)
+    assert mean["verdict"] == "holds"
+    assert len([r for r in paired_rows if r["seed"] not in ("mean",)]) == 4 * 3 * 3 + 3
 
 
 def test_read_curves_and_plot(tmp_path):
@@ -325,6 +516,12 @@ def test_report_of_a_local_ablation(tmp_path):
     assert result["table"]["box-lloc"]["val"]["mean_iou"] == []
     assert "| tree | 40.00 ± 14.14 |" in result["markdown"]
     assert "finished seeds: box-bce 1, tree 2, box-lloc 0" in result["markdown"]
+    # older trials: no sentence counts, per-sentence IoUs or health keys, one epoch
+    assert "| box-bce <= tree |" not in result["markdown"]
+    assert "| box-bce < tree | 0 | — | — | — | undecided |" in result["markdown"]
+    assert "| tree | — | s0 —, s1 — |" in result["markdown"]
+    assert "| tree | — | — | — | — | — |" in result["markdown"]
+    assert (tmp_path / "ablation_paired.csv").is_file()
 
 
 def test_local_ablation_checks_its_folder_before_anything_runs(tmp_path):
@@ -378,7 +575,13 @@ def test_ablation_without_ray_trains_processes_and_matches_ray_eval(synthref_sma
     best = trial["metrics"]["best_checkpoint"]
     assert (Path(best) / "eval.json").is_file()
     on_ray = evaluate(best, None, ["val", "testA"])["splits"]
+    sentences = ablation.read_trial_sentences(trial["metrics"])   # for the paired bootstrap
     for split in ("val", "testA"):
+        assert len(sentences[split]["iou"]) == trial["metrics"][f"{split}_n"]
+        assert float(sentences[split]["iou"].mean()) == pytest.approx(
+            trial["metrics"][f"{split}_mean_iou"], abs=1e-6)
+        assert np.array_equal(np.sort(sentences[split]["ref_id"]),
+                              np.sort(on_ray[split]["sentences"]["ref_id"]))
         assert trial["metrics"][f"{split}_n"] == on_ray[split]["n"]
         assert trial["metrics"][f"{split}_mean_iou"] == pytest.approx(on_ray[split]["mean_iou"],
                                                                     abs=1e-9)
@@ -392,3 +595,111 @@ def test_ablation_without_ray_trains_processes_and_matches_ray_eval(synthref_sma
                      "--set", f"data.root={synthref_small}", *TINY]) == 0
     assert "trained before" in (out / "trials" / "box-lloc-s0.log").read_text()
     assert json.loads((out / "ablation.json").read_text())["rows"] == table
+
+
+# --- rows paired by seed: one seed, one initial model and one data order for every row ------
+
+def test_rows_of_a_seed_start_from_the_same_weights():
+    import torch
+
+    from gtms.config import Config, replace
+    from gtms.train.loop import initial_model
+
+    def weights(mode, seed):
+        cfg = replace(Config(), model={"preset": "tiny"}, data={"word_len": 8},
+                      loss={"mode": mode}, train={"seed": seed})
+        return initial_model(cfg).state_dict()
+
+    first = weights("mask-bce", 3)
+    for mode in ("box-bce", "tree", "forest-gradcam"):
+        other = weights(mode, 3)
+        assert other.keys() == first.keys()
+        assert all(torch.equal(first[k], other[k]) for k in first), mode
+    assert not all(torch.equal(first[k], v) for k, v in weights("mask-bce", 4).items())
+
+
+def _train_order(root, mode, seed, *, keep, epochs, limit=0, start=0):
+    """Ref ids per epoch of LocalContext's training batches for ``mode``."""
+    from gtms.data.pipeline import spec_for
+    from gtms.train.contexts import LocalContext
+
+    specs = {role: spec_for(role, input_size=64, word_len=8, mode=mode, seed=seed)
+             for role in ("train", "val")}
+    ctx = LocalContext(root=str(root), train_split="train", val_split="val",
+                       train_spec=specs["train"], val_spec=specs["val"], limit_train=limit,
+                       limit_eval=0, strict=False, checkpoint_root=Path(root) / "unused",
+                       keep_checkpoints=1, keep_train=keep)
+    order = []
+    for epoch in range(start, epochs):
+        ctx.set_epoch(epoch)
+        order.append([int(r) for b in ctx.train_batches(epoch, 8) for r in b["ref_id"]])
+    return order
+
+
+def test_rows_of_a_seed_see_the_same_data_order(synthref_small):
+    """The samples a mode needs (trees, forests, masks) change their size and so whether the
+    split is kept in memory; neither changes the refs' order per epoch (nor a resume does)."""
+    streamed = _train_order(synthref_small, "tree", 7, keep=False, epochs=3)
+    assert len(set(map(tuple, streamed))) == 3                   # reshuffled every epoch
+    assert sorted(streamed[0]) == sorted(streamed[2])
+    for mode, keep in [("mask-bce", True), ("box-bce", False), ("forest-gradcam", True)]:
+        assert _train_order(synthref_small, mode, 7, keep=keep, epochs=3) == streamed, mode
+    assert _train_order(synthref_small, "tree", 7, keep=True, epochs=3, start=2) == \
+        streamed[2:]                                             # a resumed run
+    assert _train_order(synthref_small, "tree", 8, keep=False, epochs=1)[0] != streamed[0]
+    # data.limit_train_refs: the same first refs every epoch, kept or streamed
+    limited = _train_order(synthref_small, "mask-bce", 7, keep=True, epochs=3, limit=13)
+    assert limited == _train_order(synthref_small, "box-lloc", 7, keep=False, epochs=3,
+                                   limit=13)
+    assert all(len(e) == 13 and set(e) == set(limited[0]) for e in limited)
+
+
+def test_row_positions_limit_then_shuffle():
+    from gtms.train.contexts import row_positions
+
+    assert row_positions([2, 3]) == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    assert row_positions([2, 3], limit=3) == [(0, 0), (0, 1), (1, 0)]
+    shuffled = row_positions([2, 3, 4], limit=6, shuffle_seed=1)
+    assert sorted(shuffled) == row_positions([2, 3, 4], limit=6)
+    assert shuffled == row_positions([2, 3, 4], limit=6, shuffle_seed=1)
+    groups = [g for g, _ in shuffled]                            # whole row groups in turn
+    assert groups == sorted(groups, key=groups.index)
+
+
+def test_per_sentence_ious_travel_beside_eval_json_and_into_the_trial(tmp_path):
+    """eval.json leaves the per-sentence IoUs out; they go to eval.sentences.npz, which a
+    reused evaluation reads back and the trial's run folder keeps for the report."""
+    from gtms.config import load_config
+    from gtms.eval.evaluate import (
+        SENTENCES,
+        read_sentence_ious,
+        sentence_ious_bytes,
+        sentences_path,
+        without_sentences,
+    )
+    from gtms.tune.ablation import read_trial_sentences
+    from gtms.tune.local import reusable_eval
+    from gtms.tune.trial import save_sentence_ious, trial_metrics
+
+    arrays = {"ref_id": np.array([5, 5, 9]), "sent_index": np.array([0, 1, 0], np.int32),
+              "iou": np.array([0.5, 0.25, 1.0], np.float32)}
+    results = {"val": {"mean_iou": 0.58, "overall_iou": 0.5, "n": 3, SENTENCES: arrays}}
+    back = read_sentence_ious(sentence_ious_bytes(results))
+    assert set(back) == {"val"} and all(np.array_equal(back["val"][k], v)
+                                        for k, v in arrays.items())
+    assert sentence_ious_bytes(without_sentences(results)) is None
+    assert sentences_path("/a/b/eval.json") == "/a/b/eval.sentences.npz"
+    cfg = load_config(REPO / "experiments" / "synthref.yaml", ["data.input_size=224"])
+    report = {"threshold": cfg.train.threshold, "input_size": 224,
+              "splits": without_sentences(results)}
+    (tmp_path / "eval.json").write_text(json.dumps(report))
+    (tmp_path / "eval.sentences.npz").write_bytes(sentence_ious_bytes(results))
+    reused = reusable_eval(str(tmp_path), cfg, ["val"])
+    assert np.array_equal(reused["splits"]["val"][SENTENCES]["iou"], arrays["iou"])
+    path = save_sentence_ious(reused, str(tmp_path / "run"))
+    metrics = trial_metrics({"final": {}, "run_dir": str(tmp_path / "run"),
+                             "best_checkpoint": str(tmp_path)}, reused, sentence_ious=path)
+    assert "val_sentences" not in metrics and metrics["sentence_ious"] == path
+    assert len(json.dumps(metrics)) < 1000                 # no arrays in the Tune result
+    assert np.array_equal(read_trial_sentences(metrics)["val"]["ref_id"], arrays["ref_id"])
+    assert read_trial_sentences({}) is None

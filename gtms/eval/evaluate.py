@@ -41,6 +41,47 @@ from gtms.eval.pseudo_quality import PseudoLabelMeters, format_pseudo_table
 from gtms.train.checkpoint import Trained, load_trained
 from gtms.train.contexts import preprocessed_samples, stacked_batches
 
+# Per split of an evaluation report: every scored sentence's ``ref_id``, ``sent_index`` and
+# ``iou`` (arrays). eval.json leaves them out; they go to the file beside it
+# (:func:`sentences_path`), which the ablation's paired statistics read.
+SENTENCES = "sentences"
+
+
+def sentences_path(report_path: str) -> str:
+    """``.../eval.json`` -> ``.../eval.sentences.npz``."""
+    stem = str(report_path)
+    return (stem[:-5] if stem.endswith(".json") else stem) + ".sentences.npz"
+
+
+def sentence_ious_bytes(results: dict[str, dict[str, Any]]) -> bytes | None:
+    """The per-sentence IoUs of a report's splits as a compressed ``.npz`` (arrays
+    ``<split>.ref_id``, ``<split>.sent_index``, ``<split>.iou``); None when it has none."""
+    import io
+
+    arrays = {f"{split}.{key}": value for split, m in results.items()
+              for key, value in (m.get(SENTENCES) or {}).items()}
+    if not arrays:
+        return None
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def read_sentence_ious(data: bytes) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`sentence_ious_bytes` back: {split: {"ref_id", "sent_index", "iou": arrays}}."""
+    import io
+
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(io.BytesIO(data)) as npz:
+        for name in npz.files:
+            split, key = name.rsplit(".", 1)
+            out.setdefault(split, {})[key] = npz[name]
+    return out
+
+
+def without_sentences(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {split: {k: v for k, v in m.items() if k != SENTENCES} for split, m in results.items()}
+
 
 class EvalError(UserError, ValueError):
     """Evaluation cannot run (empty split, config that does not fit the checkpoint)."""
@@ -60,6 +101,8 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
     batches = split_batches(root, split, spec, pool, batch_size=cfg.train.eval_batch_size,
                             strict=cfg.data.strict, limit=cfg.data.limit_eval_refs)
     meter = SegmentationMeter()
+    ref_ids: list[int] = []
+    sent_indices: list[int] = []
     hits: list[bool] = []
     errors: list[dict] = []
     model.eval()
@@ -82,6 +125,8 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
         for i in range(len(probs)):
             meter.add(*score_prediction(probs[i], batch["orig_hw"][i], batch["mask_rle"][i],
                                         cfg.data.input_size, cfg.train.threshold))
+            ref_ids.append(int(batch["ref_id"][i]))
+            sent_indices.append(int(batch["sent_index"][i]))
             hits.append(peak_in_box(probs[i], batch["box"][i]))
             errors.append(error_shares(probs[i], batch["box"][i], batch["mask"][i],
                                        cfg.train.threshold))
@@ -94,6 +139,9 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
     summary.update(error_summary(errors))
     if pseudo is not None:
         summary.update(pseudo.summary())
+    summary[SENTENCES] = {"ref_id": np.asarray(ref_ids, np.int64),
+                          "sent_index": np.asarray(sent_indices, np.int32),
+                          "iou": iou_from_counts(meter.inter, meter.union).astype(np.float32)}
     summary["skipped"] = dict(skipped)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     summary["split_sentences"] = None if cfg.data.limit_eval_refs else \
@@ -189,7 +237,8 @@ def evaluate(checkpoint: str | Path | Trained, cfg: Config | str | None = None,
              address: str | None = None, pseudo_labels: bool = False,
              no_ray: bool = False) -> dict[str, Any]:
     """Score ``checkpoint`` (a path, or what :func:`load_trained` returned) on ``splits``
-    (default ``data.eval_splits``); write the report to ``out`` when given. ``pseudo_labels``:
+    (default ``data.eval_splits``); write the report to ``out`` when given, and the
+    per-sentence IoUs (:data:`SENTENCES`) beside it (:func:`sentences_path`). ``pseudo_labels``:
     see :func:`evaluate_split`. ``no_ray``: preprocess in this process instead of Ray Data's
     actors (same numbers)."""
     from gtms.data.roots import prepare_data_root
@@ -221,5 +270,7 @@ def evaluate(checkpoint: str | Path | Trained, cfg: Config | str | None = None,
               "splits": results}
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
+        Path(out).write_text(json.dumps(dict(report, splits=without_sentences(results)),
+                                        indent=2))
+        Path(sentences_path(str(out))).write_bytes(sentence_ious_bytes(results))
     return report

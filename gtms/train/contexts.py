@@ -33,32 +33,70 @@ from gtms.train.checkpoint import checkpoint_dir_name, checkpoint_dirs, read_met
 Batch = dict[str, np.ndarray]
 
 
-def iter_shard_rows(root: str, split: str, *, limit: int = 0,
-                    shuffle_seed: int | None = None) -> Iterator[dict[str, Any]]:
-    """Rows of a split's shards read with pyarrow in this process (local path or URI).
-
-    With ``shuffle_seed`` the row groups and the rows inside each group are shuffled.
-    """
+def shard_row_groups(root: str, split: str) -> list:
+    """A split's Parquet row groups (one pyarrow fragment each), in storage order."""
     import pyarrow.dataset as pads
 
     dataset = pads.dataset(shard_uri(root, split), format="parquet")
     fragments = []
     for fragment in dataset.get_fragments():
         fragments.extend(fragment.split_by_row_group())
-    rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
-    if rng is not None:
-        fragments = [fragments[i] for i in rng.permutation(len(fragments))]
-    emitted = 0
-    for fragment in fragments:
-        table = fragment.to_table(columns=list(SHARD_COLUMNS))
-        rows = batch_rows({name: table.column(name).to_numpy(zero_copy_only=False)
-                           for name in SHARD_COLUMNS})
-        order = rng.permutation(len(rows)) if rng is not None else range(len(rows))
-        for i in order:
-            if limit and emitted >= limit:
-                return
-            emitted += 1
-            yield rows[i]
+    return fragments
+
+
+def row_positions(sizes: list[int], *, limit: int = 0,
+                  shuffle_seed: int | None = None) -> list[tuple[int, int]]:
+    """The rows of one pass as ``(row group, row)`` positions, from the row groups' ``sizes``
+    alone: the first ``limit`` rows in storage order (all when 0) and, with ``shuffle_seed``,
+    the row groups and then the rows inside each in a seeded order.
+
+    A pass's order is a function of the split, ``limit`` and the seed only: what the samples
+    carry (the training mode's columns) and where they come from (read now or kept from an
+    earlier pass, or a resumed run) do not change it, so the Table 2 rows of one seed see the
+    same data order."""
+    if limit:
+        left, cut = limit, []
+        for size in sizes:
+            cut.append(min(size, left))
+            left -= cut[-1]
+        sizes = cut
+    groups = [g for g, size in enumerate(sizes) if size]
+    if shuffle_seed is None:
+        return [(g, i) for g in groups for i in range(sizes[g])]
+    rng = np.random.default_rng(shuffle_seed)
+    groups = [groups[i] for i in rng.permutation(len(groups))]
+    return [(g, int(i)) for g in groups for i in rng.permutation(sizes[g])]
+
+
+def row_group_sizes(fragments: list) -> list[int]:
+    return [sum(group.num_rows for group in fragment.row_groups) for fragment in fragments]
+
+
+def iter_positioned_rows(root: str, split: str, *, limit: int = 0,
+                         shuffle_seed: int | None = None
+                         ) -> Iterator[tuple[tuple[int, int], dict[str, Any]]]:
+    """``(position, row)`` of a split's shards read with pyarrow in this process (local path
+    or URI), in the order of :func:`row_positions`."""
+    fragments = shard_row_groups(root, split)
+    positions = row_positions(row_group_sizes(fragments), limit=limit,
+                              shuffle_seed=shuffle_seed)
+    group, rows = None, []
+    for position in positions:
+        if position[0] != group:
+            group = position[0]
+            table = fragments[group].to_table(columns=list(SHARD_COLUMNS))
+            rows = batch_rows({name: table.column(name).to_numpy(zero_copy_only=False)
+                               for name in SHARD_COLUMNS})
+        yield position, rows[position[1]]
+
+
+def iter_shard_rows(root: str, split: str, *, limit: int = 0,
+                    shuffle_seed: int | None = None) -> Iterator[dict[str, Any]]:
+    """Rows of a split's shards read with pyarrow in this process (local path or URI): the
+    first ``limit`` rows in storage order (all when 0); with ``shuffle_seed`` the row groups
+    and the rows inside each group are shuffled (:func:`row_positions`)."""
+    for _, row in iter_positioned_rows(root, split, limit=limit, shuffle_seed=shuffle_seed):
+        yield row
 
 
 def count_rows(root: str, split: str) -> int:
@@ -108,19 +146,29 @@ def without_single_samples(batches: Iterable[Batch]) -> Iterator[Batch]:
         yield held
 
 
-def preprocessed_samples(root: str, split: str, spec: SampleSpec, tokenizer: ClipTokenizer, *,
-                         limit: int = 0, shuffle_seed: int | None = None,
-                         strict: bool = False) -> Iterator[dict[str, Any]]:
-    """The samples of a split preprocessed in this process, as the Ray Data actors make them; a
-    row that cannot be used gives a placeholder (counted and dropped downstream) or, with
-    ``strict``, stops with its error."""
-    for row in iter_shard_rows(root, split, limit=limit, shuffle_seed=shuffle_seed):
+def preprocessed_rows(root: str, split: str, spec: SampleSpec, tokenizer: ClipTokenizer, *,
+                      limit: int = 0, shuffle_seed: int | None = None, strict: bool = False
+                      ) -> Iterator[tuple[tuple[int, int], list[dict[str, Any]]]]:
+    """``(position, samples)`` per row of a split, preprocessed in this process as the Ray Data
+    actors do; a row that cannot be used gives a placeholder (counted and dropped downstream)
+    or, with ``strict``, stops with its error."""
+    for position, row in iter_positioned_rows(root, split, limit=limit,
+                                              shuffle_seed=shuffle_seed):
         try:
-            yield from preprocess_ref(row, spec, tokenizer)
+            yield position, preprocess_ref(row, spec, tokenizer)
         except BadRowError as err:
             if strict:
                 raise
-            yield placeholder_sample(spec, err)
+            yield position, [placeholder_sample(spec, err)]
+
+
+def preprocessed_samples(root: str, split: str, spec: SampleSpec, tokenizer: ClipTokenizer, *,
+                         limit: int = 0, shuffle_seed: int | None = None,
+                         strict: bool = False) -> Iterator[dict[str, Any]]:
+    """The samples of a split preprocessed in this process (:func:`preprocessed_rows`)."""
+    for _, samples in preprocessed_rows(root, split, spec, tokenizer, limit=limit,
+                                        shuffle_seed=shuffle_seed, strict=strict):
+        yield from samples
 
 
 def stacked_batches(samples: Iterable[dict[str, Any]], spec: SampleSpec,
@@ -140,8 +188,8 @@ class LocalContext:
     """One process, no Ray: rows are read with pyarrow and preprocessed inline.
 
     A split whose ``keep_*`` flag is set is preprocessed once (during its first pass) and kept
-    in this process; later passes reshuffle the kept samples (train) instead of preprocessing
-    again.
+    in this process; later passes take the kept samples in the order a fresh read would give
+    them (:func:`row_positions`), so keeping a split never changes its data order.
     """
 
     rank = 0
@@ -164,7 +212,8 @@ class LocalContext:
         self.keep = {"train": keep_train, "val": keep_val}
         self.tokenizer = ClipTokenizer()
         self.epoch = 0
-        self._kept: dict[str, list[dict[str, Any]]] = {}
+        # role -> (row-group sizes, samples by row position) of a split kept in memory
+        self._kept: dict[str, tuple[list[int], dict[tuple[int, int], list[dict]]]] = {}
         self._bad = BadRowCounter()
 
     def prepare_model(self, model):
@@ -173,28 +222,25 @@ class LocalContext:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _preprocessed(self, split: str, spec: SampleSpec, limit: int,
-                      shuffle_seed: int | None) -> Iterator[dict[str, Any]]:
-        return preprocessed_samples(self.root, split, spec, self.tokenizer, limit=limit,
-                                    shuffle_seed=shuffle_seed, strict=self.strict)
-
     def _samples(self, role: str, split: str, spec: SampleSpec, limit: int,
                  shuffle_seed: int | None) -> Iterator[dict[str, Any]]:
+        """A pass over ``split`` in the order of :func:`row_positions`, whether its samples
+        are read now or were kept from an earlier pass."""
         if role in self._kept:
-            kept = self._kept[role]
-            if shuffle_seed is None:
-                yield from kept
-            else:
-                yield from (kept[i] for i in
-                            np.random.default_rng(shuffle_seed).permutation(len(kept)))
+            sizes, kept = self._kept[role]
+            for position in row_positions(sizes, limit=limit, shuffle_seed=shuffle_seed):
+                yield from kept[position]
             return
-        kept = []
-        for sample in self._preprocessed(split, spec, limit, shuffle_seed):
+        kept = {}
+        for position, samples in preprocessed_rows(self.root, split, spec, self.tokenizer,
+                                                   limit=limit, shuffle_seed=shuffle_seed,
+                                                   strict=self.strict):
             if self.keep[role]:
-                kept.append(sample)
-            yield sample
+                kept[position] = samples
+            yield from samples
         if self.keep[role]:
-            self._kept[role] = kept
+            sizes = row_group_sizes(shard_row_groups(self.root, split))
+            self._kept[role] = (sizes, kept)
 
     def _batches(self, role: str, samples: Iterator[dict[str, Any]], spec: SampleSpec,
                  batch_size: int, finish) -> Iterator[Batch]:

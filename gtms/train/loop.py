@@ -65,6 +65,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def initial_model(cfg: Config, rank: int = 0) -> torch.nn.Module:
+    """The model before its first step: the global RNGs seeded with ``train.seed + rank``, then
+    built. Nothing between the two depends on ``loss.mode``, so the Table 2 rows of one seed
+    start from the same weights (the data order is the seed's too:
+    :func:`gtms.train.contexts.row_positions`)."""
+    seed_everything(cfg.train.seed + rank)
+    return build_model(cfg.model.preset, word_len=cfg.data.word_len,
+                       clip_weights=cfg.model.clip_weights,
+                       init_checkpoint=cfg.model.init_checkpoint,
+                       freeze_backbone=cfg.model.freeze_backbone)
+
+
 def _restore(ckpt_path: Path, model, optimizer, scheduler, scaler) -> tuple[int, int]:
     """Load a checkpoint into the training state; returns (epochs finished, optimizer steps)."""
     payload = load_checkpoint(ckpt_path)
@@ -261,11 +273,7 @@ def train_loop(config: dict, ctx: LoopContext, *, run_dir: str | None,
                steps_per_epoch: int) -> dict[str, Any]:
     """Train ``config`` (a plain dict of the resolved Config) under ``ctx``."""
     cfg = config_from_dict(config, "<run config>")
-    seed_everything(cfg.train.seed + ctx.rank)
-    model = build_model(cfg.model.preset, word_len=cfg.data.word_len,
-                        clip_weights=cfg.model.clip_weights,
-                        init_checkpoint=cfg.model.init_checkpoint,
-                        freeze_backbone=cfg.model.freeze_backbone).to(ctx.device)
+    model = initial_model(cfg, ctx.rank).to(ctx.device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)
     amp = cfg.optim.amp and ctx.device.type == "cuda"

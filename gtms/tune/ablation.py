@@ -93,6 +93,27 @@ def trials_with_runs(trials: list[dict], local: Path) -> list[dict]:
     return out
 
 
+def read_records(run_dir: str) -> list[dict]:
+    """The records of a local run folder's ``metrics.jsonl`` (none when it has none)."""
+    import json
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_trial_sentences(metrics: dict) -> dict | None:
+    """A trial's per-sentence IoUs (:func:`gtms.tune.trial.save_sentence_ious`), or None for
+    a trial evaluated before they were stored."""
+    from gtms.eval.evaluate import read_sentence_ious
+
+    path = metrics.get("sentence_ious")
+    if not path or not storage.exists(path):
+        return None
+    return read_sentence_ious(storage.read_bytes(path))
+
+
 def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: str | Path, resume: bool,
                  max_concurrent: int, address: str | None = None,
                  no_ray: bool = False) -> dict[str, Any]:
@@ -208,14 +229,20 @@ def write_report(trials: list[dict], rows: list[str], splits: list[str], cfg: Co
     (a folder or a bucket URI)."""
     table = collect(trials, rows, splits)
     with results_folder(out_dir) as folder, tempfile.TemporaryDirectory() as curves:
+        runs = trials_with_runs(trials, Path(curves))
+        detailed = [dict(t, records=read_records(run["run_dir"]),
+                         sentences=read_trial_sentences(t["metrics"]))
+                    for t, run in zip(trials, runs)]
         text = write_tables(folder, table, splits, dataset=cfg.data.dataset, title=title,
+                            trials=detailed,
                             extra={"wall_time_s": wall_time_s,
                                    "trials": [{"mode": t["mode"], "seed": t["seed"],
                                                "run_dir": t["metrics"].get("run_dir"),
                                                "best_checkpoint": t["metrics"].get(
-                                                   "best_checkpoint")} for t in trials]})
-        plot_ablation(read_curves(trials_with_runs(trials, Path(curves))),
-                      folder / "ablation.png", title=title)
+                                                   "best_checkpoint"),
+                                               "sentence_ious": t["metrics"].get(
+                                                   "sentence_ious")} for t in trials]})
+        plot_ablation(read_curves(runs), folder / "ablation.png", title=title)
     print(f"ablation: per-epoch curves in {storage.join(out_dir, 'ablation.png')}", flush=True)
     return {"markdown": text, "out_dir": out_dir, "table": table, "wall_time_s": wall_time_s}
 

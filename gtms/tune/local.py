@@ -61,18 +61,27 @@ def reusable_eval(best_checkpoint: str, cfg: Config, splits: list[str]) -> dict 
     path = Path(best_checkpoint) / "eval.json"
     if not path.is_file():
         return None
+    from gtms.eval.evaluate import SENTENCES, read_sentence_ious, sentences_path
+
     report = json.loads(path.read_text())
     same = (report.get("threshold") == cfg.train.threshold
             and report.get("input_size") == cfg.data.input_size
             and all(split in report.get("splits", {}) for split in splits))
-    return report if same else None
+    if not same:
+        return None
+    sentences = Path(sentences_path(str(path)))
+    if sentences.is_file():   # an evaluation from before they were stored has none
+        for split, arrays in read_sentence_ious(sentences.read_bytes()).items():
+            if split in report["splits"]:
+                report["splits"][split][SENTENCES] = arrays
+    return report
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) one trial without Ray, evaluate it and write its ``trial.json``."""
     from gtms.eval.evaluate import evaluate
     from gtms.train.trainer import fit
-    from gtms.tune.trial import apply_params, trial_metrics
+    from gtms.tune.trial import apply_params, save_sentence_ious, trial_metrics
 
     cfg = apply_params(spec["base"], spec["params"])
     cfg = replace(cfg, train={"run_dir": spec["storage"], "name": spec["name"]})
@@ -89,7 +98,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         report = evaluate(summary["best_checkpoint"], cfg, splits, no_ray=True,
                           out=Path(summary["best_checkpoint"]) / "eval.json")
     trial = {"mode": spec["params"]["loss.mode"], "seed": spec["params"]["train.seed"],
-             "metrics": trial_metrics(summary, report), "base": spec["base"]}
+             "metrics": trial_metrics(summary, report,
+                                      sentence_ious=save_sentence_ious(report, str(run_dir))),
+             "base": spec["base"]}
     tmp = run_dir / (TRIAL_FILE + ".tmp")
     tmp.write_text(json.dumps(trial, indent=2))
     tmp.replace(run_dir / TRIAL_FILE)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from gtms.tune import paired
 
 # Table 2 of the paper (R50, RefCOCO, mean IoU %): val, testA, testB.
 PAPER_TABLE2 = {
@@ -97,52 +100,332 @@ def markdown(table: dict, splits: list[str], *, dataset: str, title: str) -> str
     return "\n".join(lines) + "\n"
 
 
-# The paper's claim (Table 2), as an order of rows on val mean IoU, weakest first.
+# The paper's claim (Table 2), as an order of rows, weakest first: each adjacent pair "<",
+# except forest-gradcam <= mask-bce (the full method may match its fully supervised bound).
 CLAIMED_ORDER = ("box-bce", "box-lloc", "tree", "forest-gradcam", "mask-bce")
 MIN_SHARE_OF_MASK = 0.90  # forest-gradcam / mask-bce (paper: 64.33 / 69.52 = 92.5 %)
+POOLED = "pooled"         # the held-out splits' sentences together
+
+VERDICT_RULE = (
+    "Each comparison is paired by seed (every row of a seed starts from the same weights and "
+    "sees the same data order): per seed, the higher row's mean IoU minus the lower row's, "
+    "both over the held-out sentences of {splits} together (pooled: split means weighted by "
+    "sentence count). **The verdict reads the 95 % t interval over seeds (Student t, df = "
+    "seeds - 1) of that per-seed difference**: for '<' it holds when the whole interval is "
+    "above 0, fails when it is below 0, and is undecided when it contains 0; for "
+    "'forest-gradcam <= mask-bce' it fails only when the interval is entirely below 0 "
+    "(forest-gradcam significantly above mask-bce) and holds otherwise. Fewer than 2 paired "
+    "seeds give no interval: undecided. The share of mask-bce is the per-seed ratio "
+    "forest-gradcam / mask-bce, read the same way against {share:.0f} %. The bootstrap "
+    "interval (2000 resamples of seeds and of held-out refs, from the per-sentence IoUs; "
+    "'—' for trials evaluated before those were stored) is shown beside it and in "
+    "ablation.json (`verdict_bootstrap`); with 3 seeds it sees little of the seed spread, so "
+    "it is the narrower and the less trustworthy of the two.")
 
 
-def ordering_verdict(table: dict, split: str = "val") -> list[str]:
-    """Does ``split``'s mean IoU follow the paper's order? One line per check, each starting
-    with "holds" or "fails": every adjacent pair of :data:`CLAIMED_ORDER` (strictly, with a gap
-    larger than the larger of the two rows' seed std; forest-gradcam <= mask-bce only has not to
-    exceed it by more than that std), and forest-gradcam's share of mask-bce. Rows missing
-    from ``table`` are left out."""
-    stats = {}
-    for row in CLAIMED_ORDER:
-        values = table.get(row, {}).get(split, {}).get("mean_iou") or []
-        if values:
-            stats[row] = (100 * float(np.mean(values)),
-                          100 * float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
-    rows = [r for r in CLAIMED_ORDER if r in stats]
-    lines = []
-    for low, high in zip(rows, rows[1:]):
-        (m_low, s_low), (m_high, s_high) = stats[low], stats[high]
-        gap, noise = m_high - m_low, max(s_low, s_high)
-        if high == "mask-bce":  # "<=": the full method may match its fully supervised bound
-            sign, ordered = "<=", gap >= -noise
-        else:  # "<": a real gap, larger than the seed noise of either row
-            sign, ordered = "<", gap > noise
-        verdict = "holds" if ordered else "fails"
-        lines.append(f"{verdict}: {low} {sign} {high} ({m_low:.2f} % vs {m_high:.2f} %, gap "
-                     f"{gap:+.2f} points against seed std {noise:.2f})")
-    if "forest-gradcam" in stats and "mask-bce" in stats and stats["mask-bce"][0] > 0:
-        share = stats["forest-gradcam"][0] / stats["mask-bce"][0]
-        verdict = "holds" if share >= MIN_SHARE_OF_MASK else "fails"
-        lines.append(f"{verdict}: forest-gradcam reaches {100 * share:.1f} % of mask-bce "
-                     f"(claim >= {100 * MIN_SHARE_OF_MASK:.0f} %, paper 92.5 %)")
+def _claimed_pairs(rows: list[str]) -> list[tuple[str, str, str]]:
+    """(lower, higher, claim) for adjacent rows of :data:`CLAIMED_ORDER` present in ``rows``."""
+    present = [r for r in CLAIMED_ORDER if r in rows]
+    return [(low, high, "<=" if high == "mask-bce" else "<")
+            for low, high in zip(present, present[1:])]
+
+
+def _by_seed(trials: list[dict], row: str) -> dict[int, dict]:
+    return {t["seed"]: t for t in trials if t["mode"] == row}
+
+
+def _interval_fields(values: list[float], prefix: str = "") -> dict[str, float]:
+    mean, low, high = paired.t_interval(values)
+    return {f"{prefix}mean": mean, f"{prefix}t_low": low, f"{prefix}t_high": high}
+
+
+def _bootstrap(low: list[dict], high: list[dict], splits: list[str],
+               share: bool = False) -> tuple[float, float, int]:
+    keyed = [[paired.sentence_keys(t["sentences"], splits) if t.get("sentences") else None
+              for t in side] for side in (low, high)]
+    if any(k is None for side in keyed for k in side):
+        return paired.NAN, paired.NAN, 0
+    return paired.paired_bootstrap(keyed[0], keyed[1], share=share)
+
+
+def compare(trials: list[dict], rows: list[str], splits: list[str]) -> dict[str, Any]:
+    """The paired comparisons of the claimed order and the share of mask-bce.
+
+    ``trials``: ``mode``, ``seed``, ``metrics`` and optionally ``sentences`` (per-sentence
+    IoUs, :func:`gtms.eval.evaluate.read_sentence_ious`). Per pair: the seeds both rows have,
+    per seed the pooled value of each row and their difference (higher minus lower), its mean
+    with the t interval and the bootstrap interval, the verdict (from the t interval) and,
+    under ``splits``, the same per split (t interval only)."""
+    pooled = {t["mode"]: {} for t in trials}
+    for t in trials:
+        pooled[t["mode"]][t["seed"]] = paired.pooled_mean_iou(t["metrics"], splits)
+    pairs = []
+    for low, high, claim in _claimed_pairs([r for r in rows if r in pooled]):
+        lows, highs = _by_seed(trials, low), _by_seed(trials, high)
+        seeds = sorted(s for s in set(lows) & set(highs)
+                       if not math.isnan(pooled[low][s] + pooled[high][s]))
+        diffs = [pooled[high][s] - pooled[low][s] for s in seeds]
+        item = {"lower": low, "higher": high, "claim": claim, "seeds": seeds,
+                "lower_values": [pooled[low][s] for s in seeds],
+                "higher_values": [pooled[high][s] for s in seeds], "differences": diffs,
+                **_interval_fields(diffs)}
+        boot_low, boot_high, n = _bootstrap([lows[s] for s in seeds], [highs[s] for s in seeds],
+                                            splits)
+        item.update(bootstrap_low=boot_low, bootstrap_high=boot_high, bootstrap_sentences=n)
+        at_most = claim == "<="
+        item["verdict"] = paired.verdict(item["t_low"], item["t_high"], at_most=at_most)
+        item["verdict_bootstrap"] = paired.verdict(boot_low, boot_high, at_most=at_most)
+        item["splits"] = {}
+        for split in splits:
+            both = sorted(set(lows) & set(highs))
+            split_diffs = [highs[s]["metrics"][f"{split}_mean_iou"]
+                           - lows[s]["metrics"][f"{split}_mean_iou"] for s in both]
+            item["splits"][split] = {"seeds": both, "differences": split_diffs,
+                                     **_interval_fields(split_diffs)}
+        pairs.append(item)
+    share = None
+    if "forest-gradcam" in pooled and "mask-bce" in pooled and \
+            {"forest-gradcam", "mask-bce"} <= set(rows):
+        forest, mask = _by_seed(trials, "forest-gradcam"), _by_seed(trials, "mask-bce")
+        seeds = sorted(s for s in set(forest) & set(mask)
+                       if pooled["mask-bce"][s] > 0 and pooled["forest-gradcam"][s] ==
+                       pooled["forest-gradcam"][s])
+        shares = [pooled["forest-gradcam"][s] / pooled["mask-bce"][s] for s in seeds]
+        share = {"seeds": seeds, "shares": shares, "claim": MIN_SHARE_OF_MASK,
+                 **_interval_fields(shares)}
+        boot_low, boot_high, _ = _bootstrap([mask[s] for s in seeds],
+                                            [forest[s] for s in seeds], splits, share=True)
+        share.update(bootstrap_low=boot_low, bootstrap_high=boot_high,
+                     verdict=paired.verdict(share["t_low"], share["t_high"],
+                                            threshold=MIN_SHARE_OF_MASK),
+                     verdict_bootstrap=paired.verdict(boot_low, boot_high,
+                                                      threshold=MIN_SHARE_OF_MASK))
+    return {"splits": splits, "pooled": {row: {"seeds": sorted(v), "mean_iou":
+                                               [v[s] for s in sorted(v)]}
+                                         for row, v in pooled.items()},
+            "pairs": pairs, "share_of_mask": share}
+
+
+def _points(value: float, sign: bool = True) -> str:
+    if value != value:
+        return "—"
+    return f"{100 * value:+.2f}" if sign else f"{100 * value:.2f}"
+
+
+def _interval(low: float, high: float, sign: bool = True) -> str:
+    if low != low or high != high:
+        return "—"
+    return f"[{_points(low, sign)}, {_points(high, sign)}]"
+
+
+def comparison_markdown(comparison: dict[str, Any]) -> str:
+    """The paired comparisons as a markdown table (percentage points) with the rule."""
+    splits = comparison["splits"]
+    lines = ["", "## The paper's order, paired by seed", "",
+             VERDICT_RULE.format(splits="+".join(splits), share=100 * MIN_SHARE_OF_MASK), "",
+             "| claim | seeds | mean difference (points) | 95 % t interval | "
+             "95 % bootstrap interval | verdict (t interval) |", "|---|---|---|---|---|---|"]
+    for item in comparison["pairs"]:
+        lines.append(f"| {item['lower']} {item['claim']} {item['higher']} | "
+                     f"{len(item['seeds'])} | {_points(item['mean'])} | "
+                     f"{_interval(item['t_low'], item['t_high'])} | "
+                     f"{_interval(item['bootstrap_low'], item['bootstrap_high'])} | "
+                     f"{item['verdict']} |")
+    share = comparison["share_of_mask"]
+    if share is not None:
+        lines.append(f"| forest-gradcam >= {100 * MIN_SHARE_OF_MASK:.0f} % of mask-bce | "
+                     f"{len(share['seeds'])} | {_points(share['mean'], False)} % | "
+                     f"{_interval(share['t_low'], share['t_high'], False)} | "
+                     f"{_interval(share['bootstrap_low'], share['bootstrap_high'], False)} | "
+                     f"{share['verdict']} |")
+    lines += ["", "Per split (t interval of the per-seed difference of the split's mean IoU, "
+              "points): " + "; ".join(
+                  f"{item['lower']} {item['claim']} {item['higher']}: " + ", ".join(
+                      f"{split} {_points(cell['mean'])} "
+                      f"{_interval(cell['t_low'], cell['t_high'])}"
+                      for split, cell in item["splits"].items())
+                  for item in comparison["pairs"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+CONVERGED_WITHIN = 0.01   # val mean IoU range over the last fifth of the epochs (1 point)
+LAST_FRACTION = 0.2
+MIN_LAST_EPOCHS = 2       # below 10 epochs a fifth is one epoch: the last two then
+# Pseudo-label health per epoch (tree / forest-gradcam rows), read at a trial's last epoch.
+HEALTH_KEYS = ("train_attention_fallback", "val_attention_fallback", "val_attention_pointing",
+               "val_attention_pointing_chance", "val_attention_contrast")
+
+
+def convergence(records: list[dict]) -> dict[str, Any]:
+    """Is val mean IoU flat over the last fifth of a trial's epochs (at least the last two;
+    ``metrics.jsonl`` records)? ``range`` = max - min there; ``converged`` None when fewer
+    than two of those epochs were validated."""
+    epochs = [int(r["epoch"]) for r in records if "epoch" in r]
+    if not epochs:
+        return {"epochs": [], "range": paired.NAN, "converged": None}
+    last = max(epochs)
+    first = last - max(MIN_LAST_EPOCHS, math.ceil(LAST_FRACTION * last)) + 1
+    tail = {int(r["epoch"]): float(r["val_mean_iou"]) for r in records
+            if "val_mean_iou" in r and int(r["epoch"]) >= first}
+    if len(tail) < 2:
+        return {"epochs": sorted(tail), "range": paired.NAN, "converged": None}
+    spread = max(tail.values()) - min(tail.values())
+    return {"epochs": sorted(tail), "range": spread,
+            "converged": bool(spread <= CONVERGED_WITHIN + 1e-12)}
+
+
+def health(records: list[dict]) -> dict[str, float]:
+    """:data:`HEALTH_KEYS` at the trial's last epoch (NaN where not recorded)."""
+    last = max((r for r in records if "epoch" in r), key=lambda r: int(r["epoch"]),
+               default={})
+    return {key: float(last[key]) if last.get(key) is not None else paired.NAN
+            for key in HEALTH_KEYS}
+
+
+def run_checks(trials: list[dict], rows: list[str]) -> dict[str, dict]:
+    """Per row, per seed (from each trial's ``records``): :func:`convergence` and
+    :func:`health`, and the row's ``converged`` (all seeds yes -> True, any no -> False,
+    else None)."""
+    out = {}
+    for row in rows:
+        mine = sorted((t for t in trials if t["mode"] == row), key=lambda t: t["seed"])
+        checks = [convergence(t.get("records") or []) for t in mine]
+        flags = [c["converged"] for c in checks]
+        converged = False if False in flags else (True if flags and None not in flags
+                                                  else None)
+        out[row] = {"seeds": [t["seed"] for t in mine], "convergence": checks,
+                    "converged": converged,
+                    "health": [health(t.get("records") or []) for t in mine]}
+    return out
+
+
+def _yes_no(value: bool | None, unknown: str = "—") -> str:
+    return unknown if value is None else ("yes" if value else "no")
+
+
+def _mean(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    values = [v for v in values if v == v]
+    return "—" if not values else f"{scale * float(np.mean(values)):.{digits}f}"
+
+
+def checks_markdown(checks: dict[str, dict]) -> str:
+    """Convergence of each row and the pseudo-label health table."""
+    lines = ["", "## Convergence", "",
+             f"A trial has converged when its val mean IoU over the last fifth of its epochs "
+             f"(at least the last {MIN_LAST_EPOCHS}) stays within "
+             f"{100 * CONVERGED_WITHIN:.0f} point (max - min); '—' when fewer than two of "
+             "those epochs were validated.", "",
+             "| row | converged | val mIoU range over the last fifth, per seed (points) |",
+             "|---|---|---|"]
+    for row, c in checks.items():
+        ranges = ", ".join(f"s{seed} {_points(x['range'], False)}"
+                           for seed, x in zip(c["seeds"], c["convergence"])) or "—"
+        lines.append(f"| {row} | {_yes_no(c['converged'])} | {ranges} |")
+    if "mask-bce" in checks:
+        lines += ["", "mask-bce converged: "
+                  f"{_yes_no(checks['mask-bce']['converged'], 'unknown')}"
+                  + ("" if checks["mask-bce"]["converged"] else
+                     " (the ceiling may still be rising: the gaps to it are lower bounds)"
+                     if checks["mask-bce"]["converged"] is False else
+                     " (not enough validated epochs to tell)")]
+    lines += ["", "## Pseudo-label health (last epoch, mean over seeds)", "",
+              "GradCAM attention of the pseudo-label rows: the share of samples that fell "
+              "back to the box (train, val), how often the attention peak points inside the "
+              "referred mask against the chance of a random point in the box, and the "
+              "attention contrast inside vs outside the mask. '—': not recorded.", "",
+              "| row | fallback train % | fallback val % | pointing % | pointing chance % | "
+              "contrast |", "|---|---|---|---|---|---|"]
+    for row, c in checks.items():
+        values = {key: [h[key] for h in c["health"]] for key in HEALTH_KEYS}
+        lines.append(f"| {row} | {_mean(values['train_attention_fallback'])} | "
+                     f"{_mean(values['val_attention_fallback'])} | "
+                     f"{_mean(values['val_attention_pointing'])} | "
+                     f"{_mean(values['val_attention_pointing_chance'])} | "
+                     f"{_mean(values['val_attention_contrast'], 1.0, 3)} |")
+    return "\n".join(lines) + "\n"
+
+
+def json_safe(value: Any) -> Any:
+    """NaN -> None, recursively (ablation.json stays valid JSON)."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _number(value: float) -> str:
+    return "" if value != value else f"{value:.6f}"
+
+
+def write_paired_csv(path: Path, comparison: dict[str, Any]) -> None:
+    """``ablation_paired.csv``: per comparison and split (``pooled`` first), one line per seed
+    (both rows' values and the difference, fractions) and a ``mean`` line with the intervals
+    and the verdicts."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["comparison", "split", "seed", "lower", "higher", "difference",
+                         "t_low", "t_high", "bootstrap_low", "bootstrap_high", "verdict",
+                         "verdict_bootstrap"])
+        for item in comparison["pairs"]:
+            name = f"{item['lower']} {item['claim']} {item['higher']}"
+            for seed, low, high, diff in zip(item["seeds"], item["lower_values"],
+                                             item["higher_values"], item["differences"]):
+                writer.writerow([name, POOLED, seed, _number(low), _number(high),
+                                 _number(diff)] + [""] * 6)
+            writer.writerow([name, POOLED, "mean", "", "", _number(item["mean"]),
+                             _number(item["t_low"]), _number(item["t_high"]),
+                             _number(item["bootstrap_low"]), _number(item["bootstrap_high"]),
+                             item["verdict"], item["verdict_bootstrap"]])
+            for split, cell in item["splits"].items():
+                for seed, diff in zip(cell["seeds"], cell["differences"]):
+                    writer.writerow([name, split, seed, "", "", _number(diff)] + [""] * 6)
+                writer.writerow([name, split, "mean", "", "", _number(cell["mean"]),
+                                 _number(cell["t_low"]), _number(cell["t_high"])] + [""] * 4)
+        share = comparison["share_of_mask"]
+        if share is not None:
+            name = f"forest-gradcam / mask-bce >= {MIN_SHARE_OF_MASK}"
+            for seed, value in zip(share["seeds"], share["shares"]):
+                writer.writerow([name, POOLED, seed, "", "", _number(value)] + [""] * 6)
+            writer.writerow([name, POOLED, "mean", "", "", _number(share["mean"]),
+                             _number(share["t_low"]), _number(share["t_high"]),
+                             _number(share["bootstrap_low"]), _number(share["bootstrap_high"]),
+                             share["verdict"], share["verdict_bootstrap"]])
+
+
+def verdict_lines(comparison: dict[str, Any]) -> list[str]:
+    """One line per claim, starting with its verdict (the t interval's)."""
+    lines = [f"{item['verdict']}: {item['lower']} {item['claim']} {item['higher']} "
+             f"(mean paired difference {_points(item['mean'])} points, 95 % t interval "
+             f"{_interval(item['t_low'], item['t_high'])}, {len(item['seeds'])} seed(s))"
+             for item in comparison["pairs"]]
+    share = comparison["share_of_mask"]
+    if share is not None:
+        lines.append(f"{share['verdict']}: forest-gradcam reaches {_points(share['mean'], False)}"
+                     f" % of mask-bce (95 % t interval "
+                     f"{_interval(share['t_low'], share['t_high'], False)}; claim >= "
+                     f"{100 * MIN_SHARE_OF_MASK:.0f} %, paper 92.5 %)")
     return lines
 
 
 def write_tables(out_dir: Path, table: dict, splits: list[str], *, dataset: str, title: str,
-                 extra: dict[str, Any]) -> str:
-    """Write ablation.md / .csv / .json into ``out_dir``; returns the markdown."""
+                 extra: dict[str, Any], trials: list[dict] | None = None) -> str:
+    """Write ablation.md / .csv / .json (and ablation_paired.csv) into ``out_dir``; returns
+    the markdown. ``trials`` (``mode``, ``seed``, ``metrics``, optionally ``sentences`` and
+    ``records``, the trial's metrics.jsonl) add the paired comparisons, the convergence
+    check and the pseudo-label health."""
     out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(table, splits, dataset=dataset, title=title)
-    verdict = ordering_verdict(table, "val") if "val" in splits else []
-    if verdict:
-        text += ("\nThe paper's order on val mean IoU (a gap must exceed the larger seed std):"
-                 "\n\n" + "\n".join(f"- {line}" for line in verdict) + "\n")
+    comparison, checks, verdict = None, None, []
+    if trials is not None:
+        rows = list(table)
+        comparison = compare(trials, rows, splits)
+        checks = run_checks(trials, rows)
+        verdict = verdict_lines(comparison)
+        text += comparison_markdown(comparison) + checks_markdown(checks)
+        write_paired_csv(out_dir / "ablation_paired.csv", comparison)
     (out_dir / "ablation.md").write_text(text)
     with (out_dir / "ablation.csv").open("w", newline="") as f:
         writer = csv.writer(f)
@@ -164,7 +447,8 @@ def write_tables(out_dir: Path, table: dict, splits: list[str], *, dataset: str,
                              **c}
                      for split, c in cells.items()} for row, cells in table.items()}
     payload = {"title": title, "dataset": dataset, "splits": splits, "rows": summary,
-               "ordering": verdict,
+               "ordering": verdict, "comparison": json_safe(comparison),
+               "checks": json_safe(checks),
                "paper_table2_refcoco_r50": PAPER_TABLE2 if dataset == "refcoco" else None,
                **extra}
     (out_dir / "ablation.json").write_text(json.dumps(payload, indent=2))

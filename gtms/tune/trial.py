@@ -39,16 +39,37 @@ def run_trial(config: dict[str, Any]) -> None:
     splits = list(config.get("splits") or [])
     report = evaluate(summary["best_checkpoint"], cfg, splits) if splits else \
         {"splits": {}}
-    tune.report(trial_metrics(summary, report))
+    tune.report(trial_metrics(summary, report,
+                              sentence_ious=save_sentence_ious(report, summary["run_dir"])))
 
 
-def trial_metrics(summary: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+SENTENCE_FILE = "eval.sentences.npz"  # in the trial's run folder
+
+
+def save_sentence_ious(report: dict[str, Any], run_dir: str) -> str | None:
+    """Write the per-sentence IoUs of the evaluation ``report`` (if it has them) to
+    ``<run_dir>/eval.sentences.npz`` (a folder or URI); returns that path, or None."""
+    from gtms.eval.evaluate import sentence_ious_bytes
+
+    data = sentence_ious_bytes(report["splits"])
+    if data is None:
+        return None
+    path = storage.join(run_dir, SENTENCE_FILE)
+    storage.write_bytes(path, data)
+    return path
+
+
+def trial_metrics(summary: dict[str, Any], report: dict[str, Any], *,
+                  sentence_ious: str | None = None) -> dict[str, Any]:
     """A trial's final result: the training summary's last epoch, plus per split of the
     evaluation ``report`` ``<split>_mean_iou`` / ``_overall_iou`` / ``_n`` and the
-    diagnostics of the table (:data:`gtms.tune.table.DIAGNOSTIC_KEYS`)."""
+    diagnostics of the table (:data:`gtms.tune.table.DIAGNOSTIC_KEYS`), and where its
+    per-sentence IoUs are (``sentence_ious``, when saved)."""
     from gtms.tune.table import DIAGNOSTIC_KEYS
 
     final = dict(summary["final"] or {})
+    if sentence_ious:
+        final["sentence_ious"] = sentence_ious
     for split, metrics in report["splits"].items():
         final[f"{split}_mean_iou"] = metrics["mean_iou"]
         final[f"{split}_overall_iou"] = metrics["overall_iou"]
