@@ -115,6 +115,11 @@ def sample_row(batch: dict[str, Any], result: dict[str, Any], i: int, *,
             cells(pseudo.pseudo_label) if pseudo is not None else blank,
             result["probs"][i],
             batch["mask"][i] if "mask" in batch else blank]
+    titles = list(titles)
+    if pseudo is not None and pseudo.fallback is not None and bool(pseudo.fallback[i]):
+        # GradCAM's map was zero in the box: A is the box itself, and so is W.
+        titles[2] = f"{titles[2]}: FALLBACK, map 0 in box"
+        titles[3] = f"{titles[3]} (= box)"
     for title, values in zip(titles[2:], maps):
         panels.append(caption(heatmap(values, size), title))
     return panels

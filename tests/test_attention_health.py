@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from gtms.eval.evaluate import evaluate, format_table
 from gtms.eval.metrics import AttentionMeter
 from gtms.model.build import build_model, starting_backbone
 from gtms.pseudo.attention_source import FrozenAttention, TrainedAttention
@@ -127,10 +128,16 @@ def test_a_model_whose_map_is_zero_is_counted_as_fallback(synthref_small, tmp_pa
     cfg = small_config(synthref_small, tmp_path, f"train.name={source}", "train.epochs=1",
                        f"model.init_checkpoint={checkpoint}", "model.freeze_backbone=true",
                        f"pseudo.attention_source={source}")
-    final = fit(cfg, no_ray=True)["final"]
+    summary = fit(cfg, no_ray=True)
+    final = summary["final"]
     assert final["train_attention_fallback"] == 1.0
     assert final["val_attention_fallback"] == 1.0
     assert final["train_samples"] == 24
+    # eval --pseudo-labels reads the same health off the checkpoint (its config's source).
+    report = evaluate(summary["best_checkpoint"], None, ["val"], None, pseudo_labels=True,
+                      no_ray=True)
+    assert report["splits"]["val"]["attention_fallback"] == 1.0
+    assert "GradCAM's health" in format_table(report["splits"])
     # The same data with a working text tower: GradCAM points somewhere for every sample.
     cfg = small_config(synthref_small, tmp_path, f"train.name={source}-ok", "train.epochs=1",
                        f"pseudo.attention_source={source}")

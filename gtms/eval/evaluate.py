@@ -37,6 +37,7 @@ from gtms.eval.metrics import (
     peak_in_box,
     score_prediction,
 )
+from gtms.eval.attention import attention_sources
 from gtms.eval.pseudo_quality import PseudoLabelMeters, format_pseudo_table
 from gtms.train.checkpoint import Trained, load_trained
 from gtms.train.contexts import preprocessed_samples, stacked_batches
@@ -97,7 +98,9 @@ def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *
     :mod:`gtms.eval.pseudo_quality` (the actors then build trees and forests too)."""
     spec = spec_for("eval", input_size=cfg.data.input_size, word_len=cfg.data.word_len,
                     mode=cfg.loss.mode, seed=cfg.train.seed, with_tree_in_eval=pseudo_labels)
-    pseudo = PseudoLabelMeters() if pseudo_labels else None
+    pseudo = None
+    if pseudo_labels:
+        pseudo = PseudoLabelMeters(attention_sources(cfg, device, roles=("eval",))["eval"])
     batches = split_batches(root, split, spec, pool, batch_size=cfg.train.eval_batch_size,
                             strict=cfg.data.strict, limit=cfg.data.limit_eval_refs)
     meter = SegmentationMeter()

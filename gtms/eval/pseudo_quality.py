@@ -21,8 +21,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gtms.eval.metrics import SegmentationMeter, aligned_table, intersection_union
-from gtms.pseudo.gradcam import gradcam_attention
+from gtms.eval.metrics import AttentionMeter, SegmentationMeter, aligned_table, intersection_union
+from gtms.pseudo.attention_source import AttentionSource, TrainedAttention
+from gtms.pseudo.gradcam import attention_from_cam
 from gtms.pseudo.pseudo_label import filtered_label, vertex_weights
 
 W_SOURCES = ("box", "gradcam", "oracle", "mask")
@@ -43,25 +44,32 @@ def weight_variants(box: torch.Tensor, mask: torch.Tensor, forest: torch.Tensor,
 class PseudoLabelMeters:
     """P-hat and W quality per ``W`` source, accumulated over sentences."""
 
-    def __init__(self):
+    def __init__(self, attention: AttentionSource | None = None):
         self.pseudo_label = {name: SegmentationMeter() for name in W_SOURCES}
         self.weights = {name: SegmentationMeter() for name in W_SOURCES}
+        self.source = attention if attention is not None else TrainedAttention()
+        self.attention = AttentionMeter()   # GradCAM's health (fallback, pointing, contrast)
 
     @torch.no_grad()
     def add_batch(self, model_out, core: torch.nn.Module, batch: dict[str, np.ndarray], *,
                   sigma: float, binarize_at: float, threshold: float) -> None:
         """``model_out``: the model's output on the batch (logits, layer4, sentence);
-        ``core``: the model (its attention pool gives GradCAM); ``batch``: numpy columns with
-        ``box``, ``mask``, ``parent``, ``order``, ``dist`` and ``forest``."""
+        ``core``: the model (its attention pool gives GradCAM, unless the meters were given
+        another attention source); ``batch``: numpy columns with ``image``, ``tokens``,
+        ``ref_id``, ``sent_index``, ``box``, ``mask``, ``parent``, ``order``, ``dist`` and
+        ``forest``."""
         n = len(batch["box"])
         device = model_out.logits.device
         tensor = {k: torch.from_numpy(np.array(batch[k])).to(device)  # a writable copy
-                  for k in ("box", "mask", "parent", "order", "dist", "forest")}
+                  for k in ("box", "mask", "parent", "order", "dist", "forest", "image",
+                            "tokens", "ref_id", "sent_index") if k in batch}
         box = tensor["box"].float()
         probs = torch.sigmoid(model_out.logits.detach().float())[:, 0].reshape(n, -1)
-        attention = gradcam_attention(model_out.layer4, model_out.sentence,
-                                      core.global_image_embedding, box).to(device)
+        attention, fallback = attention_from_cam(self.source.cams(model_out, tensor, core), box)
+        attention = attention.to(device)
         masks = np.asarray(batch["mask"]) > 0.5
+        self.attention.add(attention.cpu().numpy(), fallback.cpu().numpy(),
+                           np.asarray(batch["box"]), masks)
         variants = weight_variants(box.reshape(n, -1), tensor["mask"].reshape(n, -1),
                                    tensor["forest"].reshape(n, -1), attention.reshape(n, -1))
         for name, weights in variants.items():
@@ -80,6 +88,8 @@ class PseudoLabelMeters:
             if len(self.pseudo_label[name]):
                 out[f"phat_{name}_mean_iou"] = self.pseudo_label[name].summary()["mean_iou"]
                 out[f"w_{name}_mean_iou"] = self.weights[name].summary()["mean_iou"]
+        if len(self.attention):
+            out.update(self.attention.summary())
         return out
 
 
@@ -92,7 +102,19 @@ def format_pseudo_table(results: dict[str, dict]) -> str:
             continue
         rows.append([split] + [f"{100 * m[f'phat_{n}_mean_iou']:.1f} "
                                f"({100 * m[f'w_{n}_mean_iou']:.1f})" for n in W_SOURCES])
-    return "\n".join(["pseudo labels from this model's P (mean IoU against the GT mask at stride "
-                      "4; W's own in brackets): box = the tree row, gradcam = forest x this "
-                      "model's GradCAM (GTMS), oracle = forest x the GT mask as attention, "
-                      "mask = W is the GT mask:", *aligned_table(rows)])
+    lines = ["pseudo labels from this model's P (mean IoU against the GT mask at stride "
+             "4; W's own in brackets): box = the tree row, gradcam = forest x this "
+             "model's GradCAM (GTMS), oracle = forest x the GT mask as attention, "
+             "mask = W is the GT mask:", *aligned_table(rows)]
+    health = [["split", "A fallback %", "A pointing %", "chance %", "A contrast"]]
+    for split, m in results.items():
+        if "attention_fallback" in m:
+            health.append([split, f"{100 * m['attention_fallback']:.1f}",
+                           f"{100 * m.get('attention_pointing', float('nan')):.1f}",
+                           f"{100 * m.get('attention_pointing_chance', float('nan')):.1f}",
+                           f"{m.get('attention_contrast', float('nan')):+.3f}"])
+    if len(health) > 1:
+        lines += ["", "GradCAM's health: A fell back to the box (map zero in the box), its "
+                  "in-box peak on the mask (when not fallen back) against a random in-box "
+                  "cell, mean A on the mask minus off it in the box:", *aligned_table(health)]
+    return "\n".join(lines)

@@ -32,6 +32,7 @@ from gtms.data.pipeline import (
 )
 from gtms.data.tokenizer import ClipTokenizer
 from gtms.errors import UserError
+from gtms.eval.attention import attention_sources
 from gtms.eval.metrics import iou_from_counts
 from gtms.train.contexts import iter_shard_rows
 from gtms.train.step import new_meters, validation_step
@@ -55,6 +56,7 @@ class SampleFigure:
     sentence: str
     iou: float                  # prediction vs mask, original resolution (CRIS protocol)
     pseudo_label_iou: float     # P-hat > threshold vs mask, at stride 4
+    attention_fallback: bool    # GradCAM's map was zero in the box: A = W = box
     path: str = ""
 
 
@@ -95,12 +97,16 @@ def draw_samples(model: torch.nn.Module, cfg: Config, samples: list[dict[str, An
     """Predict, make the pseudo labels and draw one row of panels per sample."""
     model.eval()
     out = []
+    device = next(model.parameters()).device
+    attention = attention_sources(cfg, device, roles=("val",))["val"]
     for start in range(0, len(samples), batch_size):
         batch = stack_samples(samples[start:start + batch_size], spec)
         meters = new_meters()
         result = validation_step(model, batch, meters, input_size=cfg.data.input_size,
                                  threshold=cfg.train.threshold, pseudo_mode=PSEUDO_MODE,
-                                 sigma=cfg.pseudo.sigma)
+                                 sigma=cfg.pseudo.sigma, binarize_at=cfg.pseudo.binarize_at,
+                                 attention=attention)
+        fallback = result["pseudo"].fallback.cpu().numpy()
         ious = iou_from_counts(meters.prediction.inter, meters.prediction.union)
         pseudo_ious = iou_from_counts(meters.pseudo_label.inter, meters.pseudo_label.union)
         for i in range(len(batch["image"])):
@@ -111,7 +117,7 @@ def draw_samples(model: torch.nn.Module, cfg: Config, samples: list[dict[str, An
                                             titles=titles), axis=1)
             figure = SampleFigure(int(batch["ref_id"][i]), int(batch["sent_index"][i]),
                                   str(batch["sentence"][i]), round(float(ious[i]), 4),
-                                  round(float(pseudo_ious[i]), 4))
+                                  round(float(pseudo_ious[i]), 4), bool(fallback[i]))
             out.append((figure, row))
     return out
 
