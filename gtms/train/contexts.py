@@ -20,6 +20,7 @@ from gtms.data.pipeline import (
     SampleSpec,
     batch_rows,
     drop_skipped,
+    part_name,
     placeholder_sample,
     preprocess_ref,
     select_sentences,
@@ -306,7 +307,7 @@ class RayTrainContext:
     def train_batches(self, epoch: int, batch_size: int) -> Iterable[Batch]:
         import ray.train
 
-        shard = ray.train.get_dataset_shard("train")
+        shard = ray.train.get_dataset_shard(part_name("train", self.rank))
         batches = shard.iter_batches(batch_size=batch_size, batch_format="numpy",
                                      prefetch_batches=4, local_shuffle_buffer_size=4 * batch_size,
                                      local_shuffle_seed=self.seed + 1000 * epoch + self.rank)
@@ -318,8 +319,8 @@ class RayTrainContext:
         import ray.train
 
         epoch = self.epoch
-        batches = ray.train.get_dataset_shard("val").iter_batches(batch_size=batch_size,
-                                                                  batch_format="numpy")
+        batches = ray.train.get_dataset_shard(part_name("val", self.rank)).iter_batches(
+            batch_size=batch_size, batch_format="numpy")
         return finished_batches(batches, drop_skipped, lambda c: self._bad.add("val", epoch, c))
 
     def bad_rows(self, epoch: int) -> dict[str, dict[str, int]]:
