@@ -369,10 +369,19 @@ def ray_datasets(cfg: Config, root: str, specs: dict[str, SampleSpec],
         if keep[role]:
             started = time.perf_counter()
             say(f"preprocessing {role} once (decode, letterbox, trees) to keep it in memory")
-            parts = [part.materialize() for part in parts]
+            parts = materialized(parts)
             say(f"preprocessed {role} in {time.perf_counter() - started:.1f} s")
         datasets.update({part_name(role, rank): part for rank, part in enumerate(parts)})
     return datasets
+
+
+def materialized(datasets: list) -> list:
+    """``datasets`` preprocessed at once (their pipelines side by side, as the workers' would
+    run when streamed), each kept in the object store."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(datasets)) as pool:
+        return list(pool.map(lambda ds: ds.materialize(), datasets))
 
 
 def fit_on_ray(plan: RunPlan, specs: dict[str, SampleSpec], keep: dict[str, bool],
