@@ -364,8 +364,9 @@ def steps_per_epoch(n_refs: int, batch_size: int, world_size: int) -> int:
     merged into its neighbour (:func:`without_single_samples`).
 
     Exact for one worker. Several workers step together (DDP) as often as the one with the most
-    batches; this assumes an even share, but Ray hands each worker whole blocks as it asks for
-    them, so the busiest worker may get a few batches more (the loop records the real count).
+    batches; this assumes an even share, but worker ``r`` gets the refs with
+    ``ref_id % world_size == r`` (:func:`gtms.data.pipeline.part_name`), so the busiest worker
+    may get a few batches more (the loop records the real count).
     """
     share = math.ceil(n_refs / max(world_size, 1))
     sizes = [batch_size] * (share // batch_size) + ([share % batch_size] if share % batch_size

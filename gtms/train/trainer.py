@@ -226,7 +226,7 @@ def sample_specs(cfg: Config) -> dict[str, SampleSpec]:
 
 def print_plan(plan: RunPlan) -> None:
     cfg = plan.cfg
-    # One worker's count is exact; Ray gives several workers uneven shares (see steps_per_epoch).
+    # One worker's count is exact; several workers' shares (by ref_id) can be uneven.
     steps = f"{plan.steps} steps/epoch" if plan.world == 1 else \
         f"about {plan.steps} steps/epoch (the worker with the most batches sets the count)"
     say(f"run folder: {plan.paths.run_dir}")
