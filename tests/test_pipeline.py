@@ -327,5 +327,21 @@ def test_ingest_options_use_no_deprecated_ray_option():
         options = ingest_options()
     current = DataContext.get_current().execution_options
     assert options.resource_limits == current.resource_limits
-    assert options.preserve_order == current.preserve_order
+    assert options.preserve_order   # the workers' rows in a fixed order (issue 27)
     assert options is not current
+
+
+def test_pool_per_part_keeps_the_local_resource_plan():
+    """One pool per trainer worker: at least one actor each, together the CPUs of the one pool
+    the resource plan counts (gtms.runtime.local_num_cpus)."""
+    from gtms.data.pipeline import PoolSpec
+
+    assert PoolSpec(1, 0, 1.0, 32).per_part(1) == PoolSpec(1, 0, 1.0, 32)
+    assert PoolSpec(1, 0, 1.0, 32).per_part(2) == PoolSpec(1, 0, 0.5, 32)
+    assert PoolSpec(4, 8, 1.0, 32).per_part(2) == PoolSpec(2, 4, 1.0, 32)
+    for pool in (PoolSpec(3, 0, 1.0, 8), PoolSpec(2, 4, 0.5, 8), PoolSpec(1, 3, 1.0, 8)):
+        for parts in (2, 3, 4):
+            each = pool.per_part(parts)
+            assert each.size >= 1
+            assert parts * each.size * each.actor_cpus == pytest.approx(pool.size *
+                                                                         pool.actor_cpus)

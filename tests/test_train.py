@@ -447,3 +447,41 @@ def test_local_context_keeps_checkpoints_like_ray(tmp_path):
     assert sorted(resumed.checkpoints) == [2, 4]
     assert [report(resumed, e, s) for e, s in enumerate(RETENTION_SCORES[4:], start=5)] == \
         RETENTION_KEPT[4:]
+
+
+# Keys of metrics.jsonl that measure time (they differ between two runs of the same command).
+TIMING_KEYS = ("seconds", "samples_per_s", "data_wait", "startup_s")
+
+
+def metric_numbers(path: Path) -> list[dict[str, float]]:
+    """Every numeric value of a run's metrics.jsonl, per epoch, except the timings."""
+    return [{key: value for key, value in row.items()
+             if isinstance(value, (int, float)) and not any(t in key for t in TIMING_KEYS)}
+            for row in read_jsonl(path)]
+
+
+def train_twice(root: Path, run_dir: Path, *extra: str, no_ray: bool) -> list[list[dict]]:
+    """The same small 2-epoch training run twice; the numbers of each run's metrics.jsonl."""
+    numbers = []
+    for name in ("first", "second"):
+        cfg = small_config(root, run_dir, f"train.name={name}", "train.batch_size=4",
+                           "train.image_grid_every=0", *extra)
+        fit(cfg, no_ray=no_ray)
+        numbers.append(metric_numbers(run_dir / name / "metrics.jsonl"))
+    return numbers
+
+
+@pytest.mark.integration
+def test_ray_training_gives_the_same_numbers_twice(synthref_small, tmp_path, ray_cluster):
+    """Same config, seed and worker count: two Ray Train runs (2 workers) give identical
+    metrics; which refs each worker gets, and in what order, does not depend on timing."""
+    first, second = train_twice(synthref_small, tmp_path, "ray.num_workers=2", no_ray=False)
+    assert [m["epoch"] for m in first] == [1, 2]
+    assert first[0]["train_loss"] != first[1]["train_loss"]   # it trained
+    assert first == second
+
+
+def test_plain_training_gives_the_same_numbers_twice(synthref_small, tmp_path):
+    first, second = train_twice(synthref_small, tmp_path, no_ray=True)
+    assert [m["epoch"] for m in first] == [1, 2]
+    assert first == second

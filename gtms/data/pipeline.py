@@ -376,15 +376,56 @@ class PoolSpec:
             return ray.data.ActorPoolStrategy(min_size=self.size, max_size=self.max_size)
         return ray.data.ActorPoolStrategy(size=self.size)
 
+    def per_part(self, parts: int) -> PoolSpec:
+        """The pool of one of ``parts`` datasets that run at once (one per trainer worker): at
+        least one actor each, the CPUs of this pool shared out, so that the parts together
+        reserve what this pool does (the local resource plan, :mod:`gtms.runtime`)."""
+        if parts <= 1:
+            return self
+        size = -(-self.size // parts)
+        max_size = -(-self.max_size // parts) if self.max_size > self.size else 0
+        return PoolSpec(size, max_size if max_size > size else 0,
+                        self.actor_cpus * self.size / (parts * size), self.batch_size)
+
+
+def part_name(role: str, rank: int) -> str:
+    """The name of trainer worker ``rank``'s own dataset of ``role`` (``train`` or ``val``)."""
+    return f"{role}_{rank}"
+
+
+def _part_filter(rank: int, parts: int):
+    """A ``map_batches`` function (pyarrow batches) that keeps the rows of part ``rank``: the
+    refs whose ``ref_id % parts == rank``."""
+
+    def keep(table):
+        import pyarrow as pa
+
+        ids = table.column("ref_id").to_numpy(zero_copy_only=False)
+        return table.filter(pa.array(ids % parts == rank))
+
+    return keep
+
 
 def build_dataset(root: str, split: str, spec: SampleSpec, pool: PoolSpec, *,
-                  strict: bool = False, limit: int = 0, shuffle_seed: int | None = None):
-    """Read a split's shards and map them through the preprocessing actor pool (lazy)."""
+                  strict: bool = False, limit: int = 0, shuffle_seed: int | None = None,
+                  part: tuple[int, int] | None = None):
+    """Read a split's shards and map them through the preprocessing actor pool (lazy).
+
+    The rows come out in a fixed order (``preserve_order``): the files' order, or with
+    ``shuffle_seed`` a seeded random order of their blocks. ``limit`` keeps the first rows of
+    the files' order. ``part = (rank, parts)`` keeps the refs with ``ref_id % parts == rank``
+    (before preprocessing: each ref is preprocessed by one part only).
+    """
     import ray.data
 
     ds = ray.data.read_parquet(shard_uri(root, split)).select_columns(list(SHARD_COLUMNS))
+    # Without it, limit() and the output order follow whichever task finishes first.
+    ds.context.execution_options.preserve_order = True
     if limit:
         ds = ds.limit(limit)
+    if part is not None and part[1] > 1:
+        ds = ds.map_batches(_part_filter(*part), batch_format="pyarrow", batch_size=None,
+                            zero_copy_batch=True)
     if shuffle_seed is not None:
         ds = ds.randomize_block_order(seed=shuffle_seed)
     ds = ds.map_batches(
@@ -392,34 +433,38 @@ def build_dataset(root: str, split: str, spec: SampleSpec, pool: PoolSpec, *,
         fn_constructor_kwargs={"spec": spec, "strict": strict},
         batch_size=pool.batch_size, batch_format="numpy", compute=pool.compute(),
         num_cpus=pool.actor_cpus)
-    # Small output blocks: a streaming split hands out whole blocks, so one big block (a whole
-    # row group) would feed a single trainer worker while the others wait.
+    # Small output blocks: the local shuffle buffer mixes rows across blocks, and a block is
+    # what the iterator prefetches.
     ds.context.target_max_block_size = max(sample_nbytes(spec) * pool.batch_size, 1 << 20)
     return ds
 
 
 def ingest_options():
-    """Ray Data options for a trainer's dataset shards: this process's ``DataContext`` limits,
-    order and verbosity (Ray Train's ``DataConfig.default_ingest_options()`` also copies the
-    deprecated ``exclude_resources``, which warns on every run)."""
+    """Ray Data options for a trainer's datasets: this process's ``DataContext`` limits and
+    verbosity, and the rows in their fixed order (Ray Train's
+    ``DataConfig.default_ingest_options()`` also copies the deprecated ``exclude_resources``,
+    which warns on every run)."""
     from ray.data import DataContext, ExecutionOptions
 
     current = DataContext.get_current().execution_options
     return ExecutionOptions(resource_limits=copy.deepcopy(current.resource_limits),
-                            preserve_order=current.preserve_order,
+                            preserve_order=True,
                             verbose_progress=current.verbose_progress)
 
 
-def exact_split_data_config(datasets_to_split: list[str]):
-    """A Ray Train ``DataConfig`` whose splits cover every row exactly once.
+def per_worker_data_config():
+    """A Ray Train ``DataConfig`` for datasets made per worker (:func:`part_name`): nothing is
+    split by Ray; each worker reads only its own, in its fixed order.
 
-    Ray's default ``streaming_split(equal=True)`` drops up to ``world_size - 1`` rows per epoch
-    to equalise the shards; this one keeps every row (``equal=False``) and the training loop
-    handles the uneven tail with DDP's ``join()``.
+    Ray's ``streaming_split`` hands blocks to whichever worker asks first, so which refs a
+    worker trained on, and in what order, followed timing, and two runs of the same command
+    gave different numbers. Here the split is a pure function of ``ref_id`` and the worker
+    count, and every ref is used exactly once per epoch (the training loop handles the uneven
+    tail with DDP's ``join()``).
     """
     from ray.train import DataConfig
 
-    class ExactSplitDataConfig(DataConfig):
+    class PerWorkerDataConfig(DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             output = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
@@ -427,15 +472,11 @@ def exact_split_data_config(datasets_to_split: list[str]):
                     ds.set_name(name)
                 ds = ds.copy(ds)
                 ds.context.execution_options = ingest_options()
-                if name in self._datasets_to_split:
-                    for i, part in enumerate(ds.streaming_split(world_size, equal=False)):
-                        output[i][name] = part
-                else:
-                    for i in range(world_size):
-                        output[i][name] = ds.iterator()
+                for i in range(world_size):
+                    output[i][name] = ds.iterator()
             return output
 
-    return ExactSplitDataConfig(datasets_to_split=datasets_to_split)
+    return PerWorkerDataConfig(datasets_to_split=[])
 
 
 def spec_for(split_role: str, *, input_size: int, word_len: int, mode: str, seed: int,

@@ -77,7 +77,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 DEFAULT_ROWS_PER_FILE = 1024
 # Ray Data hands whole row groups to one preprocessing actor: 64 refs keeps a pool of actors
-# (and the streaming split to trainer workers) busy even on small splits.
+# busy even on small splits.
 DEFAULT_ROWS_PER_ROW_GROUP = 64
 SPLIT_ORDER = ("train", "val", "test", "testA", "testB", "testC")
 

@@ -20,6 +20,7 @@ from gtms.data.pipeline import (
     SampleSpec,
     batch_rows,
     drop_skipped,
+    part_name,
     placeholder_sample,
     preprocess_ref,
     select_sentences,
@@ -352,7 +353,7 @@ class RayTrainContext:
     def train_batches(self, epoch: int, batch_size: int) -> Iterable[Batch]:
         import ray.train
 
-        shard = ray.train.get_dataset_shard("train")
+        shard = ray.train.get_dataset_shard(part_name("train", self.rank))
         batches = shard.iter_batches(batch_size=batch_size, batch_format="numpy",
                                      prefetch_batches=4, local_shuffle_buffer_size=4 * batch_size,
                                      local_shuffle_seed=self.seed + 1000 * epoch + self.rank)
@@ -364,8 +365,8 @@ class RayTrainContext:
         import ray.train
 
         epoch = self.epoch
-        batches = ray.train.get_dataset_shard("val").iter_batches(batch_size=batch_size,
-                                                                  batch_format="numpy")
+        batches = ray.train.get_dataset_shard(part_name("val", self.rank)).iter_batches(
+            batch_size=batch_size, batch_format="numpy")
         return finished_batches(batches, drop_skipped, lambda c: self._bad.add("val", epoch, c))
 
     def bad_rows(self, epoch: int) -> dict[str, dict[str, int]]:
@@ -409,8 +410,9 @@ def steps_per_epoch(n_refs: int, batch_size: int, world_size: int) -> int:
     merged into its neighbour (:func:`without_single_samples`).
 
     Exact for one worker. Several workers step together (DDP) as often as the one with the most
-    batches; this assumes an even share, but Ray hands each worker whole blocks as it asks for
-    them, so the busiest worker may get a few batches more (the loop records the real count).
+    batches; this assumes an even share, but worker ``r`` gets the refs with
+    ``ref_id % world_size == r`` (:func:`gtms.data.pipeline.part_name`), so the busiest worker
+    may get a few batches more (the loop records the real count).
     """
     share = math.ceil(n_refs / max(world_size, 1))
     sizes = [batch_size] * (share // batch_size) + ([share % batch_size] if share % batch_size

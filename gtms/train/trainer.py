@@ -28,8 +28,9 @@ from gtms.data.pipeline import (
     PoolSpec,
     SampleSpec,
     build_dataset,
-    exact_split_data_config,
     fits_in_memory,
+    part_name,
+    per_worker_data_config,
     preprocessed_nbytes,
     spec_for,
     split_size,
@@ -225,7 +226,7 @@ def sample_specs(cfg: Config) -> dict[str, SampleSpec]:
 
 def print_plan(plan: RunPlan) -> None:
     cfg = plan.cfg
-    # One worker's count is exact; Ray gives several workers uneven shares (see steps_per_epoch).
+    # One worker's count is exact; several workers' shares (by ref_id) can be uneven.
     steps = f"{plan.steps} steps/epoch" if plan.world == 1 else \
         f"about {plan.steps} steps/epoch (the worker with the most batches sets the count)"
     say(f"run folder: {plan.paths.run_dir}")
@@ -351,23 +352,36 @@ def _ray_worker(loop_config: dict) -> dict:
 
 def ray_datasets(cfg: Config, root: str, specs: dict[str, SampleSpec],
                  keep: dict[str, bool]) -> dict[str, Any]:
-    """The train and val Ray Datasets; splits that fit in memory are preprocessed once here."""
+    """Each worker's own train and val Ray Datasets (:func:`gtms.data.pipeline.part_name`:
+    worker ``r`` of ``n`` gets the refs with ``ref_id % n == r``, in a fixed order); parts
+    that fit in memory are preprocessed once here."""
+    world = max(cfg.ray.num_workers, 1)
     pool = PoolSpec(cfg.ray.preprocess_actors, cfg.ray.preprocess_actors_max,
-                    cfg.ray.actor_cpus, batch_size=cfg.ray.preprocess_batch_size)
-    datasets = {
-        "train": build_dataset(root, cfg.data.train_split, specs["train"], pool,
-                               strict=cfg.data.strict, limit=cfg.data.limit_train_refs,
-                               shuffle_seed=cfg.train.seed),
-        "val": build_dataset(root, cfg.data.val_split, specs["val"], pool,
-                             strict=cfg.data.strict, limit=cfg.data.limit_eval_refs),
-    }
+                    cfg.ray.actor_cpus, batch_size=cfg.ray.preprocess_batch_size).per_part(world)
+    splits = {"train": (cfg.data.train_split, cfg.data.limit_train_refs, cfg.train.seed),
+              "val": (cfg.data.val_split, cfg.data.limit_eval_refs, None)}
+    datasets = {}
     for role in ("val", "train"):  # preprocessing does not depend on the epoch: do it once
+        split, limit, shuffle_seed = splits[role]
+        parts = [build_dataset(root, split, specs[role], pool, strict=cfg.data.strict,
+                               limit=limit, shuffle_seed=shuffle_seed, part=(rank, world))
+                 for rank in range(world)]
         if keep[role]:
             started = time.perf_counter()
             say(f"preprocessing {role} once (decode, letterbox, trees) to keep it in memory")
-            datasets[role] = datasets[role].materialize()
+            parts = materialized(parts)
             say(f"preprocessed {role} in {time.perf_counter() - started:.1f} s")
+        datasets.update({part_name(role, rank): part for rank, part in enumerate(parts)})
     return datasets
+
+
+def materialized(datasets: list) -> list:
+    """``datasets`` preprocessed at once (their pipelines side by side, as the workers' would
+    run when streamed), each kept in the object store."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(datasets)) as pool:
+        return list(pool.map(lambda ds: ds.materialize(), datasets))
 
 
 def fit_on_ray(plan: RunPlan, specs: dict[str, SampleSpec], keep: dict[str, bool],
@@ -395,7 +409,7 @@ def fit_on_ray(plan: RunPlan, specs: dict[str, SampleSpec], keep: dict[str, bool
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             callbacks=callbacks),
         datasets=ray_datasets(cfg, plan.root, specs, keep),
-        dataset_config=exact_split_data_config(["train", "val"]),
+        dataset_config=per_worker_data_config(),
     )
     say(f"starting {cfg.ray.num_workers} Ray Train worker(s); progress every "
         f"{progress_every_s():.0f} s, one line per epoch")
