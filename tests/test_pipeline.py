@@ -55,7 +55,10 @@ def test_training_sample_shapes_and_tree(rows, tokenizer):
     assert (sample["parent"] == -1).sum() == 1
     inside = sample["box"].reshape(-1) > 0
     assert np.all(sample["forest"][~inside] == -1) and np.all(sample["forest"][inside] >= 0)
-    assert "mask" not in sample and "mask_rle" not in sample
+    # The GT mask travels to measure GradCAM against (never trained on); no evaluation meta.
+    assert sample["mask"].shape == (SIZE // 4, SIZE // 4) and "mask_rle" not in sample
+    box_lloc = spec_for("train", input_size=SIZE, word_len=17, mode="box-lloc", seed=0)
+    assert "mask" not in preprocess_ref(row, box_lloc, tokenizer)[0]
 
 
 def test_eval_emits_every_sentence(rows, tokenizer):
