@@ -121,6 +121,14 @@ class TimedBatches:
             yield batch
 
 
+def training_autocast(device: torch.device, cfg: Config, scaler) -> torch.autocast:
+    """The training step's autocast: fp16 with a grad scaler on CUDA (``optim.amp``), bfloat16
+    on CPU (``optim.cpu_bf16``), else off. Losses and pseudo labels are computed in float32."""
+    if device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.optim.cpu_bf16)
+    return torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None)
+
+
 def optimizer_step(model, optimizer, scaler, loss: torch.Tensor, grad_clip: float) -> None:
     """Backward, optional gradient clipping and the update; with AMP when ``scaler`` is set."""
     optimizer.zero_grad(set_to_none=True)
@@ -164,7 +172,9 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
     with joiner, progress:
         for batch in timed:
             batch = to_device(batch, ctx.device)
-            with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=scaler is not None):
+            if cfg.optim.channels_last:
+                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+            with training_autocast(ctx.device, cfg, scaler):
                 result = compute_losses(model, batch, mode=cfg.loss.mode, sigma=cfg.pseudo.sigma,
                                         gamma=gamma_for(cfg, step, steps_per_epoch),
                                         binarize_at=cfg.pseudo.binarize_at,
@@ -282,6 +292,8 @@ def train_loop(config: dict, ctx: LoopContext, *, run_dir: str | None,
     latest = ctx.latest_checkpoint()
     if latest is not None:
         done, step = _restore(latest, model, optimizer, scheduler, scaler)
+    if cfg.optim.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model = ctx.prepare_model(model)
     attention = attention_sources(cfg, ctx.device)
     log = RunLogger(run_dir) if (ctx.rank == 0 and run_dir) else None
