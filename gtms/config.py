@@ -123,6 +123,10 @@ class LossConfig:
     # "image" (ours: every pixel, the target 0 outside the box, so a prediction spilling out of
     # the box is penalised per pixel as box BCE does; see the README, "Table 2 on the laptop").
     pixel_region: Literal["box", "image"] = "box"
+    # Weight of an auxiliary image-sentence contrastive loss (symmetric InfoNCE over the batch
+    # between CLIP's global image embedding and the sentence feature; ours, 0 = off): a
+    # candidate to keep the alignment GradCAM reads (gtms/pseudo/losses.py alignment_loss).
+    align_weight: float = field(default=0.0, metadata=_non_negative())
 
 
 @dataclass(frozen=True)

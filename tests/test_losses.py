@@ -227,3 +227,16 @@ def test_gamma_schedule_options_and_errors():
     ):
         with pytest.raises(ValueError):
             gamma_at(**kwargs)
+
+
+def test_alignment_loss_is_clips_symmetric_cross_entropy():
+    from gtms.pseudo.losses import alignment_loss
+
+    torch.manual_seed(0)
+    image, text = torch.randn(5, 8), torch.randn(5, 8)
+    cos = torch.nn.functional.cosine_similarity(image[:, None], text[None], dim=-1) / 0.07
+    rows = -(cos.diag() - cos.logsumexp(dim=1)).mean()      # image -> its own sentence
+    cols = -(cos.diag() - cos.logsumexp(dim=0)).mean()      # sentence -> its own image
+    assert torch.allclose(alignment_loss(image, text), (rows + cols) / 2, atol=1e-5)
+    aligned = torch.eye(5, 8)
+    assert alignment_loss(aligned, aligned) < 1e-3 < alignment_loss(aligned, aligned.roll(1, 0))

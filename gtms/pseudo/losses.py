@@ -170,3 +170,16 @@ def gtms_loss(
     pix = pixel_loss(logits, pseudo_label, box, pixel, pixel_region)["pix"]
     gamma_t = torch.as_tensor(float(gamma), dtype=loc.dtype, device=loc.device)
     return {"loss": loc + gamma_t * pix, "loc": loc, "pix": pix, "gamma": gamma_t}
+
+
+def alignment_loss(image_embedding: torch.Tensor, sentence: torch.Tensor,
+                   temperature: float = 0.07) -> torch.Tensor:
+    """CLIP's contrastive objective on a batch (ours, ``loss.align_weight``): symmetric
+    cross-entropy of the cosine similarities ``[B, B]`` / ``temperature``, each image's own
+    sentence the positive. ``image_embedding`` ``[B, D]`` (CLIP's global embedding),
+    ``sentence`` ``[B, D]``; 0-d tensor. Refs of one image are false negatives here."""
+    image = nnf.normalize(image_embedding.float(), dim=-1)
+    text = nnf.normalize(sentence.float(), dim=-1)
+    logits = image @ text.t() / temperature
+    target = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (nnf.cross_entropy(logits, target) + nnf.cross_entropy(logits.t(), target))

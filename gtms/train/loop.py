@@ -180,7 +180,8 @@ def train_one_epoch(model, optimizer, scaler, ctx: LoopContext, cfg: Config, *, 
                                         binarize_at=cfg.pseudo.binarize_at,
                                         pixel=cfg.loss.pixel,
                                         pixel_region=cfg.loss.pixel_region,
-                                        attention=attention)
+                                        attention=attention,
+                                        align_weight=cfg.loss.align_weight)
             add_attention(health, result.pseudo, batch)
             loss = result.terms["loss"]
             if not torch.isfinite(loss):

@@ -18,7 +18,8 @@ from gtms.console import say
 from gtms.eval.metrics import percent
 
 CONSOLE_KEYS = (("train_loss", "loss"), ("train_loc", "loc"), ("train_pix", "pix"),
-                ("train_bce", "bce"), ("train_gamma", "gamma"), ("lr", "lr"),
+                ("train_bce", "bce"), ("train_align", "align"), ("train_gamma", "gamma"),
+                ("lr", "lr"),
                 ("train_steps", "steps"),
                 ("train_samples_per_s", "samples/s/worker"), ("train_data_wait", "data wait"),
                 ("val_mean_iou", "val mIoU"),

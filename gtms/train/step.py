@@ -20,6 +20,7 @@ from gtms.eval.metrics import (
 )
 from gtms.modes import get_mode
 from gtms.pseudo import gtms_loss, make_pseudo_labels
+from gtms.pseudo.losses import alignment_loss
 from gtms.pseudo.attention_source import AttentionSource, TrainedAttention
 from gtms.pseudo.pseudo_label import PseudoLabels
 
@@ -64,7 +65,8 @@ def add_attention(meter: AttentionMeter, pseudo: PseudoLabels | None,
 def compute_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mode: str,
                    sigma: float, gamma: float, binarize_at: float = 0.0,
                    pixel: str = "l1", pixel_region: str = "box",
-                   attention: AttentionSource | None = None) -> StepOutput:
+                   attention: AttentionSource | None = None,
+                   align_weight: float = 0.0) -> StepOutput:
     """Forward, pseudo labels (modes ``tree`` / ``forest-gradcam``) and the loss terms. Only
     ``mask-bce`` trains on the batch's mask; other rows may carry it to be measured against."""
     out = model(batch["image"], batch["tokens"])
@@ -77,6 +79,10 @@ def compute_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mo
                       mask=batch.get("mask") if get_mode(mode).mask else None, gamma=gamma,
                       pixel=pixel,
                       pixel_region=pixel_region)
+    if align_weight > 0:
+        terms["align"] = alignment_loss(unwrap(model).global_image_embedding(out.layer4),
+                                        out.sentence)
+        terms["loss"] = terms["loss"] + align_weight * terms["align"]
     return StepOutput(terms, out.logits, pseudo)
 
 
