@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train import read_jsonl, small_config
 
 from gtms.eval.evaluate import evaluate, format_table
 from gtms.eval.metrics import AttentionMeter
@@ -14,8 +15,6 @@ from gtms.model.build import build_model, starting_backbone
 from gtms.pseudo.attention_source import FrozenAttention, TrainedAttention
 from gtms.pseudo.gradcam import attention_from_cam, gradcam_attention
 from gtms.train.trainer import fit
-
-from test_train import read_jsonl, small_config
 
 
 def _scene(rng, n=40, side=8):

@@ -25,6 +25,7 @@ from gtms.data.pipeline import PoolSpec, SampleSpec, build_dataset, drop_skipped
 from gtms.data.shards import verify_shards
 from gtms.data.tokenizer import ClipTokenizer
 from gtms.errors import UserError
+from gtms.eval.attention import attention_sources
 from gtms.eval.metrics import (
     ERROR_KEYS,
     PREC_THRESHOLDS,
@@ -37,7 +38,6 @@ from gtms.eval.metrics import (
     peak_in_box,
     score_prediction,
 )
-from gtms.eval.attention import attention_sources
 from gtms.eval.pseudo_quality import PseudoLabelMeters, format_pseudo_table
 from gtms.train.checkpoint import Trained, load_trained
 from gtms.train.contexts import preprocessed_samples, stacked_batches

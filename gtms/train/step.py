@@ -20,8 +20,8 @@ from gtms.eval.metrics import (
 )
 from gtms.modes import get_mode
 from gtms.pseudo import gtms_loss, make_pseudo_labels
-from gtms.pseudo.losses import alignment_loss
 from gtms.pseudo.attention_source import AttentionSource, TrainedAttention
+from gtms.pseudo.losses import alignment_loss
 from gtms.pseudo.pseudo_label import PseudoLabels
 
 
