@@ -247,7 +247,12 @@ def test_compare_pairs_rows_by_seed():
     result = compare(_trials(ORDER_SCORES), list(ORDER_SCORES), ["val", "testA"])
     pairs = {(p["lower"], p["higher"]): p for p in result["pairs"]}
     assert list(pairs) == [("box-bce", "box-lloc"), ("box-lloc", "tree"),
-                           ("tree", "forest-gradcam"), ("forest-gradcam", "mask-bce")]
+                           ("tree", "forest-gradcam"), ("forest-gradcam", "mask-bce"),
+                           ("box-lloc", "forest-gradcam")]   # GTMS over L_loc alone, too
+    # Per seed, the skip-pair's difference is the two adjacent differences it spans.
+    np.testing.assert_allclose(pairs[("box-lloc", "forest-gradcam")]["differences"],
+                               np.add(pairs[("box-lloc", "tree")]["differences"],
+                                      pairs[("tree", "forest-gradcam")]["differences"]))
     pooled = {m: [v + 0.01 * 10 / 40 for v in vals] for m, vals in ORDER_SCORES.items()}
     assert result["pooled"]["tree"]["mean_iou"] == pytest.approx(pooled["tree"])
     item = pairs[("box-lloc", "tree")]
@@ -335,7 +340,8 @@ def test_report_with_pairs_convergence_and_health(tmp_path):
     assert float(mean["difference"]) == pytest.approx(np.mean([0.1, 0.13, 0.12]), abs=1e-6)
     assert float(mean["t_low"]) == pytest.approx(first["t_low"], abs=1e-6)
     assert mean["verdict"] == "holds"
-    assert len([r for r in paired_rows if r["seed"] not in ("mean",)]) == 4 * 3 * 3 + 3
+    # 5 claims (4 adjacent + box-lloc < forest-gradcam) x 3 seeds x 3 splits + the share's 3
+    assert len([r for r in paired_rows if r["seed"] not in ("mean",)]) == 5 * 3 * 3 + 3
 
 
 def test_read_curves_and_plot(tmp_path):

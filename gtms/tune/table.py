@@ -123,11 +123,20 @@ VERDICT_RULE = (
     "it is the narrower and the less trustworthy of the two.")
 
 
+# Pairs checked beside the adjacent ones: full GTMS against L_loc alone, whatever the tree row
+# does in between (the method's gain over its own box baseline).
+EXTRA_CLAIMS = (("box-lloc", "forest-gradcam"),)
+
+
 def _claimed_pairs(rows: list[str]) -> list[tuple[str, str, str]]:
-    """(lower, higher, claim) for adjacent rows of :data:`CLAIMED_ORDER` present in ``rows``."""
+    """(lower, higher, claim) for adjacent rows of :data:`CLAIMED_ORDER` present in ``rows``,
+    then the :data:`EXTRA_CLAIMS` whose rows are present and not already adjacent."""
     present = [r for r in CLAIMED_ORDER if r in rows]
-    return [(low, high, "<=" if high == "mask-bce" else "<")
-            for low, high in zip(present, present[1:])]
+    pairs = [(low, high, "<=" if high == "mask-bce" else "<")
+             for low, high in zip(present, present[1:])]
+    pairs += [(low, high, "<") for low, high in EXTRA_CLAIMS
+              if low in present and high in present and (low, high, "<") not in pairs]
+    return pairs
 
 
 def _by_seed(trials: list[dict], row: str) -> dict[int, dict]:
