@@ -86,6 +86,16 @@ def image_with_box(image_chw: np.ndarray, box_at_stride: np.ndarray,
     return img
 
 
+def fallback_titles(titles: Sequence[str], pseudo, i: int) -> list[str]:
+    """``titles`` with the A and W panels of sample ``i`` marked when its GradCAM map was zero
+    in the box (``pseudo.fallback[i]``): A is then the box itself, and so is W."""
+    titles = list(titles)
+    if pseudo is not None and pseudo.fallback is not None and bool(pseudo.fallback[i]):
+        titles[2] = f"{titles[2]}: FALLBACK, map 0 in box"
+        titles[3] = f"{titles[3]} (= box)"
+    return titles
+
+
 def sample_row(batch: dict[str, Any], result: dict[str, Any], i: int, *,
                panel_size: int | None = None,
                titles: Sequence[str] = PANEL_TITLES) -> list[np.ndarray]:
@@ -115,12 +125,7 @@ def sample_row(batch: dict[str, Any], result: dict[str, Any], i: int, *,
             cells(pseudo.pseudo_label) if pseudo is not None else blank,
             result["probs"][i],
             batch["mask"][i] if "mask" in batch else blank]
-    titles = list(titles)
-    if pseudo is not None and pseudo.fallback is not None and bool(pseudo.fallback[i]):
-        # GradCAM's map was zero in the box: A is the box itself, and so is W.
-        titles[2] = f"{titles[2]}: FALLBACK, map 0 in box"
-        titles[3] = f"{titles[3]} (= box)"
-    for title, values in zip(titles[2:], maps):
+    for title, values in zip(fallback_titles(titles, pseudo, i)[2:], maps):
         panels.append(caption(heatmap(values, size), title))
     return panels
 

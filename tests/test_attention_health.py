@@ -168,3 +168,15 @@ def test_the_mask_a_gradcam_row_carries_does_not_train_it(synthref_small, tmp_pa
     flipped = compute_losses(model, dict(batch, mask=1 - batch["mask"]), **kwargs).terms
     assert {k: float(v.detach()) for k, v in with_mask.items()} == \
         {k: float(v.detach()) for k, v in flipped.items()}
+
+
+def test_a_fallback_panel_is_captioned_as_such():
+    from gtms.pseudo.pseudo_label import PseudoLabels
+    from gtms.viz import PANEL_TITLES, fallback_titles
+
+    zeros = torch.zeros(2, 4, 4)
+    pseudo = PseudoLabels(zeros, zeros, zeros, fallback=torch.tensor([False, True]))
+    assert fallback_titles(PANEL_TITLES, pseudo, 0) == list(PANEL_TITLES)
+    marked = fallback_titles(PANEL_TITLES, pseudo, 1)
+    assert "FALLBACK" in marked[2] and marked[3].endswith("(= box)")
+    assert marked[:2] + marked[4:] == list(PANEL_TITLES[:2] + PANEL_TITLES[4:])
