@@ -23,7 +23,8 @@ from gtms.model import (
 from gtms.model.decoder import TransformerDecoder, sine_positions_2d
 from gtms.model.projector import Projector
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+# A copy of shared/fixtures/cris_state_dict_shapes.json, kept in the repository.
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SOT, EOT = 49406, 49407
 
 

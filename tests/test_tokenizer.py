@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -35,15 +34,9 @@ LITERAL_CASES = [
 
 
 def _fixture_path() -> Path:
-    """shared/fixtures/clip_token_ids.json: $GTMS_SHARED, else shared/ beside or inside the repo."""
-    repo = Path(__file__).resolve().parents[1]
-    roots = [Path(os.environ["GTMS_SHARED"])] if "GTMS_SHARED" in os.environ else []
-    roots += [repo.parent / "shared", repo / "shared"]
-    for root in roots:
-        path = root / "fixtures" / "clip_token_ids.json"
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"clip_token_ids.json not found under any of {roots}")
+    """tests/fixtures/clip_token_ids.json: a copy of shared/fixtures' reference ids (OpenAI's
+    tokenizer), kept in the repository so a fresh clone tests with nothing beside it."""
+    return Path(__file__).resolve().parent / "fixtures" / "clip_token_ids.json"
 
 
 @pytest.fixture(scope="module")
