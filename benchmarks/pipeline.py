@@ -19,10 +19,10 @@ import torch
 
 from gtms.config import RayConfig
 from gtms.data.pipeline import PoolSpec, build_dataset, spec_for
+from gtms.data.reading import iter_shard_rows
 from gtms.data.tokenizer import ClipTokenizer
 from gtms.data.transforms import Letterbox, decode_image, normalize, validate_box
 from gtms.pseudo import build_grid_tree, structural_forest
-from gtms.train.contexts import iter_shard_rows
 
 
 def stage_costs(rows, size: int, tokenizer: ClipTokenizer) -> dict[str, float]:

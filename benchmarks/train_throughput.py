@@ -57,12 +57,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def run_one(args: argparse.Namespace, run_dir: str, kind: str) -> dict:
-    from gtms.train.trainer import fit
+    from gtms.backend import backend_for
+    from gtms.train.fit import fit
 
     no_ray = kind == "plain"
     cfg = bench_config(args, run_dir, f"bench-{kind}", 0 if no_ray else args.workers)
     start = time.perf_counter()
-    summary = fit(cfg, no_ray=no_ray)
+    summary = fit(cfg, backend_for(no_ray=no_ray))
     wall = time.perf_counter() - start
     return {"kind": kind, "wall_s": wall, "epochs": read_metrics(Path(summary["run_dir"])),
             "final_val_mean_iou": (summary.get("final") or {}).get("val_mean_iou")}

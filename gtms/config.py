@@ -26,8 +26,13 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from gtms.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from gtms.modes import ABLATION_MODES, MODES
+
+# data.max_image_pixels' default: Pillow's Image.MAX_IMAGE_PIXELS (1 GiB / 4 bytes / 3), the
+# limit gtms.data.images applies before decoding.
+DEFAULT_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+# What --config (or a config argument) accepts to mean "no file": the built-in defaults.
+NO_CONFIG = ("", "none")
 
 DATASETS = ("synthref", "refcoco", "refcoco+", "refcocog")
 
@@ -166,7 +171,7 @@ class TrainConfig:
     log_every: int = field(default=20, metadata=_positive())
     val_every: int = field(default=1, metadata=_positive())  # epochs; the last one always
     image_grid_every: int = field(default=5, metadata=_non_negative())
-    # Checkpoints kept: this many best by val mean IoU plus the latest (gtms/train/retention.py).
+    # Checkpoints kept: this many best by val mean IoU plus the latest (gtms/backend/retention.py).
     keep_checkpoints: int = field(default=2, metadata=_positive())
 
 

@@ -1,6 +1,6 @@
 """Starting or joining Ray, and the one place where local resources are planned.
 
-Ray on a 2-core machine deadlocks easily (see ``shared/RAY.md``): trainer workers take whole CPUs,
+Ray on a 2-core machine deadlocks easily: trainer workers take whole CPUs,
 the preprocessing actors take theirs, and Ray Data's read tasks then wait forever for a CPU.
 :func:`local_num_cpus` sizes a local cluster so that every consumer fits at once (logical
 oversubscription: Ray's CPU counts are for scheduling, the OS shares the real cores). On a real

@@ -28,6 +28,12 @@ def join(base: str, *parts: str) -> str:
         str(Path(base, *parts))
 
 
+def sibling(path: str, name: str) -> str:
+    """The file ``name`` in the folder of ``path`` (local or URI)."""
+    path = str(path)
+    return f"{path.rsplit('/', 1)[0]}/{name}" if is_uri(path) else str(Path(path).parent / name)
+
+
 def _fs(uri: str):
     from pyarrow import fs
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 from test_train import read_jsonl, small_config
 
+from gtms.backend import LocalBackend
 from gtms.eval.evaluate import evaluate, format_table
 from gtms.eval.metrics import AttentionMeter
 from gtms.model.build import build_model, starting_backbone
 from gtms.pseudo.attention_source import FrozenAttention, TrainedAttention
 from gtms.pseudo.gradcam import attention_from_cam, gradcam_attention
-from gtms.train.trainer import fit
+from gtms.train.fit import fit
 
 
 def _scene(rng, n=40, side=8):
@@ -127,20 +128,20 @@ def test_a_model_whose_map_is_zero_is_counted_as_fallback(synthref_small, tmp_pa
     cfg = small_config(synthref_small, tmp_path, f"train.name={source}", "train.epochs=1",
                        f"model.init_checkpoint={checkpoint}", "model.freeze_backbone=true",
                        f"pseudo.attention_source={source}")
-    summary = fit(cfg, no_ray=True)
+    summary = fit(cfg, LocalBackend())
     final = summary["final"]
     assert final["train_attention_fallback"] == 1.0
     assert final["val_attention_fallback"] == 1.0
     assert final["train_samples"] == 24
     # eval --pseudo-labels reads the same health off the checkpoint (its config's source).
     report = evaluate(summary["best_checkpoint"], None, ["val"], None, pseudo_labels=True,
-                      no_ray=True)
+                      backend=LocalBackend())
     assert report["splits"]["val"]["attention_fallback"] == 1.0
     assert "GradCAM's health" in format_table(report["splits"])
     # The same data with a working text tower: GradCAM points somewhere for every sample.
     cfg = small_config(synthref_small, tmp_path, f"train.name={source}-ok", "train.epochs=1",
                        f"pseudo.attention_source={source}")
-    fit(cfg, no_ray=True)
+    fit(cfg, LocalBackend())
     metrics = read_jsonl(tmp_path / f"{source}-ok" / "metrics.jsonl")[-1]
     assert metrics["train_attention_fallback"] < 1.0
     for key in ("train_attention_pointing", "train_attention_pointing_chance",
@@ -151,8 +152,8 @@ def test_a_model_whose_map_is_zero_is_counted_as_fallback(synthref_small, tmp_pa
 def test_the_mask_a_gradcam_row_carries_does_not_train_it(synthref_small, tmp_path):
     """forest-gradcam batches carry the GT mask to measure A against; the loss ignores it."""
     from gtms.data.pipeline import select_sentences, spec_for, stack_samples
+    from gtms.data.reading import preprocessed_samples
     from gtms.data.tokenizer import ClipTokenizer
-    from gtms.train.contexts import preprocessed_samples
     from gtms.train.step import compute_losses
 
     spec = spec_for("train", input_size=64, word_len=17, mode="forest-gradcam", seed=0)

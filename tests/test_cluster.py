@@ -303,7 +303,7 @@ def test_unreachable_address_fails_fast_naming_it(synthref_small, tmp_path, caps
     what is timed."""
     import ray.train.torch  # noqa: F401
 
-    import gtms.train.trainer  # noqa: F401
+    import gtms.train.fit  # noqa: F401
 
     (port,) = free_ports(1)
     address = f"127.0.0.1:{port}"

@@ -159,14 +159,14 @@ def test_yaml_merge_keys_may_still_override(tmp_path):
 
 
 def test_run_folder_config_is_read_with_the_same_rules(tmp_path):
-    from gtms.train.trainer import _load_remote_config
+    from gtms.train.run_folder import load_run_config
 
     path = write(tmp_path / "config.yaml", "train:\n  epochs: 3\n  epochs: 4\n")
     with pytest.raises(ConfigError, match="duplicate key 'epochs'"):
-        _load_remote_config(str(path))
+        load_run_config(str(path))
     path.write_bytes(b"train:\n  name: \xff\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
-        _load_remote_config(str(path))
+        load_run_config(str(path))
 
 
 def test_syntax_error_names_the_file(tmp_path):

@@ -22,9 +22,9 @@ from gtms.data.pipeline import (
     split_size,
     stack_samples,
 )
+from gtms.data.reading import iter_shard_rows
 from gtms.data.tokenizer import EOT_ID, SOT_ID, ClipTokenizer
 from gtms.pseudo import build_grid_tree, structural_forest
-from gtms.train.contexts import iter_shard_rows
 
 SIZE = 64
 

@@ -14,15 +14,16 @@ import pytest
 import torch
 
 import run
+from gtms.backend import LocalBackend
 from gtms.config import load_config
 from gtms.data.pipeline import preprocess_ref, spec_for
+from gtms.data.reading import iter_shard_rows
 from gtms.data.shards import read_manifest, shards_dir
 from gtms.data.tokenizer import ClipTokenizer
 from gtms.data.transforms import decode_image, rle_decode
 from gtms.eval.metrics import intersection_union, score_prediction
 from gtms.infer.predict import Predictor, read_image
-from gtms.train.contexts import iter_shard_rows
-from gtms.train.trainer import fit
+from gtms.train.fit import fit
 from gtms.viz import overlay_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def train_tiny_checkpoint(root: Path, run_dir: Path) -> Path:
         "data.limit_eval_refs=4", f"train.run_dir={run_dir}", "train.name=tiny",
         "train.batch_size=8", "train.eval_batch_size=8", "train.epochs=1",
         "train.image_grid_every=0", "pretrain.before_train=false"])
-    return Path(fit(cfg, no_ray=True)["latest_checkpoint"])
+    return Path(fit(cfg, LocalBackend())["latest_checkpoint"])
 
 
 @pytest.fixture(scope="module")

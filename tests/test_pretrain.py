@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import run
+from gtms.backend import LocalBackend, RayBackend
 from gtms.commands.common import DEFAULT_CONFIG
 from gtms.config import load_config
 from gtms.data.shards import read_manifest, shards_dir
@@ -122,7 +123,7 @@ def test_train_pretrains_once_then_reuses_the_cache(synthref_small, small_data, 
     """pretrain.before_train (the laptop default): the first fit pretrains into
     <data.root>/synthclip/, starts from those weights, and a second fit reuses them."""
     from gtms.pretrain.run import cache_dir
-    from gtms.train.trainer import fit
+    from gtms.train.fit import fit
 
     overrides = [*small_data, "data.input_size=64", "data.limit_train_refs=8",
                  "data.limit_eval_refs=4", "train.epochs=1", "train.batch_size=8",
@@ -132,12 +133,12 @@ def test_train_pretrains_once_then_reuses_the_cache(synthref_small, small_data, 
     cfg = load_config(DEFAULT_CONFIG, [*overrides, "train.name=first"])
     weights = cache_dir(cfg, str(synthref_small)) / "clip.pt"
     assert not weights.exists()
-    fit(cfg, no_ray=True)
+    fit(cfg, LocalBackend())
     assert "pretraining them once" in capsys.readouterr().out and weights.is_file()
     stamp = weights.stat().st_mtime_ns
     used = load_config(tmp_path / "first" / "config.yaml")
     assert used.model.clip_weights == str(weights)
-    fit(load_config(DEFAULT_CONFIG, [*overrides, "train.name=second"]), no_ray=True)
+    fit(load_config(DEFAULT_CONFIG, [*overrides, "train.name=second"]), LocalBackend())
     assert "pretraining them once" not in capsys.readouterr().out
     assert weights.stat().st_mtime_ns == stamp
 
@@ -152,7 +153,7 @@ def test_pretrain_on_ray_train_with_two_workers(synthref_small, small_data, tmp_
                                        "pretrain.limit_refs=16", "pretrain.crop_size=32",
                                        "pretrain.batch_size=16", "data.limit_eval_refs=8",
                                        "ray.num_workers=2", "ray.cpus_per_worker=1"])
-    report = run_pretrain(cfg, synthref_small, tmp_path / "synthclip")
+    report = run_pretrain(cfg, synthref_small, tmp_path / "synthclip", RayBackend())
     assert [e["epoch"] for e in report["epochs"]] == [1, 2]
     assert all(math.isfinite(e["loss"]) and e["pairs_per_s"] > 0 for e in report["epochs"])
     state = torch.load(tmp_path / "synthclip" / "clip.pt", weights_only=True)

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gtms.backend import LocalBackend
 from gtms.commands import prepare as prepare_command
 from gtms.data.records import RecordWithImage, RefRecord, SkipLog
 from gtms.data.refer import load_refer
@@ -33,7 +34,7 @@ from gtms.data.shards import (
 from gtms.data.synthref import SynthRefSettings, ensure_synthref, prepare_synthref, refer_source
 from gtms.data.transforms import rle_encode
 from gtms.errors import UserError
-from gtms.train.checkpoint import Trained
+from gtms.model.checkpoint import Trained
 
 SETTINGS = SynthRefSettings(num_images=24, seed=5)
 
@@ -352,21 +353,21 @@ def test_train_and_eval_check_the_shards_before_starting(copied, tmp_path, monke
     import run
     from gtms.config import load_config
     from gtms.eval import evaluate as evaluate_module
-    from gtms.train.trainer import fit
+    from gtms.train.fit import fit
 
     file = first_file(copied, "train")
     file.write_bytes(file.read_bytes()[:-1000])
     cfg = load_config(None, [f"data.root={copied}", "data.synthref_images=24",
                              "data.synthref_seed=5", f"train.run_dir={tmp_path / 'runs'}"])
     with pytest.raises(ShardError, match="truncated") as info:
-        fit(cfg, no_ray=True)
+        fit(cfg, LocalBackend())
     assert str(file) in str(info.value)
     assert not (tmp_path / "runs").exists()
     # eval (its model is a stand-in: the shards are checked before the model is used)
     monkeypatch.setattr(evaluate_module, "load_trained",
                         lambda checkpoint, given: Trained(torch.nn.Identity(), cfg, Path("x")))
     with pytest.raises(ShardError, match="truncated"):
-        evaluate_module.evaluate("ckpt", None, ["val", "train"], None)
+        evaluate_module.evaluate("ckpt", None, ["val", "train"], None, backend=LocalBackend())
     # the CLI: exit 2, one line naming the file and the repair
     capsys.readouterr()
     assert run.main(["train", "--no-ray", "--config", "none", "--set", f"data.root={copied}",

@@ -15,13 +15,15 @@ import pytest
 import torch
 
 import run
+from gtms.backend import LocalBackend, RayBackend
 from gtms.config import load_config
 from gtms.data.roots import DataRootError
-from gtms.data.shards import read_manifest, shards_dir
-from gtms.eval.evaluate import EvalError, evaluate
+from gtms.data.shards import ShardError, read_manifest, shards_dir
+from gtms.eval.evaluate import evaluate
 from gtms.eval.metrics import ERROR_KEYS
-from gtms.train.checkpoint import CheckpointError, load_checkpoint
-from gtms.train.trainer import RunError, fit
+from gtms.model.checkpoint import CheckpointError, load_checkpoint
+from gtms.train.fit import fit
+from gtms.train.run_folder import RunError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +64,7 @@ def test_plain_loop_trains_checkpoints_and_resumes(synthref_small, tmp_path, cap
     # 25 refs in batches of 8: 8, 8, 8 and a single sample that joins the last batch.
     cfg = small_config(synthref_small, tmp_path, "train.name=plain", "train.epochs=1",
                        "data.limit_train_refs=25")
-    summary = fit(cfg, no_ray=True)
+    summary = fit(cfg, LocalBackend())
     printed = capsys.readouterr().out
     run_dir = Path(summary["run_dir"])
     for name in ("config.yaml", "run.json", "metrics.jsonl", "summary.json"):
@@ -87,10 +89,10 @@ def test_plain_loop_trains_checkpoints_and_resumes(synthref_small, tmp_path, cap
     # A SynthRef of other settings at data.root is never silently regenerated.
     with pytest.raises(DataRootError, match="synthref_images"):
         fit(load_config(None, [f"data.root={synthref_small}", "data.synthref_images=3"]),
-            no_ray=True)
+            LocalBackend())
     # An existing run is never silently overwritten.
     with pytest.raises(RunError, match="--resume"):
-        fit(cfg, no_ray=True)
+        fit(cfg, LocalBackend())
     # --resume continues at the next epoch with the run's own config (+ overrides), also from
     # a checkpoint of the format that counted epochs from 0.
     old = torch.load(run_dir / "checkpoint_epoch_0001" / "model.pt", weights_only=True)
@@ -98,7 +100,7 @@ def test_plain_loop_trains_checkpoints_and_resumes(synthref_small, tmp_path, cap
                 "metrics": {**old["metrics"], "epoch": 0}},
                run_dir / "checkpoint_epoch_0001" / "model.pt")
     assert load_checkpoint(run_dir / "checkpoint_epoch_0001")["epoch"] == 1
-    summary = fit(cfg, no_ray=True, resume="plain", set_overrides=("train.epochs=2",))
+    summary = fit(cfg, LocalBackend(), resume="plain", set_overrides=("train.epochs=2",))
     assert "resuming at epoch 2 (after 3 steps)" in capsys.readouterr().out
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2] and metrics[1]["step"] == 2 * 3
@@ -110,11 +112,11 @@ def test_plain_loop_trains_checkpoints_and_resumes(synthref_small, tmp_path, cap
 def test_summary_ends_with_next_steps_that_run(synthref_small, tmp_path, capsys):
     """The eval, predict and visualize commands printed at the end parse with run.py's own
     parser and run as printed (eval, which starts Ray, runs in test_eval_...)."""
-    from gtms.train.trainer import print_summary
+    from gtms.train.summary import print_summary
 
     cfg = small_config(synthref_small, tmp_path, "train.name=next", "train.epochs=1",
                        "data.limit_train_refs=8")
-    summary = fit(cfg, no_ray=True)
+    summary = fit(cfg, LocalBackend())
     capsys.readouterr()
     print_summary(summary)
     printed = capsys.readouterr().out
@@ -139,7 +141,7 @@ def test_no_run_folder_after_an_early_failure(synthref_small, small_data, tmp_pa
                                               capsys):
     from gtms.config import dump_config
     from gtms.model.weights import CheckpointNotFoundError
-    from gtms.train import trainer
+    from gtms.train import fit as fit_module
 
     overrides = [*small_data, f"train.run_dir={tmp_path}", "train.name=early",
                  "pretrain.before_train=false", "model.clip_weights=/nonexistent.pt"]
@@ -149,24 +151,24 @@ def test_no_run_folder_after_an_early_failure(synthref_small, small_data, tmp_pa
     cfg = small_config(synthref_small, tmp_path, "train.name=early",
                        "model.clip_weights=/nonexistent.pt")
     with pytest.raises(CheckpointNotFoundError):
-        fit(cfg, no_ray=True)
+        fit(cfg, LocalBackend())
     assert not (tmp_path / "early").exists()
 
     # A new run that fails before its first epoch finishes is removed again ...
     def fail(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(trainer, "train", fail)
+    monkeypatch.setattr(fit_module, "run_training", fail)
     cfg = small_config(synthref_small, tmp_path, "train.name=late")
     with pytest.raises(RuntimeError, match="out of memory"):
-        fit(cfg, no_ray=True)
+        fit(cfg, LocalBackend())
     assert not (tmp_path / "late").exists()
     # ... but a resumed run's folder is never touched.
     (tmp_path / "late").mkdir()
     (tmp_path / "late" / "config.yaml").write_text(dump_config(cfg))
     (tmp_path / "late" / "notes.txt").write_text("mine")
     with pytest.raises(RuntimeError, match="out of memory"):
-        fit(cfg, no_ray=True, resume="late")
+        fit(cfg, LocalBackend(), resume="late")
     assert (tmp_path / "late" / "notes.txt").read_text() == "mine"
 
 
@@ -177,7 +179,7 @@ def test_bad_rows_counted_exactly_each_epoch(synthref_bad, tmp_path, budget, epo
     cfg = small_config(synthref_bad, tmp_path, f"train.name=bad{budget}", "data.limit_train_refs=0",
                        "data.limit_eval_refs=0", f"train.epochs={epochs}", "train.val_every=2",
                        f"data.memory_budget_mb={budget}", "train.image_grid_every=0")
-    fit(cfg, no_ray=True)
+    fit(cfg, LocalBackend())
     manifest = read_manifest(shards_dir(synthref_bad))
     counts = manifest["counts"]
     metrics = read_jsonl(tmp_path / f"bad{budget}" / "metrics.jsonl")
@@ -201,7 +203,7 @@ def test_modes_and_gtms_step_cost(synthref_small, tmp_path):
     for mode in ("mask-bce", "box-lloc", "tree"):
         cfg = small_config(synthref_small, tmp_path, f"loss.mode={mode}", f"train.name={mode}",
                            "train.epochs=1", "data.limit_train_refs=8")
-        summary = fit(cfg, no_ray=True)
+        summary = fit(cfg, LocalBackend())
         final = summary["final"]
         assert final["train_samples"] == 8
         assert ("train_bce" in final) == (mode == "mask-bce")
@@ -211,7 +213,7 @@ def test_modes_and_gtms_step_cost(synthref_small, tmp_path):
 def test_eval_writes_metrics_json_and_bad_inputs(synthref_small, tmp_path, ray_cluster, capsys):
     cfg = small_config(synthref_small, tmp_path, "train.name=for-eval", "train.epochs=1",
                        "data.limit_train_refs=8")
-    summary = fit(cfg, no_ray=True)
+    summary = fit(cfg, LocalBackend())
     ckpt = Path(summary["latest_checkpoint"])
     # The eval command the summary prints runs as printed (every split of data.eval_splits).
     assert run.main(next_step_argv(summary, "eval")) == 0
@@ -234,22 +236,23 @@ def test_eval_writes_metrics_json_and_bad_inputs(synthref_small, tmp_path, ray_c
         assert metrics["w_mask_mean_iou"] == pytest.approx(1.0)
         assert 0 <= metrics["w_oracle_mean_iou"] <= 1 and 0 <= metrics["phat_gradcam_mean_iou"] <= 1
     assert "where the errors are" in capsys.readouterr().out
+    ray = RayBackend()
     with pytest.raises(CheckpointError, match="not found"):
-        evaluate(tmp_path / "missing", None, ["val"], None)
+        evaluate(tmp_path / "missing", None, ["val"], None, backend=ray)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"this is not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
-        evaluate(junk, None, ["val"], None)
+        evaluate(junk, None, ["val"], None, backend=ray)
     with pytest.raises(CheckpointError, match="architecture"):
-        evaluate(ckpt, load_config(None, ["model.preset=rn50"]), ["val"], None)
-    with pytest.raises(EvalError, match="no shards"):
-        evaluate(ckpt, None, ["nosuchsplit"], None)
+        evaluate(ckpt, load_config(None, ["model.preset=rn50"]), ["val"], None, backend=ray)
+    with pytest.raises(ShardError, match="no shards for split nosuchsplit"):
+        evaluate(ckpt, None, ["nosuchsplit"], None, backend=ray)
     # A CRIS-layout checkpoint (state_dict with module. prefix) evaluates too.
     model = torch.load(ckpt / "model.pt", weights_only=True)["model"]
     cris = tmp_path / "cris.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.items()}}, cris)
     report = evaluate(cris, small_config(synthref_small, tmp_path, "data.limit_eval_refs=4"),
-                      ["val"], None)
+                      ["val"], None, backend=ray)
     assert report["splits"]["val"]["n"] >= 4
     assert report["splits"]["val"]["split_sentences"] is None   # limited: no total to match
 
@@ -304,7 +307,7 @@ def test_killed_worker_is_recovered(synthref_small, tmp_path, ray_cluster):
                        "ray.num_workers=2", "ray.max_failures=2", "train.batch_size=4",
                        "train.image_grid_every=0")
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(fit(cfg)))
+    thread = threading.Thread(target=lambda: result.update(fit(cfg, RayBackend())))
     thread.start()
     jsonl = tmp_path / "chaos" / "metrics.jsonl"
     deadline = time.time() + 240
@@ -326,7 +329,7 @@ def test_killed_worker_is_recovered(synthref_small, tmp_path, ray_cluster):
 
 
 def test_single_sample_batches_are_merged():
-    from gtms.train.contexts import without_single_samples
+    from gtms.data.reading import without_single_samples
 
     def batch(*ids):
         return {"ref_id": np.array(ids), "image": np.zeros((len(ids), 3))}
@@ -340,7 +343,7 @@ def test_single_sample_batches_are_merged():
 
 
 def test_planned_steps_follow_the_loops_batching():
-    from gtms.train.contexts import steps_per_epoch
+    from gtms.train.plan import steps_per_epoch
 
     # A lone last sample joins the batch before it; several workers share the refs.
     assert [steps_per_epoch(n, 8, 1) for n in (1, 8, 9, 16, 17, 18, 25)] == [1, 1, 1, 2, 2, 3, 3]
@@ -363,7 +366,7 @@ RETENTION_KEPT = [{1}, {1, 2}, {1, 2, 3}, {2, 4}, {2, 5}, {2, 5, 6}]
 
 
 def _kept_after_each_report(scores, keep):
-    from gtms.train import retention
+    from gtms.backend import retention
 
     on_disk, kept = [], []
     for epoch, score in enumerate(scores, start=1):
@@ -376,7 +379,7 @@ def _kept_after_each_report(scores, keep):
 
 
 def test_retention_keeps_the_best_and_the_latest():
-    from gtms.train import retention
+    from gtms.backend import retention
 
     assert _kept_after_each_report(RETENTION_SCORES, 2) == RETENTION_KEPT
     assert _kept_after_each_report(RETENTION_SCORES, 1)[-2:] == [{2, 5}, {2, 6}]
@@ -401,7 +404,7 @@ def test_retention_matches_rays_checkpoint_manager(tmp_path):
     from ray.train import Checkpoint
     from ray.train._internal.session import _TrainingResult
 
-    from gtms.train import retention
+    from gtms.backend import retention
 
     for keep in (1, 2, 3):
         manager = checkpoint_manager._CheckpointManager(retention.ray_checkpoint_config(keep))
@@ -419,34 +422,31 @@ def test_retention_matches_rays_checkpoint_manager(tmp_path):
                 (keep, epoch)
 
 
-def test_local_context_keeps_checkpoints_like_ray(tmp_path):
-    """LocalContext removes what train.keep_checkpoints does not keep, also across a resume,
-    counting the checkpoints an earlier session left in the run folder."""
-    from gtms.data.pipeline import spec_for
-    from gtms.train.checkpoint import checkpoint_dir_name, save_checkpoint
-    from gtms.train.contexts import LocalContext
+def test_local_worker_keeps_checkpoints_like_ray(tmp_path):
+    """The local backend's worker removes what train.keep_checkpoints does not keep, also
+    across a resume, counting the checkpoints an earlier session left in the run folder."""
+    from gtms.backend.local import LocalWorker
+    from gtms.model.checkpoint import checkpoint_dir_name, read_metrics, save_checkpoint
 
-    def context():
-        spec = spec_for("val", input_size=64, word_len=8, mode="box-lloc", seed=0)
-        return LocalContext(root=str(tmp_path / "data"), train_split="train", val_split="val",
-                            train_spec=spec, val_spec=spec, limit_train=0, limit_eval=0,
-                            strict=False, checkpoint_root=tmp_path / "run", keep_checkpoints=2)
+    def worker():
+        return LocalWorker(tmp_path / "run", keep=2, checkpoint_metrics=read_metrics)
 
-    def report(ctx, epoch, score):
+    def report(worker, epoch, score):
         metrics = {"epoch": epoch} if score != score else {"epoch": epoch, "val_mean_iou": score}
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(tmp, model={}, epoch=epoch, metrics=metrics)
-            ctx.report(metrics, Path(tmp))
+            worker.report(metrics, Path(tmp), checkpoint_name=checkpoint_dir_name(epoch))
         return {int(p.name.rsplit("_", 1)[1]) for p in (tmp_path / "run").iterdir()}
 
-    ctx = context()
-    assert [report(ctx, e, s) for e, s in enumerate(RETENTION_SCORES[:4], start=1)] == \
+    first = worker()
+    assert [report(first, e, s) for e, s in enumerate(RETENTION_SCORES[:4], start=1)] == \
         RETENTION_KEPT[:4]
-    assert ctx.latest_checkpoint() == tmp_path / "run" / checkpoint_dir_name(4)
-    resumed = context()  # a second session: epochs 2 and 4 are on disk, 2 still the best
-    assert sorted(resumed.checkpoints) == [2, 4]
+    assert first.latest_checkpoint() == tmp_path / "run" / checkpoint_dir_name(4)
+    resumed = worker()  # a second session: epochs 2 and 4 are on disk, 2 still the best
+    assert sorted(resumed.checkpoints) == [checkpoint_dir_name(2), checkpoint_dir_name(4)]
     assert [report(resumed, e, s) for e, s in enumerate(RETENTION_SCORES[4:], start=5)] == \
         RETENTION_KEPT[4:]
+    assert resumed.result().latest == str(tmp_path / "run" / checkpoint_dir_name(6))
 
 
 # Keys of metrics.jsonl that measure time (they differ between two runs of the same command).
@@ -460,13 +460,13 @@ def metric_numbers(path: Path) -> list[dict[str, float]]:
             for row in read_jsonl(path)]
 
 
-def train_twice(root: Path, run_dir: Path, *extra: str, no_ray: bool) -> list[list[dict]]:
+def train_twice(root: Path, run_dir: Path, *extra: str, backend) -> list[list[dict]]:
     """The same small 2-epoch training run twice; the numbers of each run's metrics.jsonl."""
     numbers = []
     for name in ("first", "second"):
         cfg = small_config(root, run_dir, f"train.name={name}", "train.batch_size=4",
                            "train.image_grid_every=0", *extra)
-        fit(cfg, no_ray=no_ray)
+        fit(cfg, backend)
         numbers.append(metric_numbers(run_dir / name / "metrics.jsonl"))
     return numbers
 
@@ -475,13 +475,13 @@ def train_twice(root: Path, run_dir: Path, *extra: str, no_ray: bool) -> list[li
 def test_ray_training_gives_the_same_numbers_twice(synthref_small, tmp_path, ray_cluster):
     """Same config, seed and worker count: two Ray Train runs (2 workers) give identical
     metrics; which refs each worker gets, and in what order, does not depend on timing."""
-    first, second = train_twice(synthref_small, tmp_path, "ray.num_workers=2", no_ray=False)
+    first, second = train_twice(synthref_small, tmp_path, "ray.num_workers=2", backend=RayBackend())
     assert [m["epoch"] for m in first] == [1, 2]
     assert first[0]["train_loss"] != first[1]["train_loss"]   # it trained
     assert first == second
 
 
 def test_plain_training_gives_the_same_numbers_twice(synthref_small, tmp_path):
-    first, second = train_twice(synthref_small, tmp_path, no_ray=True)
+    first, second = train_twice(synthref_small, tmp_path, backend=LocalBackend())
     assert [m["epoch"] for m in first] == [1, 2]
     assert first == second

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import run
+from gtms.backend import LocalBackend, RayBackend
 from gtms.config import ConfigError, load_config
 from gtms.errors import UserError
 from gtms.tune import ablation, paired
@@ -485,7 +486,7 @@ def test_threads_per_trial_share_the_cores():
 
 def test_reusable_eval_needs_every_split_at_the_same_settings(tmp_path):
     from gtms.config import load_config
-    from gtms.tune.local import reusable_eval
+    from gtms.tune.trial import reusable_eval
 
     cfg = load_config(REPO / "experiments" / "synthref.yaml", ["data.input_size=224"])
     assert reusable_eval(str(tmp_path), cfg, ["val"]) is None        # no eval.json
@@ -535,7 +536,7 @@ def test_local_ablation_checks_its_folder_before_anything_runs(tmp_path):
 
     cfg = load_config(REPO / "experiments" / "synthref_ablation.yaml",
                       [f"data.root={tmp_path / 'never-made'}"])
-    common = {"rows": ["tree"], "seeds": 1, "max_concurrent": 1, "no_ray": True}
+    common = {"rows": ["tree"], "seeds": 1, "max_concurrent": 1, "backend": LocalBackend()}
     (tmp_path / "old" / "trials").mkdir(parents=True)
     with pytest.raises(UserError, match="pass --resume"):
         ablation.run_ablation(cfg, out_dir=tmp_path / "old", resume=False, **common)
@@ -580,7 +581,7 @@ def test_ablation_without_ray_trains_processes_and_matches_ray_eval(synthref_sma
     trial = json.loads((out / "trials" / "box-lloc-s0" / "trial.json").read_text())
     best = trial["metrics"]["best_checkpoint"]
     assert (Path(best) / "eval.json").is_file()
-    on_ray = evaluate(best, None, ["val", "testA"])["splits"]
+    on_ray = evaluate(best, None, ["val", "testA"], backend=RayBackend())["splits"]
     sentences = ablation.read_trial_sentences(trial["metrics"])   # for the paired bootstrap
     for split in ("val", "testA"):
         assert len(sentences[split]["iou"]) == trial["metrics"][f"{split}_n"]
@@ -625,16 +626,15 @@ def test_rows_of_a_seed_start_from_the_same_weights():
 
 
 def _train_order(root, mode, seed, *, keep, epochs, limit=0, start=0):
-    """Ref ids per epoch of LocalContext's training batches for ``mode``."""
+    """Ref ids per epoch of LocalFeed's training batches for ``mode``."""
+    from gtms.data.feeds import LocalFeed
     from gtms.data.pipeline import spec_for
-    from gtms.train.contexts import LocalContext
 
     specs = {role: spec_for(role, input_size=64, word_len=8, mode=mode, seed=seed)
              for role in ("train", "val")}
-    ctx = LocalContext(root=str(root), train_split="train", val_split="val",
-                       train_spec=specs["train"], val_spec=specs["val"], limit_train=limit,
-                       limit_eval=0, strict=False, checkpoint_root=Path(root) / "unused",
-                       keep_checkpoints=1, keep_train=keep)
+    ctx = LocalFeed(root=str(root), train_split="train", val_split="val",
+                    train_spec=specs["train"], val_spec=specs["val"], limit_train=limit,
+                    keep_train=keep)
     order = []
     for epoch in range(start, epochs):
         ctx.set_epoch(epoch)
@@ -661,7 +661,7 @@ def test_rows_of_a_seed_see_the_same_data_order(synthref_small):
 
 
 def test_row_positions_limit_then_shuffle():
-    from gtms.train.contexts import row_positions
+    from gtms.data.reading import row_positions
 
     assert row_positions([2, 3]) == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
     assert row_positions([2, 3], limit=3) == [(0, 0), (0, 1), (1, 0)]
@@ -684,8 +684,7 @@ def test_per_sentence_ious_travel_beside_eval_json_and_into_the_trial(tmp_path):
         without_sentences,
     )
     from gtms.tune.ablation import read_trial_sentences
-    from gtms.tune.local import reusable_eval
-    from gtms.tune.trial import save_sentence_ious, trial_metrics
+    from gtms.tune.trial import reusable_eval, save_sentence_ious, trial_metrics
 
     arrays = {"ref_id": np.array([5, 5, 9]), "sent_index": np.array([0, 1, 0], np.int32),
               "iou": np.array([0.5, 0.25, 1.0], np.float32)}

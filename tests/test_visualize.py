@@ -16,9 +16,9 @@ from test_predict import synthref_overrides, train_tiny_checkpoint
 import run
 from gtms.config import load_config
 from gtms.data.pipeline import spec_for, stack_samples
+from gtms.eval.validation import new_meters, validation_step
 from gtms.infer.visualize import collect_samples
-from gtms.train.checkpoint import load_trained
-from gtms.train.step import new_meters, validation_step
+from gtms.model.checkpoint import load_trained
 from gtms.viz import PANEL_TITLES, sample_panels
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "synthref.yaml"

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from gtms.commands.common import add_config_flags, config_from_args
+from gtms.commands.common import (
+    add_backend_flags,
+    add_config_flags,
+    backend_from_args,
+    config_from_args,
+)
 from gtms.modes import ABLATION_MODES
 
 
@@ -33,12 +38,11 @@ def register(subparsers) -> None:
                              "that have finished in --out (an interrupted or running ablation)")
     parser.add_argument("--max-concurrent", type=int, default=1, metavar="N",
                         help="trials at once (default 1; raise it on a cluster)")
-    parser.add_argument("--no-ray", action="store_true",
-                        help="run the trials as plain processes on this machine (train and "
-                             "eval --no-ray), --max-concurrent at a time with an equal share "
-                             "of the cores each, logs in <out>/trials/; faster than Ray Tune "
-                             "on a small laptop (README, 'Table 2 on the laptop')")
-    parser.add_argument("--address", default=None, help="Ray cluster to join")
+    add_backend_flags(parser, no_ray="the trials as plain processes on this machine (train "
+                                     "and eval --no-ray), --max-concurrent at a time with an "
+                                     "equal share of the cores each, logs in <out>/trials/; "
+                                     "faster than Ray Tune on a small laptop (README, 'Table 2 "
+                                     "on the laptop')")
     parser.set_defaults(func=run)
 
 
@@ -56,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     result = run_ablation(cfg, rows=[r.strip() for r in args.rows.split(",") if r.strip()],
                           seeds=args.seeds, out_dir=out, resume=args.resume,
-                          max_concurrent=args.max_concurrent, address=args.address,
-                          no_ray=args.no_ray)
+                          max_concurrent=args.max_concurrent,
+                          backend=backend_from_args(args))
     print("\n" + result["markdown"])
     print(f"wall time {result['wall_time_s']:.0f} s; tables in {result['out_dir']}")
     return 0

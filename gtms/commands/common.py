@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gtms.config import Config, load_config
+from gtms.config import NO_CONFIG, Config, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = str(REPO_ROOT / "experiments" / "synthref.yaml")
-NO_CONFIG = ("", "none")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, *, default: str | None = DEFAULT_CONFIG):
@@ -46,3 +45,21 @@ def positive_int(text: str) -> int:
 def config_from_args(args: argparse.Namespace) -> Config:
     path = None if args.config is None or args.config.lower() in NO_CONFIG else args.config
     return load_config(path, args.overrides)
+
+
+def add_backend_flags(parser: argparse.ArgumentParser, *, no_ray: str | None) -> None:
+    """``--address`` and, where the command can run without Ray, ``--no-ray`` (``no_ray``:
+    what it means for this command; None: Ray only)."""
+    if no_ray is not None:
+        parser.add_argument("--no-ray", action="store_true",
+                            help=f"run without Ray: {no_ray}")
+    parser.add_argument("--address", default=None, metavar="HOST:PORT",
+                        help="Ray cluster to join (default: ray.address, else $RAY_ADDRESS, "
+                             "else a local Ray sized for the run)")
+
+
+def backend_from_args(args: argparse.Namespace):
+    """The :class:`gtms.backend.Backend` that ``--no-ray`` / ``--address`` ask for."""
+    from gtms.backend import backend_for
+
+    return backend_for(no_ray=getattr(args, "no_ray", False), address=args.address)

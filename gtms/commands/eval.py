@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from gtms.commands.common import add_checkpoint_config_flags
+from gtms.commands.common import add_backend_flags, add_checkpoint_config_flags, backend_from_args
 
 
 def register(subparsers) -> None:
@@ -32,22 +31,21 @@ def register(subparsers) -> None:
                              "(tree row), forest x GradCAM (GTMS), forest x the GT mask as "
                              "attention (a perfect GradCAM) and the GT mask itself; shows what "
                              "GradCAM adds and could add (gtms/eval/pseudo_quality.py)")
-    parser.add_argument("--no-ray", action="store_true",
-                        help="preprocess the splits in this process instead of Ray Data's "
-                             "actors (same numbers; no Ray start-up, one core)")
-    parser.add_argument("--address", default=None, help="Ray cluster to join")
+    add_backend_flags(parser, no_ray="preprocess the splits in this process instead of Ray "
+                                     "Data's actors (same numbers; no Ray start-up, one core)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from gtms import storage
     from gtms.eval.evaluate import evaluate, format_table
-    from gtms.train.checkpoint import load_trained
+    from gtms.model.checkpoint import load_trained
 
     trained = load_trained(args.checkpoint, args.config, args.overrides)
     splits = args.splits.split(",") if args.splits else None
-    out = Path(args.out) if args.out else trained.file.parent / "eval.json"
-    report = evaluate(trained, splits=splits, out=out, address=args.address,
-                      pseudo_labels=args.pseudo_labels, no_ray=args.no_ray)
+    out = args.out or storage.sibling(trained.file, "eval.json")
+    report = evaluate(trained, backend_from_args(args), splits=splits, out=out,
+                      pseudo_labels=args.pseudo_labels)
     print(f"\n{report['dataset']} ({report['root']}), threshold {report['threshold']}")
     print(format_table(report["splits"]))
     print(f"\nmetrics written to {out}")

@@ -9,7 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gtms.commands.common import add_config_flags, config_from_args
+from gtms.commands.common import (
+    add_backend_flags,
+    add_config_flags,
+    backend_from_args,
+    config_from_args,
+)
 
 
 def register(subparsers) -> None:
@@ -29,10 +34,7 @@ def register(subparsers) -> None:
                              "<hash of the settings>/, the cache train reads)")
     parser.add_argument("--force", action="store_true",
                         help="pretrain again even if the cache already holds these weights")
-    parser.add_argument("--no-ray", action="store_true",
-                        help="run the loop in this one process without Ray")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster to join (default: $RAY_ADDRESS, else a local one)")
+    add_backend_flags(parser, no_ray="the loop in this one process")
     parser.set_defaults(func=run)
 
 
@@ -47,5 +49,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"pretrain: {out} already holds these weights (report.json); --force pretrains "
               "again")
         return 0
-    run_pretrain(cfg, root, out, no_ray=args.no_ray, address=args.address)
+    run_pretrain(cfg, root, out, backend_from_args(args))
     return 0

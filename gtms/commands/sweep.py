@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gtms.commands.common import add_backend_flags, backend_from_args
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -23,7 +25,7 @@ def register(subparsers) -> None:
                              "a multi-node cluster) (default: <train.run_dir>/sweep-<file name>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted sweep in --out (restores the Tuner)")
-    parser.add_argument("--address", default=None, help="Ray cluster to join")
+    add_backend_flags(parser, no_ray=None)
     parser.set_defaults(func=run)
 
 
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if args.overrides:
         cfg = config_from_dict(config_to_dict(cfg), args.config, args.overrides)
     out = args.out or storage.join(cfg.train.run_dir, f"sweep-{Path(args.config).stem}")
-    result = run_sweep(cfg, spec, out_dir=out, resume=args.resume, address=args.address)
+    result = run_sweep(cfg, spec, out_dir=out, resume=args.resume,
+                       backend=backend_from_args(args))
     print(f"\ntrials sorted by {spec.metric} ({spec.mode}):")
     for row in result["rows"]:
         value = row[spec.metric]

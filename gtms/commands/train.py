@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from gtms.commands.common import add_config_flags, config_from_args
+from gtms.commands.common import (
+    add_backend_flags,
+    add_config_flags,
+    backend_from_args,
+    config_from_args,
+)
 
 
 def register(subparsers) -> None:
@@ -20,18 +25,17 @@ def register(subparsers) -> None:
                         help="continue an interrupted run at its next epoch: a run name under "
                              "train.run_dir, a run folder, or nothing for the latest run; the "
                              "run's own config.yaml is used (--set still applies on top)")
-    parser.add_argument("--no-ray", action="store_true",
-                        help="run the same loop in this one process without Ray (debugging)")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster to join (default: $RAY_ADDRESS, else a local one)")
+    add_backend_flags(parser, no_ray="the same loop in this one process (debugging; same "
+                                     "numbers as one Ray worker)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from gtms.train.trainer import fit, print_summary
+    from gtms.train.fit import fit
+    from gtms.train.summary import print_summary
 
     cfg = config_from_args(args)
-    summary = fit(cfg, resume=args.resume, no_ray=args.no_ray, address=args.address,
+    summary = fit(cfg, backend_from_args(args), resume=args.resume,
                   set_overrides=tuple(args.overrides))
     print_summary(summary)
     return 0

@@ -41,18 +41,21 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gtms import storage
     from gtms.data.roots import prepare_data_root
     from gtms.eval.metrics import percent
     from gtms.infer.predict import pick_device
     from gtms.infer.visualize import visualize
-    from gtms.train.checkpoint import load_trained
+    from gtms.model.checkpoint import load_trained
 
     device = pick_device(args.device)
     model, cfg, file = load_trained(args.checkpoint, args.config, args.overrides)
     model.to(device)
     split = args.split or cfg.data.val_split
     root = prepare_data_root(cfg)
-    out = Path(args.out) if args.out else file.parent / f"visualize_{split}"
+    # default: beside a local checkpoint; here for one in a bucket
+    beside = Path.cwd() if storage.is_uri(file) else Path(file).parent
+    out = Path(args.out) if args.out else beside / f"visualize_{split}"
     print(f"drawing {args.n} sample(s) of {cfg.data.dataset} {split} ({root}) on {device}",
           flush=True)
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import io
 import struct
 
-# Pillow's Image.MAX_IMAGE_PIXELS: 1 GiB / 4 bytes / 3.
-DEFAULT_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+from gtms.config import DEFAULT_MAX_IMAGE_PIXELS
+
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "ImageHeaderError", "ImageSizeError", "ImageTooLargeError",
+           "check_image_pixels", "image_size"]
 
 _HEADER_ERRORS = (SyntaxError, IndexError, TypeError, ValueError, EOFError, OSError,
                   struct.error)

@@ -369,6 +369,12 @@ class PoolSpec:
     actor_cpus: float = 1.0
     batch_size: int = 32
 
+    @classmethod
+    def of(cls, ray) -> PoolSpec:
+        """The pool the ``ray`` section of a config (:class:`gtms.config.RayConfig`) asks for."""
+        return cls(ray.preprocess_actors, ray.preprocess_actors_max, ray.actor_cpus,
+                   batch_size=ray.preprocess_batch_size)
+
     def compute(self):
         import ray.data
 

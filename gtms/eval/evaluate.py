@@ -1,5 +1,6 @@
-"""``run.py eval``: CRIS-style evaluation of a checkpoint, streamed through Ray Data (or, with
-``--no-ray``, preprocessed in this process).
+"""``run.py eval``: CRIS-style evaluation of a checkpoint, its splits streamed through a
+:class:`gtms.backend.Backend` (Ray Data's actors, or with ``--no-ray`` preprocessed in this
+process).
 
 Per sentence: sigmoid of the stride-4 logits, upsample to the letterbox, inverse affine back to
 the original image, threshold (``train.threshold``, CRIS 0.35), IoU against the original mask.
@@ -12,18 +13,18 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from gtms import storage
+from gtms.backend import Backend
 from gtms.config import Config
 from gtms.console import Progress, phase
-from gtms.data.pipeline import PoolSpec, SampleSpec, build_dataset, drop_skipped, spec_for
+from gtms.data.pipeline import drop_skipped, spec_for
 from gtms.data.shards import verify_shards
-from gtms.data.tokenizer import ClipTokenizer
 from gtms.errors import UserError
 from gtms.eval.attention import attention_sources
 from gtms.eval.metrics import (
@@ -39,8 +40,7 @@ from gtms.eval.metrics import (
     score_prediction,
 )
 from gtms.eval.pseudo_quality import PseudoLabelMeters, format_pseudo_table
-from gtms.train.checkpoint import Trained, load_trained
-from gtms.train.contexts import preprocessed_samples, stacked_batches
+from gtms.model.checkpoint import Trained, load_trained
 
 # Per split of an evaluation report: every scored sentence's ``ref_id``, ``sent_index`` and
 # ``iou`` (arrays). eval.json leaves them out; they go to the file beside it
@@ -88,86 +88,92 @@ class EvalError(UserError, ValueError):
     """Evaluation cannot run (empty split, config that does not fit the checkpoint)."""
 
 
+class SplitScores:
+    """What an evaluation of one split accumulates, sentence by sentence."""
+
+    def __init__(self):
+        self.meter = SegmentationMeter()
+        self.ref_ids: list[int] = []
+        self.sent_indices: list[int] = []
+        self.hits: list[bool] = []
+        self.errors: list[dict] = []
+        self.skipped: Counter = Counter()
+
+    def add(self, probs: np.ndarray, batch: dict[str, Any], cfg: Config) -> None:
+        """Score each sentence of ``batch`` given its probabilities at stride 4."""
+        for i in range(len(probs)):
+            self.meter.add(*score_prediction(probs[i], batch["orig_hw"][i],
+                                             batch["mask_rle"][i], cfg.data.input_size,
+                                             cfg.train.threshold))
+            self.ref_ids.append(int(batch["ref_id"][i]))
+            self.sent_indices.append(int(batch["sent_index"][i]))
+            self.hits.append(peak_in_box(probs[i], batch["box"][i]))
+            self.errors.append(error_shares(probs[i], batch["box"][i], batch["mask"][i],
+                                            cfg.train.threshold))
+
+    def summary(self) -> dict[str, Any]:
+        summary = self.meter.summary()
+        ious = iou_from_counts(self.meter.inter, self.meter.union)
+        summary.update(grounding_summary(self.hits, ious))
+        summary.update(error_summary(self.errors))
+        summary[SENTENCES] = {"ref_id": np.asarray(self.ref_ids, np.int64),
+                              "sent_index": np.asarray(self.sent_indices, np.int32),
+                              "iou": ious.astype(np.float32)}
+        summary["skipped"] = dict(self.skipped)
+        return summary
+
+
 @torch.no_grad()
 def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *,
-                   device: torch.device, pool: PoolSpec | None, progress: bool = True,
+                   device: torch.device, backend: Backend, progress: bool = True,
                    pseudo_labels: bool = False) -> dict[str, Any]:
-    """Stream one split through the preprocessing actors of ``pool`` (``None``: preprocess it
-    in this process, no Ray; the same samples) and score every sentence.
-    ``pseudo_labels``: also score the P-hat this model's P gives with each vertex weight of
-    :mod:`gtms.eval.pseudo_quality` (the actors then build trees and forests too)."""
+    """Stream one split through ``backend`` (Ray Data's actors, or preprocessed in this
+    process: the same samples) and score every sentence. ``pseudo_labels``: also score the
+    P-hat this model's P gives with each vertex weight of :mod:`gtms.eval.pseudo_quality`
+    (the pipeline then builds trees and forests too)."""
     spec = spec_for("eval", input_size=cfg.data.input_size, word_len=cfg.data.word_len,
                     mode=cfg.loss.mode, seed=cfg.train.seed, with_tree_in_eval=pseudo_labels)
     pseudo = None
     if pseudo_labels:
         pseudo = PseudoLabelMeters(attention_sources(cfg, device, roles=("eval",))["eval"])
-    batches = split_batches(root, split, spec, pool, batch_size=cfg.train.eval_batch_size,
-                            strict=cfg.data.strict, limit=cfg.data.limit_eval_refs)
-    meter = SegmentationMeter()
-    ref_ids: list[int] = []
-    sent_indices: list[int] = []
-    hits: list[bool] = []
-    errors: list[dict] = []
+    batches = backend.batches(root, split, spec, batch_size=cfg.train.eval_batch_size,
+                              strict=cfg.data.strict, limit=cfg.data.limit_eval_refs,
+                              ray=cfg.ray)
+    scores, start = SplitScores(), time.perf_counter()
     model.eval()
-    start = time.perf_counter()
-    skipped: Counter = Counter()
     total = None if cfg.data.limit_eval_refs else split_sentence_count(root, split)
     bar = Progress(f"evaluating {split}", total, unit="sentence", enabled=progress)
     for batch in batches:
         batch, dropped = drop_skipped(batch)
-        skipped.update(dropped)
+        scores.skipped.update(dropped)
         if not len(batch["ref_id"]):
             continue
-        image = torch.as_tensor(np.array(batch["image"]), device=device)
-        tokens = torch.as_tensor(np.array(batch["tokens"]), device=device)
-        out = model(image, tokens)
+        out = model(torch.as_tensor(np.array(batch["image"]), device=device),
+                    torch.as_tensor(np.array(batch["tokens"]), device=device))
         probs = torch.sigmoid(out.logits.float())[:, 0].cpu().numpy()
         if pseudo is not None:
             pseudo.add_batch(out, model, batch, sigma=cfg.pseudo.sigma,
                              binarize_at=cfg.pseudo.binarize_at, threshold=cfg.train.threshold)
-        for i in range(len(probs)):
-            meter.add(*score_prediction(probs[i], batch["orig_hw"][i], batch["mask_rle"][i],
-                                        cfg.data.input_size, cfg.train.threshold))
-            ref_ids.append(int(batch["ref_id"][i]))
-            sent_indices.append(int(batch["sent_index"][i]))
-            hits.append(peak_in_box(probs[i], batch["box"][i]))
-            errors.append(error_shares(probs[i], batch["box"][i], batch["mask"][i],
-                                       cfg.train.threshold))
+        scores.add(probs, batch, cfg)
         bar.update(len(probs))
     bar.close()
-    if not len(meter):
+    if not len(scores.meter):
         raise EvalError(f"split {split!r} under {root} has no usable samples")
-    summary = meter.summary()
-    summary.update(grounding_summary(hits, iou_from_counts(meter.inter, meter.union)))
-    summary.update(error_summary(errors))
+    summary = scores.summary()
     if pseudo is not None:
         summary.update(pseudo.summary())
-    summary[SENTENCES] = {"ref_id": np.asarray(ref_ids, np.int64),
-                          "sent_index": np.asarray(sent_indices, np.int32),
-                          "iou": iou_from_counts(meter.inter, meter.union).astype(np.float32)}
-    summary["skipped"] = dict(skipped)
     summary["seconds"] = round(time.perf_counter() - start, 2)
-    summary["split_sentences"] = None if cfg.data.limit_eval_refs else \
-        split_sentence_count(root, split)
+    summary["split_sentences"] = total
+    _warn_if_short(split, summary)
+    return summary
+
+
+def _warn_if_short(split: str, summary: dict[str, Any]) -> None:
     if summary["split_sentences"] not in (None, summary["n"]):
         print(f"warning: {split}: scored {summary['n']} of the {summary['split_sentences']} "
               "sentences its manifest lists; the others belong to refs that could not be used "
               "(undecodable image, bad box or mask; --set data.strict=true stops at the first)",
               file=sys.stderr, flush=True)
-    return summary
-
-
-def split_batches(root: str, split: str, spec: SampleSpec, pool: PoolSpec | None, *,
-                  batch_size: int, strict: bool, limit: int) -> Iterator[dict[str, np.ndarray]]:
-    """Numpy batches of a split's preprocessed samples (placeholders of unusable rows
-    included): streamed through Ray Data's actors, or made in this process when ``pool`` is
-    ``None``."""
-    if pool is None:
-        samples = preprocessed_samples(root, split, spec, ClipTokenizer(), limit=limit,
-                                       strict=strict)
-        return stacked_batches(samples, spec, batch_size)
-    ds = build_dataset(root, split, spec, pool, strict=strict, limit=limit)
-    return ds.iter_batches(batch_size=batch_size, batch_format="numpy")
 
 
 def split_sentence_count(root: str, split: str) -> int | None:
@@ -175,23 +181,10 @@ def split_sentence_count(root: str, split: str) -> int | None:
     root or no manifest). Evaluation scores every one, empty expressions included (CRIS)."""
     from gtms.data.shards import read_manifest, shards_dir
 
-    if "://" in root:
+    if storage.is_uri(root):
         return None
     count = ((read_manifest(shards_dir(root)) or {}).get("sentences") or {}).get(split)
     return int(count) if isinstance(count, int) else None
-
-
-def _check_split(root: str, split: str) -> None:
-    from gtms.data.pipeline import shard_uri
-
-    if "://" in root:
-        return
-    where = Path(shard_uri(root, split))
-    if not where.is_dir() or not any(where.glob("*.parquet")):
-        have = sorted(p.name for p in (Path(root) / "shards").iterdir()
-                      if p.is_dir()) if (Path(root) / "shards").is_dir() else []
-        raise EvalError(f"split {split!r} has no shards under {root}; available: "
-                        f"{', '.join(have) or 'none'}")
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
@@ -236,16 +229,14 @@ def format_error_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def evaluate(checkpoint: str | Path | Trained, cfg: Config | str | None = None,
-             splits: list[str] | None = None, out: str | Path | None = None,
-             address: str | None = None, pseudo_labels: bool = False,
-             no_ray: bool = False) -> dict[str, Any]:
+             splits: list[str] | None = None, out: str | Path | None = None, *,
+             backend: Backend, pseudo_labels: bool = False) -> dict[str, Any]:
     """Score ``checkpoint`` (a path, or what :func:`load_trained` returned) on ``splits``
-    (default ``data.eval_splits``); write the report to ``out`` when given, and the
-    per-sentence IoUs (:data:`SENTENCES`) beside it (:func:`sentences_path`). ``pseudo_labels``:
-    see :func:`evaluate_split`. ``no_ray``: preprocess in this process instead of Ray Data's
-    actors (same numbers)."""
+    (default ``data.eval_splits``), preprocessing through ``backend`` (the same numbers either
+    way); write the report to ``out`` when given, and the per-sentence IoUs
+    (:data:`SENTENCES`) beside it (:func:`sentences_path`). ``pseudo_labels``: see
+    :func:`evaluate_split`."""
     from gtms.data.roots import prepare_data_root
-    from gtms.runtime import init_ray
 
     trained = checkpoint if isinstance(checkpoint, Trained) else load_trained(checkpoint, cfg)
     model, cfg = trained.model, trained.config
@@ -253,27 +244,26 @@ def evaluate(checkpoint: str | Path | Trained, cfg: Config | str | None = None,
     model.to(device)
     root = prepare_data_root(cfg)
     splits = splits or list(cfg.data.eval_splits)
-    for split in splits:
-        _check_split(root, split)
     verify_shards(root, splits)
-    pool = None
-    if not no_ray:
-        init_ray(cfg.ray, cli_address=address)
-        pool = PoolSpec(cfg.ray.preprocess_actors, cfg.ray.preprocess_actors_max,
-                        cfg.ray.actor_cpus, batch_size=cfg.ray.preprocess_batch_size)
+    backend.start(cfg.ray)
     results = {}
     for split in splits:
-        where = "preprocessing it in this process" if pool is None else \
-            f"streaming it through {max(pool.size, pool.max_size)} preprocessing actor(s)"
-        phase(f"evaluating {split}: {where} and scoring every sentence on {device.type}")
-        results[split] = evaluate_split(model, cfg, root, split, device=device, pool=pool,
+        phase(f"evaluating {split}: {backend.describe_streaming(cfg.ray)} and scoring every "
+              f"sentence on {device.type}")
+        results[split] = evaluate_split(model, cfg, root, split, device=device, backend=backend,
                                         pseudo_labels=pseudo_labels)
     report = {"checkpoint": str(trained.file), "dataset": cfg.data.dataset, "root": root,
               "threshold": cfg.train.threshold, "input_size": cfg.data.input_size,
               "splits": results}
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(dict(report, splits=without_sentences(results)),
-                                        indent=2))
-        Path(sentences_path(str(out))).write_bytes(sentence_ious_bytes(results))
+        write_report(report, out)
     return report
+
+
+def write_report(report: dict[str, Any], out: str | Path) -> None:
+    """``report`` as JSON at ``out`` (a local path or URI) without the per-sentence IoUs, which
+    go to the file beside it (:func:`sentences_path`)."""
+    results = report["splits"]
+    storage.write_bytes(str(out), json.dumps(dict(report, splits=without_sentences(results)),
+                                              indent=2).encode())
+    storage.write_bytes(sentences_path(str(out)), sentence_ious_bytes(results))

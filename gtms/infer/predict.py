@@ -33,7 +33,7 @@ from gtms.data.images import (
 from gtms.data.tokenizer import ClipTokenizer, is_empty_expression
 from gtms.data.transforms import ImageDecodeError, Letterbox, decode_image, normalize
 from gtms.errors import UserError
-from gtms.train.checkpoint import load_trained
+from gtms.model.checkpoint import load_trained
 from gtms.viz import overlay_mask, write_png
 
 RECORDS_FILE = "predictions.jsonl"
@@ -95,7 +95,7 @@ class Predictor:
                         overrides: Sequence[str] = (), *,
                         device: torch.device | None = None) -> Predictor:
         """Input size, word length, threshold and image pixel limit come from the config that
-        :func:`~gtms.train.checkpoint.load_trained` resolves (``data.input_size``,
+        :func:`~gtms.model.checkpoint.load_trained` resolves (``data.input_size``,
         ``data.word_len``, ``train.threshold``, ``data.max_image_pixels``)."""
         model, cfg, _ = load_trained(checkpoint, config, overrides)
         return cls(model, input_size=cfg.data.input_size, word_len=cfg.data.word_len,

@@ -1,6 +1,6 @@
 """``run.py visualize``: Fig. 5-style panels of a split, computed in this process (no Ray).
 
-Rows of the prepared dataset are read with pyarrow (:func:`gtms.train.contexts.iter_shard_rows`)
+Rows of the prepared dataset are read with pyarrow (:func:`gtms.data.reading.iter_shard_rows`)
 and preprocessed with the validation spec (trees, forest, ground truth, eval meta). The model
 predicts and the GTMS pseudo labels are made in mode ``forest-gradcam`` whatever the checkpoint
 was trained with, so every checkpoint shows what full GTMS would have trained it towards. Per
@@ -26,16 +26,16 @@ from gtms.data.pipeline import (
     BadRowError,
     SampleSpec,
     preprocess_ref,
-    shard_uri,
     spec_for,
     stack_samples,
 )
+from gtms.data.reading import iter_shard_rows
+from gtms.data.shards import verify_shards
 from gtms.data.tokenizer import ClipTokenizer
 from gtms.errors import UserError
 from gtms.eval.attention import attention_sources
 from gtms.eval.metrics import iou_from_counts
-from gtms.train.contexts import iter_shard_rows
-from gtms.train.step import new_meters, validation_step
+from gtms.eval.validation import new_meters, validation_step
 from gtms.viz import PANEL_TITLES, sample_row, write_png
 
 PSEUDO_MODE = "forest-gradcam"
@@ -58,17 +58,6 @@ class SampleFigure:
     pseudo_label_iou: float     # P-hat > threshold vs mask, at stride 4
     attention_fallback: bool    # GradCAM's map was zero in the box: A = W = box
     path: str = ""
-
-
-def check_split(root: str, split: str) -> None:
-    if "://" in root:
-        return
-    where = Path(shard_uri(root, split))
-    if not where.is_dir() or not any(where.glob("*.parquet")):
-        shards = Path(root) / "shards"
-        have = sorted(p.name for p in shards.iterdir() if p.is_dir()) if shards.is_dir() else []
-        raise VisualizeError(f"split {split!r} has no shards under {root}; available: "
-                             f"{', '.join(have) or 'none'}")
 
 
 def collect_samples(root: str, split: str, spec: SampleSpec, n: int, *,
@@ -128,7 +117,7 @@ def visualize(model: torch.nn.Module, cfg: Config, root: str, split: str, out_di
               echo: Callable[[SampleFigure], None] | None = None) -> dict[str, Any]:
     """Write ``ref<id>_s<sentence>.png`` per sample, the contact sheet and ``samples.jsonl``
     into ``out_dir``; returns a summary (paths, per-sample IoU, skipped rows)."""
-    check_split(root, split)
+    verify_shards(root, [split])
     spec = spec_for("val", input_size=cfg.data.input_size, word_len=cfg.data.word_len,
                     mode=PSEUDO_MODE, seed=cfg.train.seed)
     samples, skipped = collect_samples(root, split, spec, n, all_sentences=all_sentences,

@@ -1,41 +1,37 @@
-"""The SynthCLIP training loop: one function that runs alone or as a Ray Train worker.
+"""The SynthCLIP training loop: a worker function (:mod:`gtms.backend`) that runs in this
+process or on Ray Train's workers.
 
-``pretrain_loop(loop_config)`` reads the pair arrays from an ``.npz`` file, takes its rank's
-share of each epoch's shuffled order (every rank sees the same number of batches), trains
-:class:`SynthCLIP` with AdamW and a cosine schedule, and reports one line of metrics per epoch.
-In a Ray Train worker (``ray.train.get_context()`` works) it adds ``prepare_model`` (DDP) and
-``ray.train.report``; rank 0 reports the final weights as a checkpoint. Alone, it returns them.
+``pretrain_loop(loop_config, worker)`` reads the pair arrays from an ``.npz`` file, takes its
+rank's share of each epoch's shuffled order (every rank sees the same number of batches), trains
+:class:`SynthCLIP` with AdamW and a cosine schedule, and reports one line of metrics per epoch;
+after the last epoch rank 0 reports the backbone's weights and every epoch's metrics as a
+checkpoint (:func:`gtms.model.checkpoint.save_backbone_checkpoint`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
 from gtms import console
+from gtms.backend import Worker
 from gtms.model.build import CRISArch, build_from_arch
+from gtms.model.checkpoint import save_backbone_checkpoint
 from gtms.pretrain.data import PairSet, ProbeSet, to_model_input
 from gtms.pretrain.metrics import pointing, recall_at_k
 from gtms.pretrain.objective import SynthCLIP, contrastive_loss
 from gtms.pseudo.gradcam import gradcam_attention, gradcam_map
 
 WEIGHTS_NAME = "clip.pt"
-CHECKPOINT_WEIGHTS = "backbone.pt"  # in the final Ray checkpoint: the backbone's state dict
-CHECKPOINT_EPOCHS = "epochs.json"  # ... and every epoch's metrics
+FINAL_CHECKPOINT = "checkpoint_final"   # the folder rank 0 reports after the last epoch
 WARMUP_FRACTION = 0.05  # of all steps, linear warm-up before the cosine decay
-
-
-class PretrainResult(NamedTuple):
-    state: dict[str, torch.Tensor]  # the backbone's state dict
-    epochs: list[dict]  # per epoch: epoch (from 1), loss, temperature, pairs_per_s
 
 
 def save_pairs(pairs: PairSet, path: Path) -> None:
@@ -73,33 +69,13 @@ def build_synthclip(arch: CRISArch, seed: int) -> SynthCLIP:
     return SynthCLIP(build_from_arch(arch).backbone)
 
 
-def _ray_context():
-    """``(rank, world_size)`` inside a Ray Train worker, else None."""
-    try:
-        import ray.train
-
-        context = ray.train.get_context()
-        return context.get_world_rank(), context.get_world_size()
-    except Exception:  # not inside Ray Train (or Ray not installed)
-        return None
-
-
-def pretrain_loop(loop_config: dict[str, Any]) -> PretrainResult | None:
-    """Train SynthCLIP. In one process, returns the backbone's state dict and the per-epoch
-    metrics; on Ray Train, returns nothing (Ray refuses tensors as a train function's return
-    value): rank 0 reports both in the final checkpoint (``backbone.pt``, ``epochs.json``)."""
-    ray_ctx = _ray_context()
-    rank, world = ray_ctx or (0, 1)
-    if ray_ctx is not None:
-        console.forward_to_driver()
-    torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
+def pretrain_loop(loop_config: dict[str, Any], worker: Worker) -> None:
+    """Train SynthCLIP on ``worker``; rank 0 reports the result in the final checkpoint."""
+    rank, world = worker.rank, worker.world_size
+    torch.set_num_threads(worker.threads)
     pairs = load_pairs(loop_config["pairs_path"])
     model = build_synthclip(CRISArch.from_dict(loop_config["arch"]), loop_config["seed"])
-    trained = model
-    if ray_ctx is not None:
-        from ray.train.torch import prepare_model
-
-        trained = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    trained = worker.prepare_model(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=loop_config["lr"], weight_decay=loop_config["weight_decay"])
     plan = [epoch_batches(pairs, seed=loop_config["seed"], epoch=e,
@@ -109,39 +85,43 @@ def pretrain_loop(loop_config: dict[str, Any]) -> PretrainResult | None:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: _lr_factor(i, total))
     history = []
     for epoch, steps in enumerate(plan):
-        trained.train()
-        start, losses, seen = time.perf_counter(), [], 0
-        progress = console.Progress(f"pretrain epoch {epoch + 1}/{len(plan)}", len(steps),
-                                    unit="step", enabled=rank == 0, final_line=False)
-        for expressions, crops in steps:
-            scenes = pairs.scene_of_text[expressions]
-            image, text, scale = trained(
-                to_model_input(pairs.scene_images[scenes]),
-                torch.as_tensor(pairs.scene_tokens[expressions]),
-                to_model_input(pairs.crop_images[crops]),
-                torch.as_tensor(pairs.crop_tokens[crops]))
-            text_ids = torch.as_tensor(np.concatenate([pairs.scene_text[expressions],
-                                                       pairs.crop_text[crops]]))
-            image, text, text_ids = _gather_batch(image, text, text_ids, world)
-            loss = contrastive_loss(image, text, scale, text_ids)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            (loss * world).backward()  # DDP averages gradients over ranks; the loss is global
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            seen += len(text_ids)
-            progress.update(samples=len(text_ids))
-        progress.close()
-        metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)),
-                   "temperature": float(1 / scale.detach()),
-                   "pairs_per_s": seen / (time.perf_counter() - start)}
-        history.append(metrics)
-        _report(metrics, history if rank == 0 and epoch + 1 == len(plan) else None, model,
-                ray_ctx is not None, rank)
-    if ray_ctx is not None:
-        return None
-    return PretrainResult({k: v.detach().clone() for k, v in model.backbone.state_dict().items()},
-                          history)
+        metrics = pretrain_epoch(trained, optimizer, schedule, pairs, steps, world=world,
+                                 title=f"pretrain epoch {epoch + 1}/{len(plan)}",
+                                 progress=rank == 0)
+        history.append({"epoch": epoch + 1, **metrics})
+        if rank == 0:
+            console.say(_epoch_line(history[-1]))
+        _report(worker, history, model, last=epoch + 1 == len(plan))
+
+
+def pretrain_epoch(trained, optimizer, schedule, pairs: PairSet, steps: list, *, world: int,
+                   title: str, progress: bool) -> dict[str, float]:
+    """One epoch of ``steps`` (:func:`epoch_batches`); returns its loss, temperature and
+    rate."""
+    trained.train()
+    start, losses, seen = time.perf_counter(), [], 0
+    bar = console.Progress(title, len(steps), unit="step", enabled=progress, final_line=False)
+    for expressions, crops in steps:
+        scenes = pairs.scene_of_text[expressions]
+        image, text, scale = trained(
+            to_model_input(pairs.scene_images[scenes]),
+            torch.as_tensor(pairs.scene_tokens[expressions]),
+            to_model_input(pairs.crop_images[crops]),
+            torch.as_tensor(pairs.crop_tokens[crops]))
+        text_ids = torch.as_tensor(np.concatenate([pairs.scene_text[expressions],
+                                                   pairs.crop_text[crops]]))
+        image, text, text_ids = _gather_batch(image, text, text_ids, world)
+        loss = contrastive_loss(image, text, scale, text_ids)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        (loss * world).backward()  # DDP averages gradients over ranks; the loss is global
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        seen += len(text_ids)
+        bar.update(samples=len(text_ids))
+    bar.close()
+    return {"loss": float(np.mean(losses)), "temperature": float(1 / scale.detach()),
+            "pairs_per_s": seen / (time.perf_counter() - start)}
 
 
 def _lr_factor(step: int, total: int) -> float:
@@ -166,31 +146,15 @@ def _gather_batch(image, text, ids, world):
     return torch.cat(parts[0]), torch.cat(parts[1]), torch.cat(parts[2])
 
 
-def _report(metrics: dict, final_history: list[dict] | None, model: SynthCLIP, in_ray: bool,
-            rank: int) -> None:
-    """Print the epoch line (rank 0); on Ray, report the metrics, with the final checkpoint
-    (weights and every epoch's metrics) after the last epoch."""
-    if rank == 0:
-        console.say(_epoch_line(metrics))
-    if not in_ray:
-        return
-    import ray.train
-    from ray.train import Checkpoint
-
-    if final_history is None:
-        ray.train.report(metrics)
+def _report(worker: Worker, history: list[dict], model: SynthCLIP, *, last: bool) -> None:
+    """Report the epoch's metrics; after the last epoch, rank 0 adds the final checkpoint
+    (the backbone's weights and every epoch's metrics)."""
+    if not (last and worker.rank == 0):
+        worker.report(history[-1])
         return
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save(model.backbone.state_dict(), Path(tmp) / CHECKPOINT_WEIGHTS)
-        (Path(tmp) / CHECKPOINT_EPOCHS).write_text(json.dumps(final_history))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-
-
-def read_checkpoint(folder: str | Path) -> PretrainResult:
-    """What rank 0 reported in the final Ray checkpoint of :func:`pretrain_loop`."""
-    folder = Path(folder)
-    return PretrainResult(torch.load(folder / CHECKPOINT_WEIGHTS, weights_only=True),
-                          json.loads((folder / CHECKPOINT_EPOCHS).read_text()))
+        save_backbone_checkpoint(tmp, model.backbone.state_dict(), history)
+        worker.report(history[-1], Path(tmp), checkpoint_name=FINAL_CHECKPOINT)
 
 
 def _epoch_line(m: dict) -> str:

@@ -16,27 +16,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from gtms.backend import Backend
 from gtms.config import Config
 from gtms.console import phase, say
 from gtms.data.shards import read_manifest, shards_dir
 from gtms.errors import UserError
 from gtms.model.build import CLIP_STRIDE, CRISArch, preset_arch
+from gtms.model.checkpoint import read_backbone_checkpoint
 from gtms.model.weights import CLIP_METADATA_KEYS
 from gtms.pretrain.data import build_pairs, build_probe
 from gtms.pretrain.loop import (
     WEIGHTS_NAME,
-    PretrainResult,
     build_synthclip,
     pretrain_loop,
     probe_metrics,
-    read_checkpoint,
     save_pairs,
 )
 from gtms.storage import folder_lock, is_uri
@@ -74,20 +73,18 @@ def cache_dir(cfg: Config, data_root: str | Path) -> Path:
     return Path(data_root) / "synthclip" / name
 
 
-def ensure_synthclip(cfg: Config, data_root: str | Path, *, no_ray: bool = False,
-                     address: str | None = None) -> Path:
+def ensure_synthclip(cfg: Config, data_root: str | Path, backend: Backend) -> Path:
     """The cached SynthCLIP weights for ``cfg``, pretraining them first if absent."""
     out = cache_dir(cfg, data_root)
     with folder_lock(out.parent):
         if not (out / WEIGHTS_NAME).is_file():
             phase(f"SynthCLIP weights for this setup are not cached: pretraining them once "
                   f"({cfg.pretrain.epochs} epochs) into {out}")
-            run_pretrain(cfg, data_root, out, no_ray=no_ray, address=address)
+            run_pretrain(cfg, data_root, out, backend)
     return out / WEIGHTS_NAME
 
 
-def with_synthclip(cfg: Config, data_root: str, *, no_ray: bool = False,
-                   address: str | None = None) -> Config:
+def with_synthclip(cfg: Config, data_root: str, backend: Backend) -> Config:
     """``cfg`` starting from SynthCLIP weights when ``pretrain.before_train`` is set and no
     ``model.clip_weights`` is given (pretrained once, then read from the cache)."""
     if not cfg.pretrain.before_train or cfg.model.clip_weights or cfg.model.init_checkpoint:
@@ -96,14 +93,14 @@ def with_synthclip(cfg: Config, data_root: str, *, no_ray: bool = False,
         raise PretrainError(f"pretrain.before_train caches weights beside the data, but "
                             f"data.root is {data_root}; run 'python run.py pretrain --out DIR' "
                             "and set model.clip_weights=DIR/clip.pt")
-    weights = ensure_synthclip(cfg, data_root, no_ray=no_ray, address=address)
+    weights = ensure_synthclip(cfg, data_root, backend)
     say(f"starting from SynthCLIP weights {weights}")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                              clip_weights=str(weights)))
 
 
-def run_pretrain(cfg: Config, data_root: str | Path, out_dir: str | Path, *,
-                 no_ray: bool = False, address: str | None = None) -> dict:
+def run_pretrain(cfg: Config, data_root: str | Path, out_dir: str | Path,
+                 backend: Backend) -> dict:
     """Pretrain, export ``clip.pt`` and write ``report.json``; returns the report."""
     started = time.time()
     out = Path(out_dir).resolve()
@@ -128,10 +125,7 @@ def run_pretrain(cfg: Config, data_root: str | Path, out_dir: str | Path, *,
                    "epochs": p.epochs, "batch_size": p.batch_size, "lr": p.lr,
                    "weight_decay": p.weight_decay}
     try:
-        if no_ray:
-            state, epochs = _run_local(loop_config)
-        else:
-            state, epochs = _run_ray(cfg, loop_config, out, address)
+        state, epochs = _run_workers(cfg, loop_config, out, backend)
     finally:
         pairs_path.unlink(missing_ok=True)
     model = build_synthclip(arch, p.seed)
@@ -170,32 +164,18 @@ def format_metrics(m: dict) -> str:
             f"off mask in box {m['a_contrast']:+.3f}")
 
 
-def _run_local(loop_config: dict) -> PretrainResult:
-    loop_config = dict(loop_config, threads=os.cpu_count() or 1)
-    return pretrain_loop(loop_config)
-
-
-def _run_ray(cfg: Config, loop_config: dict, out: Path, address: str | None) -> PretrainResult:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from gtms.runtime import init_ray, use_gpu
-
-    init_ray(cfg.ray, cli_address=address)
-    workers = max(1, cfg.ray.num_workers)
-    loop_config = dict(loop_config, threads=max(1, int(cfg.ray.cpus_per_worker)))
-    trainer = TorchTrainer(
-        pretrain_loop, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu(cfg.ray),
-                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=RunConfig(storage_path=str(out / "ray"), name=f"pretrain-{int(time.time())}"),
-    )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as folder:
-        weights = read_checkpoint(folder)
-    if not is_uri(str(out)):  # Ray's copy of the run: the weights now live in clip.pt
-        shutil.rmtree(out / "ray", ignore_errors=True)
-    return weights
+def _run_workers(cfg: Config, loop_config: dict, out: Path,
+                 backend: Backend) -> tuple[dict, list[dict]]:
+    """The loop on ``backend``'s workers; returns what rank 0 reported at the end (the
+    backbone's state dict, every epoch's metrics). The workers' run folder is removed after."""
+    workers = out / "workers"
+    shutil.rmtree(workers, ignore_errors=True)   # what an interrupted attempt left
+    try:
+        result = backend.run(pretrain_loop, loop_config, storage=str(out), name=workers.name,
+                             ray=cfg.ray)
+        return read_backbone_checkpoint(result.latest)
+    finally:
+        shutil.rmtree(workers, ignore_errors=True)
 
 
 def _say(text: str) -> None:

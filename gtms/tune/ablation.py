@@ -4,77 +4,24 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from gtms import storage
+from gtms.backend import Backend
 from gtms.config import Config, config_to_dict, replace
-from gtms.errors import UserError
 from gtms.modes import ABLATION_MODES
 from gtms.tune.plot import plot_ablation, read_curves
 from gtms.tune.table import collect, write_tables
-
-TUNER = "tuner"  # the Tuner's own folder under --out
-
-
-class TuneError(UserError, RuntimeError):
-    """An ablation or sweep cannot run or finish."""
-
-
-def experiment_dir(out: str | Path) -> str:
-    """``--out`` of ablate/sweep: a local folder made absolute, or a bucket URI (``s3://``,
-    ``gs://``, ``file://``) kept as it is. On a multi-node cluster it must be a URI (or a file
-    system mounted at the same path on every node): the trials' Ray Train runs store their
-    checkpoints below it, and Ray refuses a folder that only one node can see."""
-    return storage.absolute(str(out))
-
-
-def tuner_dir(out_dir: str) -> str:
-    return storage.join(out_dir, TUNER)
-
-
-def trials_dir(out_dir: str) -> str:
-    """Where the trials' run folders go (``train.run_dir`` of every trial)."""
-    return storage.join(out_dir, "trials")
-
-
-@contextmanager
-def results_folder(out_dir: str) -> Iterator[Path]:
-    """A local folder to write result files into: ``out_dir`` itself, or for a URI a temporary
-    folder whose files are copied to ``out_dir`` when the block ends without error."""
-    if not storage.is_uri(out_dir):
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        yield Path(out_dir)
-        return
-    with tempfile.TemporaryDirectory(prefix="gtms-results-") as tmp:
-        yield Path(tmp)
-        storage.upload_dir(Path(tmp), out_dir)
-
-
-def build_or_restore_tuner(trainable, param_space: dict, *, out_dir: str, resume: bool,
-                           tune_config):
-    """A new Tuner in ``out_dir/tuner``, or the interrupted one restored from there."""
-    from ray import tune
-
-    path = tuner_dir(out_dir)
-    if resume:
-        if not tune.Tuner.can_restore(path):
-            raise TuneError(f"--resume: nothing to restore in {path}")
-        print(f"restoring the interrupted experiment from {path}", flush=True)
-        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True,
-                                  param_space=param_space)
-    if storage.exists(path):
-        raise TuneError(f"{path} exists; pass --resume to continue it or choose another --out")
-    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
-                      run_config=tune.RunConfig(name=TUNER, storage_path=out_dir))
-
-
-def trial_resources() -> dict[str, float]:
-    """The trial's own process takes (almost) no CPU: its TorchTrainer requests the workers,
-    and a whole CPU here would starve them on a small machine (see RAY.md)."""
-    return {"cpu": 0.01}
+from gtms.tune.tuner import (
+    TuneError,
+    build_or_restore_tuner,
+    experiment_dir,
+    results_folder,
+    trial_resources,
+    trials_dir,
+    tuner_dir,
+)
 
 
 def trials_with_runs(trials: list[dict], local: Path) -> list[dict]:
@@ -115,8 +62,9 @@ def read_trial_sentences(metrics: dict) -> dict | None:
 
 
 def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: str | Path, resume: bool,
-                 max_concurrent: int, address: str | None = None,
-                 no_ray: bool = False) -> dict[str, Any]:
+                 max_concurrent: int, backend: Backend) -> dict[str, Any]:
+    """Train and evaluate every (row, seed) trial on ``backend`` (Ray Tune trials, or child
+    processes without Ray) and write the tables and curves into ``out_dir``."""
     from gtms.data.roots import prepare_data_root
 
     unknown = [r for r in rows if r not in ABLATION_MODES]
@@ -127,10 +75,9 @@ def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: str | Pat
     if max_concurrent < 1:
         raise TuneError("--max-concurrent must be >= 1")
     out_dir = experiment_dir(out_dir)
-    if no_ray:
-        if address or storage.is_uri(out_dir):
-            raise TuneError("--no-ray runs the trials on this machine: it takes a local --out "
-                            "and no --address")
+    if not backend.uses_ray:
+        if storage.is_uri(out_dir):
+            raise TuneError("--no-ray runs the trials on this machine: it takes a local --out")
         if storage.exists(trials_dir(out_dir)) and not resume:
             raise TuneError(f"{trials_dir(out_dir)} exists; pass --resume to continue it or "
                             "choose another --out")
@@ -138,11 +85,11 @@ def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: str | Pat
             raise TuneError(f"--resume: nothing to continue in {trials_dir(out_dir)}")
     root = prepare_data_root(cfg)
     cfg = replace(cfg, data={"root": root})
-    if no_ray:
+    if not backend.uses_ray:
         return _run_local(cfg, rows=rows, seeds=seeds, out_dir=out_dir,
-                          max_concurrent=max_concurrent)
+                          max_concurrent=max_concurrent, backend=backend)
     return _run_tuner(cfg, rows=rows, seeds=seeds, out_dir=out_dir, resume=resume,
-                      max_concurrent=max_concurrent, address=address)
+                      max_concurrent=max_concurrent, backend=backend)
 
 
 def _title(cfg: Config, seeds: int) -> str:
@@ -151,13 +98,13 @@ def _title(cfg: Config, seeds: int) -> str:
 
 
 def _run_local(cfg: Config, *, rows: list[str], seeds: int, out_dir: str,
-               max_concurrent: int) -> dict[str, Any]:
+               max_concurrent: int, backend: Backend) -> dict[str, Any]:
     """The trials as processes on this machine (:mod:`gtms.tune.local`)."""
     from gtms.pretrain.run import with_synthclip
     from gtms.tune.local import run_local_trials
 
     splits = list(cfg.data.eval_splits)
-    cfg = with_synthclip(cfg, cfg.data.root, no_ray=True)   # once, before the trials start
+    cfg = with_synthclip(cfg, cfg.data.root, backend)   # once, before the trials start
     seed_values = [cfg.train.seed + i for i in range(seeds)]
     print(f"ablation: {len(rows)} rows x {seeds} seed(s) = {len(rows) * seeds} trials, "
           f"{cfg.train.epochs} epochs each, splits {', '.join(splits)}; results in {out_dir}",
@@ -177,26 +124,25 @@ def _run_local(cfg: Config, *, rows: list[str], seeds: int, out_dir: str,
 
 
 def _run_tuner(cfg: Config, *, rows: list[str], seeds: int, out_dir: str, resume: bool,
-               max_concurrent: int, address: str | None) -> dict[str, Any]:
+               max_concurrent: int, backend: Backend) -> dict[str, Any]:
     """The trials as Ray Tune trials (each a Ray Train run)."""
     from ray import tune
 
     from gtms.pretrain.run import with_synthclip
-    from gtms.runtime import init_ray
-    from gtms.tune.trial import run_trial
+    from gtms.tune.trial import tune_trial
 
     root = cfg.data.root
     splits = list(cfg.data.eval_splits)
-    init_ray(cfg.ray, cli_address=address, concurrent_trials=max_concurrent,
-             trial_cpus=trial_resources()["cpu"])
+    backend.start(cfg.ray, concurrent_trials=max_concurrent,
+                  trial_cpus=trial_resources()["cpu"])
     # Every row starts from the same SynthCLIP weights, pretrained once here (a cache hit when
     # resuming) rather than by the first trials at once.
-    cfg = with_synthclip(cfg, root, address=address)
+    cfg = with_synthclip(cfg, root, backend)
     seed_values = [cfg.train.seed + i for i in range(seeds)]
     param_space = {"base": config_to_dict(cfg), "storage": trials_dir(out_dir),
                    "splits": splits, "loss.mode": tune.grid_search(rows),
                    "train.seed": tune.grid_search(seed_values)}
-    trainable = tune.with_resources(run_trial, trial_resources())
+    trainable = tune.with_resources(tune_trial, trial_resources())
     tuner = build_or_restore_tuner(
         trainable, param_space, out_dir=out_dir, resume=resume,
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent))

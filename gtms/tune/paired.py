@@ -1,7 +1,7 @@
 """Paired comparisons of two Table 2 rows trained with the same seeds.
 
 Every row of a seed starts from the same weights and sees the same data order
-(:func:`gtms.train.loop.initial_model`, :func:`gtms.train.contexts.row_positions`), so two
+(:func:`gtms.train.loop.initial_model`, :func:`gtms.data.reading.row_positions`), so two
 rows are compared seed by seed: the per-seed difference (higher row minus lower row) of the
 mean IoU over the held-out sentences, with
 

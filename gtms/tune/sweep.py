@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from gtms import storage
+from gtms.backend import Backend
 from gtms.config import (
     Config,
     ConfigError,
@@ -39,7 +40,7 @@ from gtms.config import (
     sweep_section,
 )
 from gtms.eval.metrics import format_metric
-from gtms.tune.ablation import (
+from gtms.tune.tuner import (
     TuneError,
     build_or_restore_tuner,
     experiment_dir,
@@ -148,23 +149,48 @@ PRETRAIN_DEPENDS_ON = ("pretrain.", "model.", "data.")
 
 
 def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: str | Path, resume: bool,
-              address: str | None = None) -> dict[str, Any]:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
+              backend: Backend) -> dict[str, Any]:
+    """Run the sweep's trials on Ray Tune; returns every trial's row, the best one and
+    ``best.yaml``'s location."""
     from gtms.data.roots import prepare_data_root
-    from gtms.runtime import init_ray
-    from gtms.tune.trial import apply_params, run_trial
 
+    if not backend.uses_ray:
+        raise TuneError("a sweep runs its trials on Ray Tune (no --no-ray)")
     out_dir = experiment_dir(out_dir)
     cfg = replace(cfg, data={"root": prepare_data_root(cfg)})
-    init_ray(cfg.ray, cli_address=address, concurrent_trials=spec.max_concurrent_trials,
-             trial_cpus=trial_resources()["cpu"])
+    backend.start(cfg.ray, concurrent_trials=spec.max_concurrent_trials,
+                  trial_cpus=trial_resources()["cpu"])
     if not any(key.startswith(PRETRAIN_DEPENDS_ON) for key in spec.space):
         # All trials share one SynthCLIP start: pretrain it once here, not in the first trials.
         from gtms.pretrain.run import with_synthclip
 
-        cfg = with_synthclip(cfg, cfg.data.root, address=address)
+        cfg = with_synthclip(cfg, cfg.data.root, backend)
+    start = time.time()
+    grid = sweep_tuner(cfg, spec, out_dir=out_dir, resume=resume).fit()
+    rows = [{"params": {k: result.config[k] for k in spec.space},
+             spec.metric: (result.metrics or {}).get(spec.metric),
+             "epochs": (result.metrics or {}).get("epoch", 0),
+             "error": str(result.error) if result.error else None} for result in grid]
+    ok = [r for r in rows if r[spec.metric] is not None and r["error"] is None]
+    if not ok:
+        raise TuneError(f"no trial of the sweep finished; see {out_dir}")
+    best = sorted(ok, key=lambda r: r[spec.metric], reverse=spec.mode == "max")[0]
+    best_path = write_best_yaml(cfg, spec, best, out_dir)
+    return {"rows": sorted(rows, key=lambda r: (r[spec.metric] is None,
+                                                -(r[spec.metric] or 0) if spec.mode == "max"
+                                                else (r[spec.metric] or 0))),
+            "best": best, "best_yaml": best_path,
+            "wall_time_s": round(time.time() - start, 1)}
+
+
+def sweep_tuner(cfg: Config, spec: SweepSpec, *, out_dir: str, resume: bool):
+    """The sweep's Tuner (new, or restored with ``resume``), each trial a
+    :func:`gtms.tune.trial.tune_trial` without evaluation splits."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from gtms.tune.trial import tune_trial
+
     scheduler = None
     if spec.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 1,
@@ -172,25 +198,17 @@ def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: str | Path, resume: bool
                                   reduction_factor=spec.reduction_factor)
     param_space = {"base": config_to_dict(cfg), "storage": trials_dir(out_dir),
                    "splits": [], **tune_space(spec)}
-    tuner = build_or_restore_tuner(
-        tune.with_resources(run_trial, trial_resources()), param_space, out_dir=out_dir,
+    return build_or_restore_tuner(
+        tune.with_resources(tune_trial, trial_resources()), param_space, out_dir=out_dir,
         resume=resume, tune_config=tune.TuneConfig(
             metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
             max_concurrent_trials=spec.max_concurrent_trials, scheduler=scheduler))
-    start = time.time()
-    grid = tuner.fit()
-    rows = []
-    for result in grid:
-        metrics = result.metrics or {}
-        params = {k: result.config[k] for k in spec.space}
-        rows.append({"params": params, spec.metric: metrics.get(spec.metric),
-                     "epochs": metrics.get("epoch", 0), "error": str(result.error)
-                     if result.error else None})
-    ok = [r for r in rows if r[spec.metric] is not None and r["error"] is None]
-    if not ok:
-        raise TuneError(f"no trial of the sweep finished; see {out_dir}")
-    ok.sort(key=lambda r: r[spec.metric], reverse=spec.mode == "max")
-    best = ok[0]
+
+
+def write_best_yaml(cfg: Config, spec: SweepSpec, best: dict, out_dir: str) -> str:
+    """``<out>/best.yaml``: the base config with the best trial's values; returns its path."""
+    from gtms.tune.trial import apply_params
+
     best_cfg = apply_params(config_to_dict(cfg), best["params"])
     best_path = storage.join(out_dir, "best.yaml")
     # In a bucket the file is read after a download: its header then names the local copy.
@@ -198,8 +216,4 @@ def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: str | Path, resume: bool
     with results_folder(out_dir) as folder:
         (folder / "best.yaml").write_text(overrides_yaml(
             best_cfg, command_path=command_path, metric=spec.metric, value=best[spec.metric]))
-    return {"rows": sorted(rows, key=lambda r: (r[spec.metric] is None,
-                                                -(r[spec.metric] or 0) if spec.mode == "max"
-                                                else (r[spec.metric] or 0))),
-            "best": best, "best_yaml": best_path,
-            "wall_time_s": round(time.time() - start, 1)}
+    return best_path

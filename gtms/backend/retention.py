@@ -1,4 +1,4 @@
-"""Which checkpoints a run keeps, and which one is its best: one rule for both contexts.
+"""Which checkpoints a run keeps, and which one is its best: one rule for both backends.
 
 ``train.keep_checkpoints = N`` keeps the N best checkpoints by validation mean IoU plus the
 latest one. This is the rule Ray Train (2.60) applies for ``CheckpointConfig(num_to_keep=N,
