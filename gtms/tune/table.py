@@ -158,6 +158,70 @@ def _bootstrap(low: list[dict], high: list[dict], splits: list[str],
     return paired.paired_bootstrap(keyed[0], keyed[1], share=share)
 
 
+def _pooled_by_seed(trials: list[dict], splits: list[str]) -> dict[str, dict[int, float]]:
+    """{row: {seed: pooled mean IoU over ``splits``}} (:func:`gtms.tune.paired.pooled_mean_iou`)."""
+    pooled: dict[str, dict[int, float]] = {t["mode"]: {} for t in trials}
+    for t in trials:
+        pooled[t["mode"]][t["seed"]] = paired.pooled_mean_iou(t["metrics"], splits)
+    return pooled
+
+
+def _split_differences(lows: dict[int, dict], highs: dict[int, dict],
+                       splits: list[str]) -> dict[str, dict]:
+    """Per split: the seeds both rows have, per seed the higher row's mean IoU minus the lower
+    row's, and the t interval of that difference."""
+    out = {}
+    for split in splits:
+        both = sorted(set(lows) & set(highs))
+        diffs = [highs[s]["metrics"][f"{split}_mean_iou"] - lows[s]["metrics"][f"{split}_mean_iou"]
+                 for s in both]
+        out[split] = {"seeds": both, "differences": diffs, **_interval_fields(diffs)}
+    return out
+
+
+def _compare_pair(trials: list[dict], pooled: dict[str, dict[int, float]], low: str, high: str,
+                  claim: str, splits: list[str]) -> dict[str, Any]:
+    """One claim ``low claim high``, paired by seed: see :func:`compare`."""
+    lows, highs = _by_seed(trials, low), _by_seed(trials, high)
+    seeds = sorted(s for s in set(lows) & set(highs)
+                   if not math.isnan(pooled[low][s] + pooled[high][s]))
+    diffs = [pooled[high][s] - pooled[low][s] for s in seeds]
+    item = {"lower": low, "higher": high, "claim": claim, "seeds": seeds,
+            "lower_values": [pooled[low][s] for s in seeds],
+            "higher_values": [pooled[high][s] for s in seeds], "differences": diffs,
+            **_interval_fields(diffs)}
+    boot_low, boot_high, n = _bootstrap([lows[s] for s in seeds], [highs[s] for s in seeds],
+                                        splits)
+    item.update(bootstrap_low=boot_low, bootstrap_high=boot_high, bootstrap_sentences=n)
+    at_most = claim == "<="
+    item["verdict"] = paired.verdict(item["t_low"], item["t_high"], at_most=at_most)
+    item["verdict_bootstrap"] = paired.verdict(boot_low, boot_high, at_most=at_most)
+    item["splits"] = _split_differences(lows, highs, splits)
+    return item
+
+
+def _share_of_bound(trials: list[dict], pooled: dict[str, dict[int, float]],
+                    splits: list[str]) -> dict[str, Any]:
+    """The full method's pooled mean IoU as a share of the fully supervised bound's, per seed,
+    against :data:`MIN_SHARE_OF_MASK`: see :func:`compare`."""
+    full, bound = pooled[FULL_METHOD], pooled[SUPERVISED_BOUND]
+    full_trials = _by_seed(trials, FULL_METHOD)
+    bound_trials = _by_seed(trials, SUPERVISED_BOUND)
+    seeds = sorted(s for s in set(full_trials) & set(bound_trials)
+                   if bound[s] > 0 and full[s] == full[s])
+    shares = [full[s] / bound[s] for s in seeds]
+    share = {"seeds": seeds, "shares": shares, "claim": MIN_SHARE_OF_MASK,
+             **_interval_fields(shares)}
+    boot_low, boot_high, _ = _bootstrap([bound_trials[s] for s in seeds],
+                                        [full_trials[s] for s in seeds], splits, share=True)
+    share.update(bootstrap_low=boot_low, bootstrap_high=boot_high,
+                 verdict=paired.verdict(share["t_low"], share["t_high"],
+                                        threshold=MIN_SHARE_OF_MASK),
+                 verdict_bootstrap=paired.verdict(boot_low, boot_high,
+                                                  threshold=MIN_SHARE_OF_MASK))
+    return share
+
+
 def compare(trials: list[dict], rows: list[str], splits: list[str]) -> dict[str, Any]:
     """The paired comparisons of the claimed order and the share of mask-bce.
 
@@ -165,50 +229,15 @@ def compare(trials: list[dict], rows: list[str], splits: list[str]) -> dict[str,
     IoUs, :func:`gtms.eval.evaluate.read_sentence_ious`). Per pair: the seeds both rows have,
     per seed the pooled value of each row and their difference (higher minus lower), its mean
     with the t interval and the bootstrap interval, the verdict (from the t interval) and,
-    under ``splits``, the same per split (t interval only)."""
-    pooled = {t["mode"]: {} for t in trials}
-    for t in trials:
-        pooled[t["mode"]][t["seed"]] = paired.pooled_mean_iou(t["metrics"], splits)
-    pairs = []
-    for low, high, claim in _claimed_pairs([r for r in rows if r in pooled]):
-        lows, highs = _by_seed(trials, low), _by_seed(trials, high)
-        seeds = sorted(s for s in set(lows) & set(highs)
-                       if not math.isnan(pooled[low][s] + pooled[high][s]))
-        diffs = [pooled[high][s] - pooled[low][s] for s in seeds]
-        item = {"lower": low, "higher": high, "claim": claim, "seeds": seeds,
-                "lower_values": [pooled[low][s] for s in seeds],
-                "higher_values": [pooled[high][s] for s in seeds], "differences": diffs,
-                **_interval_fields(diffs)}
-        boot_low, boot_high, n = _bootstrap([lows[s] for s in seeds], [highs[s] for s in seeds],
-                                            splits)
-        item.update(bootstrap_low=boot_low, bootstrap_high=boot_high, bootstrap_sentences=n)
-        at_most = claim == "<="
-        item["verdict"] = paired.verdict(item["t_low"], item["t_high"], at_most=at_most)
-        item["verdict_bootstrap"] = paired.verdict(boot_low, boot_high, at_most=at_most)
-        item["splits"] = {}
-        for split in splits:
-            both = sorted(set(lows) & set(highs))
-            split_diffs = [highs[s]["metrics"][f"{split}_mean_iou"]
-                           - lows[s]["metrics"][f"{split}_mean_iou"] for s in both]
-            item["splits"][split] = {"seeds": both, "differences": split_diffs,
-                                     **_interval_fields(split_diffs)}
-        pairs.append(item)
+    under ``splits``, the same per split (t interval only). The share of mask-bce (of
+    :data:`gtms.modes.SUPERVISED_BOUND` reached by :data:`gtms.modes.FULL_METHOD`) is None
+    unless both rows are in ``rows`` and ``trials``."""
+    pooled = _pooled_by_seed(trials, splits)
+    pairs = [_compare_pair(trials, pooled, low, high, claim, splits)
+             for low, high, claim in _claimed_pairs([r for r in rows if r in pooled])]
     share = None
     if {FULL_METHOD, SUPERVISED_BOUND} <= set(pooled) & set(rows):
-        forest, mask = _by_seed(trials, FULL_METHOD), _by_seed(trials, SUPERVISED_BOUND)
-        seeds = sorted(s for s in set(forest) & set(mask)
-                       if pooled[SUPERVISED_BOUND][s] > 0 and pooled[FULL_METHOD][s] ==
-                       pooled[FULL_METHOD][s])
-        shares = [pooled[FULL_METHOD][s] / pooled[SUPERVISED_BOUND][s] for s in seeds]
-        share = {"seeds": seeds, "shares": shares, "claim": MIN_SHARE_OF_MASK,
-                 **_interval_fields(shares)}
-        boot_low, boot_high, _ = _bootstrap([mask[s] for s in seeds],
-                                            [forest[s] for s in seeds], splits, share=True)
-        share.update(bootstrap_low=boot_low, bootstrap_high=boot_high,
-                     verdict=paired.verdict(share["t_low"], share["t_high"],
-                                            threshold=MIN_SHARE_OF_MASK),
-                     verdict_bootstrap=paired.verdict(boot_low, boot_high,
-                                                      threshold=MIN_SHARE_OF_MASK))
+        share = _share_of_bound(trials, pooled, splits)
     return {"splits": splits, "pooled": {row: {"seeds": sorted(v), "mean_iou":
                                                [v[s] for s in sorted(v)]}
                                          for row, v in pooled.items()},
