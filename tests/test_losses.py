@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
+from gtms.modes import get_mode
 from gtms.pseudo import (
     ABLATION_MODES,
     GAMMA_SHAPES,
@@ -13,7 +14,6 @@ from gtms.pseudo import (
     gamma_at,
     gtms_loss,
     location_loss,
-    mode_needs,
     pixel_loss,
 )
 
@@ -156,15 +156,15 @@ def test_missing_inputs_and_unknown_mode():
         gtms_loss("boxinst", logits, box)
 
 
-def test_mode_needs():
-    assert mode_needs("mask-bce").mask and not mode_needs("mask-bce").pseudo_label
-    lloc = mode_needs("box-lloc")
+def test_get_mode_flags():
+    assert get_mode("mask-bce").mask and not get_mode("mask-bce").pseudo_label
+    lloc = get_mode("box-lloc")
     assert not (lloc.mask or lloc.tree or lloc.forest or lloc.gradcam or lloc.pseudo_label)
-    tree, full = mode_needs("tree"), mode_needs("forest-gradcam")
+    tree, full = get_mode("tree"), get_mode("forest-gradcam")
     assert tree.pseudo_label and tree.tree and not tree.forest and not tree.gradcam
     assert full.pseudo_label and full.forest and full.gradcam and not full.mask
     with pytest.raises(ValueError, match="forest-gradcam"):
-        mode_needs("nope")
+        get_mode("nope")
 
 
 def test_one_registry_decides_config_pipeline_and_loss(monkeypatch):

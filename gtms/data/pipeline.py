@@ -41,7 +41,6 @@ sentence as its own sample. A row that cannot be used travels as a placeholder r
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -501,7 +500,3 @@ def spec_for(split_role: str, *, input_size: int, word_len: int, mode: str, seed
                           with_tree=split_role == "val" or with_tree_in_eval, with_mask=True,
                           with_eval_meta=True, seed=seed)
     raise ValueError(f"unknown split role {split_role!r}; expected train, val or eval")
-
-
-def replace_spec(spec: SampleSpec, **changes) -> SampleSpec:
-    return dataclasses.replace(spec, **changes)

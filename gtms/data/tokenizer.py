@@ -67,11 +67,6 @@ def is_empty_expression(text: str) -> bool:
     return not words(text)
 
 
-def usable_sentences(sentences: Sequence[str]) -> list[int]:
-    """Indices of the sentences training can use: those not empty after cleaning."""
-    return [i for i, text in enumerate(sentences) if not is_empty_expression(text)]
-
-
 class ClipTokenizer:
     """Sentences -> CLIP token ids ``[B, word_len]`` int64.
 

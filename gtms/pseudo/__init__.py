@@ -20,7 +20,6 @@ from gtms.pseudo.losses import (
     dice_loss,
     gtms_loss,
     location_loss,
-    mode_needs,
     pixel_loss,
 )
 from gtms.pseudo.pseudo_label import (
@@ -47,7 +46,6 @@ __all__ = [
     "gtms_loss",
     "location_loss",
     "make_pseudo_labels",
-    "mode_needs",
     "pixel_loss",
     "pseudo_label",
     "stack_grid_trees",

@@ -24,14 +24,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as nnf
 
-from gtms.modes import Mode, get_mode
+from gtms.modes import get_mode
 
 DICE_EPS = 1e-5
-
-
-def mode_needs(mode: str) -> Mode:
-    """What the ablation ``mode`` needs: its :class:`gtms.modes.Mode` entry."""
-    return get_mode(mode)
 
 
 def _as_bhw(name: str, t: torch.Tensor) -> torch.Tensor:

@@ -124,19 +124,55 @@ def filtered_label(probs: torch.Tensor, weights: torch.Tensor, box: torch.Tensor
     return label
 
 
-def make_pseudo_labels(
-    logits: torch.Tensor,
-    box_at_stride4: torch.Tensor,
-    parent,
-    order,
-    dist,
-    *,
+def _probs_at_stride4(logits: torch.Tensor, box_at_stride4: torch.Tensor) -> torch.Tensor:
+    """``P = sigmoid(logits)``, detached float ``[B, H4, W4]``; a ValueError when ``logits``
+    (``[B, 1, H4, W4]`` or ``[B, H4, W4]``) do not match the box raster ``[B, H4, W4]``."""
+    probs = torch.sigmoid(logits.detach().float())
+    if probs.ndim == 4:
+        probs = probs[:, 0]
+    if probs.shape != box_at_stride4.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} do not match box_at_stride4 "
+            f"{tuple(box_at_stride4.shape)}"
+        )
+    return probs
+
+
+def _gradcam_weights(
     mode: str,
-    sigma: float,
-    binarize_at: float = 0.0,
-    forest_labels: torch.Tensor | None = None,
-    layer4: torch.Tensor | None = None,
-    sentence: torch.Tensor | None = None,
+    box: torch.Tensor,
+    *,
+    forest_labels: torch.Tensor | None,
+    layer4: torch.Tensor | None,
+    sentence: torch.Tensor | None,
+    global_embedding: Callable[[torch.Tensor], torch.Tensor] | None,
+    cam: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W from the structural forest and GradCAM: (attention ``A [B, H4, W4]``, fallback
+    ``[B]``, ``W [B, N]``). ``box``: ``[B, H4, W4]`` on the device and in the dtype of P; the
+    other arguments as in :func:`make_pseudo_labels` (a ValueError names those ``mode``
+    lacks)."""
+    needed = dict(forest_labels=forest_labels) if cam is not None else dict(
+        forest_labels=forest_labels,
+        layer4=layer4,
+        sentence=sentence,
+        global_embedding=global_embedding,
+    )
+    missing = [name for name, value in needed.items() if value is None]
+    if missing:
+        raise ValueError(f"mode {mode!r} needs {', '.join(missing)}")
+    if cam is None:
+        cam = gradcam_cam(layer4, sentence, global_embedding)
+    attention, fallback = attention_from_cam(cam.to(box.device), box)
+    labels = torch.as_tensor(forest_labels, device=box.device)
+    weights = vertex_weights(attention.reshape(box.shape[0], -1), labels)
+    return attention, fallback, weights
+
+
+def make_pseudo_labels(
+    logits: torch.Tensor, box_at_stride4: torch.Tensor, parent, order, dist, *, mode: str,
+    sigma: float, binarize_at: float = 0.0, forest_labels: torch.Tensor | None = None,
+    layer4: torch.Tensor | None = None, sentence: torch.Tensor | None = None,
     global_embedding: Callable[[torch.Tensor], torch.Tensor] | None = None,
     cam: torch.Tensor | None = None,
 ) -> PseudoLabels:
@@ -163,40 +199,17 @@ def make_pseudo_labels(
     """
     if not get_mode(mode).pseudo_label:
         raise ValueError(f"mode must be one of {PSEUDO_LABEL_MODES}, got {mode!r}")
-    gradcam = get_mode(mode).gradcam
-    probs = torch.sigmoid(logits.detach().float())
-    if probs.ndim == 4:
-        probs = probs[:, 0]
-    if probs.shape != box_at_stride4.shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} do not match box_at_stride4 "
-            f"{tuple(box_at_stride4.shape)}"
-        )
+    probs = _probs_at_stride4(logits, box_at_stride4)
     batch, height, width = probs.shape
     box = box_at_stride4.to(device=probs.device, dtype=probs.dtype)
     attention = fallback = None
-    if not gradcam:
-        weights = box.reshape(batch, -1)
+    if get_mode(mode).gradcam:
+        attention, fallback, weights = _gradcam_weights(
+            mode, box, forest_labels=forest_labels, layer4=layer4, sentence=sentence,
+            global_embedding=global_embedding, cam=cam)
     else:
-        needed = dict(forest_labels=forest_labels) if cam is not None else dict(
-            forest_labels=forest_labels,
-            layer4=layer4,
-            sentence=sentence,
-            global_embedding=global_embedding,
-        )
-        missing = [name for name, value in needed.items() if value is None]
-        if missing:
-            raise ValueError(f"mode {mode!r} needs {', '.join(missing)}")
-        if cam is None:
-            cam = gradcam_cam(layer4, sentence, global_embedding)
-        attention, fallback = attention_from_cam(cam.to(probs.device), box)
-        labels = torch.as_tensor(forest_labels, device=probs.device)
-        weights = vertex_weights(attention.reshape(batch, -1), labels)
+        weights = box.reshape(batch, -1)
     label = filtered_label(probs.reshape(batch, -1), weights, box.reshape(batch, -1), parent,
                            order, dist, sigma=sigma, binarize_at=binarize_at)
-    return PseudoLabels(
-        attention=attention,
-        weights=weights.reshape(batch, height, width),
-        pseudo_label=label.reshape(batch, height, width),
-        fallback=fallback,
-    )
+    return PseudoLabels(attention=attention, weights=weights.reshape(batch, height, width),
+                        pseudo_label=label.reshape(batch, height, width), fallback=fallback)

@@ -1,9 +1,9 @@
 """``ablation.png``: how each Table 2 row trains, epoch by epoch, from its trials' metrics.jsonl.
 
 Left: val mean IoU of the model's prediction P per epoch, one line per row (mean over seeds,
-band = min..max). Right, for the pseudo-label rows (``tree``, ``forest-gradcam``): the val mean
-IoU of the pseudo label P-hat (solid) and of the vertex weights W (dashed) against the ground
-truth, the two inputs GTMS's L_pix learns from.
+band = min..max). Right, for the pseudo-label rows (:data:`gtms.modes.PSEUDO_LABEL_MODES`:
+``tree``, ``forest-gradcam``): the val mean IoU of the pseudo label P-hat (solid) and of the
+vertex weights W (dashed) against the ground truth, the two inputs GTMS's L_pix learns from.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-PSEUDO_ROWS = ("tree", "forest-gradcam")
+from gtms.modes import PSEUDO_LABEL_MODES
+
 CURVES = {"val_mean_iou": "P", "val_pseudo_label_mean_iou": "P-hat",
           "val_weights_mean_iou": "W"}
 
@@ -53,7 +54,7 @@ def plot_ablation(curves: dict[str, dict[str, np.ndarray]], path: Path, *, title
         colour = f"C{i}"
         epochs = metrics["epoch"]
         _line(left, epochs, metrics["val_mean_iou"], colour, row, "-")
-        if row in PSEUDO_ROWS:
+        if row in PSEUDO_LABEL_MODES:
             _line(right, epochs, metrics["val_pseudo_label_mean_iou"], colour, f"{row} P-hat",
                   "-")
             _line(right, epochs, metrics["val_weights_mean_iou"], colour, f"{row} W", "--")

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from gtms.modes import CLAIMED_ORDER, FULL_METHOD, SUPERVISED_BOUND
 from gtms.tune import paired
 
 # Table 2 of the paper (R50, RefCOCO, mean IoU %): val, testA, testB.
@@ -100,9 +101,9 @@ def markdown(table: dict, splits: list[str], *, dataset: str, title: str) -> str
     return "\n".join(lines) + "\n"
 
 
-# The paper's claim (Table 2), as an order of rows, weakest first: each adjacent pair "<",
-# except forest-gradcam <= mask-bce (the full method may match its fully supervised bound).
-CLAIMED_ORDER = ("box-bce", "box-lloc", "tree", "forest-gradcam", "mask-bce")
+# The paper's claim (Table 2) is gtms.modes.CLAIMED_ORDER, weakest first: each adjacent pair
+# "<", except FULL_METHOD <= SUPERVISED_BOUND (the full method may match its fully supervised
+# bound).
 MIN_SHARE_OF_MASK = 0.90  # forest-gradcam / mask-bce (paper: 64.33 / 69.52 = 92.5 %)
 POOLED = "pooled"         # the held-out splits' sentences together
 
@@ -113,10 +114,10 @@ VERDICT_RULE = (
     "sentence count). **The verdict reads the 95 % t interval over seeds (Student t, df = "
     "seeds - 1) of that per-seed difference**: for '<' it holds when the whole interval is "
     "above 0, fails when it is below 0, and is undecided when it contains 0; for "
-    "'forest-gradcam <= mask-bce' it fails only when the interval is entirely below 0 "
-    "(forest-gradcam significantly above mask-bce) and holds otherwise. Fewer than 2 paired "
-    "seeds give no interval: undecided. The share of mask-bce is the per-seed ratio "
-    "forest-gradcam / mask-bce, read the same way against {share:.0f} %. The bootstrap "
+    "'{full} <= {bound}' it fails only when the interval is entirely below 0 "
+    "({full} significantly above {bound}) and holds otherwise. Fewer than 2 paired "
+    "seeds give no interval: undecided. The share of {bound} is the per-seed ratio "
+    "{full} / {bound}, read the same way against {share:.0f} %. The bootstrap "
     "interval (2000 resamples of seeds and of held-out refs, from the per-sentence IoUs; "
     "'—' for trials evaluated before those were stored) is shown beside it and in "
     "ablation.json (`verdict_bootstrap`); with 3 seeds it sees little of the seed spread, so "
@@ -125,14 +126,14 @@ VERDICT_RULE = (
 
 # Pairs checked beside the adjacent ones: full GTMS against L_loc alone, whatever the tree row
 # does in between (the method's gain over its own box baseline).
-EXTRA_CLAIMS = (("box-lloc", "forest-gradcam"),)
+EXTRA_CLAIMS = (("box-lloc", FULL_METHOD),)
 
 
 def _claimed_pairs(rows: list[str]) -> list[tuple[str, str, str]]:
-    """(lower, higher, claim) for adjacent rows of :data:`CLAIMED_ORDER` present in ``rows``,
-    then the :data:`EXTRA_CLAIMS` whose rows are present and not already adjacent."""
+    """(lower, higher, claim) for adjacent rows of :data:`gtms.modes.CLAIMED_ORDER` present in
+    ``rows``, then the :data:`EXTRA_CLAIMS` whose rows are present and not already adjacent."""
     present = [r for r in CLAIMED_ORDER if r in rows]
-    pairs = [(low, high, "<=" if high == "mask-bce" else "<")
+    pairs = [(low, high, "<=" if high == SUPERVISED_BOUND else "<")
              for low, high in zip(present, present[1:])]
     pairs += [(low, high, "<") for low, high in EXTRA_CLAIMS
               if low in present and high in present and (low, high, "<") not in pairs]
@@ -157,6 +158,70 @@ def _bootstrap(low: list[dict], high: list[dict], splits: list[str],
     return paired.paired_bootstrap(keyed[0], keyed[1], share=share)
 
 
+def _pooled_by_seed(trials: list[dict], splits: list[str]) -> dict[str, dict[int, float]]:
+    """{row: {seed: pooled mean IoU over ``splits``}} (:func:`gtms.tune.paired.pooled_mean_iou`)."""
+    pooled: dict[str, dict[int, float]] = {t["mode"]: {} for t in trials}
+    for t in trials:
+        pooled[t["mode"]][t["seed"]] = paired.pooled_mean_iou(t["metrics"], splits)
+    return pooled
+
+
+def _split_differences(lows: dict[int, dict], highs: dict[int, dict],
+                       splits: list[str]) -> dict[str, dict]:
+    """Per split: the seeds both rows have, per seed the higher row's mean IoU minus the lower
+    row's, and the t interval of that difference."""
+    out = {}
+    for split in splits:
+        both = sorted(set(lows) & set(highs))
+        diffs = [highs[s]["metrics"][f"{split}_mean_iou"] - lows[s]["metrics"][f"{split}_mean_iou"]
+                 for s in both]
+        out[split] = {"seeds": both, "differences": diffs, **_interval_fields(diffs)}
+    return out
+
+
+def _compare_pair(trials: list[dict], pooled: dict[str, dict[int, float]], low: str, high: str,
+                  claim: str, splits: list[str]) -> dict[str, Any]:
+    """One claim ``low claim high``, paired by seed: see :func:`compare`."""
+    lows, highs = _by_seed(trials, low), _by_seed(trials, high)
+    seeds = sorted(s for s in set(lows) & set(highs)
+                   if not math.isnan(pooled[low][s] + pooled[high][s]))
+    diffs = [pooled[high][s] - pooled[low][s] for s in seeds]
+    item = {"lower": low, "higher": high, "claim": claim, "seeds": seeds,
+            "lower_values": [pooled[low][s] for s in seeds],
+            "higher_values": [pooled[high][s] for s in seeds], "differences": diffs,
+            **_interval_fields(diffs)}
+    boot_low, boot_high, n = _bootstrap([lows[s] for s in seeds], [highs[s] for s in seeds],
+                                        splits)
+    item.update(bootstrap_low=boot_low, bootstrap_high=boot_high, bootstrap_sentences=n)
+    at_most = claim == "<="
+    item["verdict"] = paired.verdict(item["t_low"], item["t_high"], at_most=at_most)
+    item["verdict_bootstrap"] = paired.verdict(boot_low, boot_high, at_most=at_most)
+    item["splits"] = _split_differences(lows, highs, splits)
+    return item
+
+
+def _share_of_bound(trials: list[dict], pooled: dict[str, dict[int, float]],
+                    splits: list[str]) -> dict[str, Any]:
+    """The full method's pooled mean IoU as a share of the fully supervised bound's, per seed,
+    against :data:`MIN_SHARE_OF_MASK`: see :func:`compare`."""
+    full, bound = pooled[FULL_METHOD], pooled[SUPERVISED_BOUND]
+    full_trials = _by_seed(trials, FULL_METHOD)
+    bound_trials = _by_seed(trials, SUPERVISED_BOUND)
+    seeds = sorted(s for s in set(full_trials) & set(bound_trials)
+                   if bound[s] > 0 and full[s] == full[s])
+    shares = [full[s] / bound[s] for s in seeds]
+    share = {"seeds": seeds, "shares": shares, "claim": MIN_SHARE_OF_MASK,
+             **_interval_fields(shares)}
+    boot_low, boot_high, _ = _bootstrap([bound_trials[s] for s in seeds],
+                                        [full_trials[s] for s in seeds], splits, share=True)
+    share.update(bootstrap_low=boot_low, bootstrap_high=boot_high,
+                 verdict=paired.verdict(share["t_low"], share["t_high"],
+                                        threshold=MIN_SHARE_OF_MASK),
+                 verdict_bootstrap=paired.verdict(boot_low, boot_high,
+                                                  threshold=MIN_SHARE_OF_MASK))
+    return share
+
+
 def compare(trials: list[dict], rows: list[str], splits: list[str]) -> dict[str, Any]:
     """The paired comparisons of the claimed order and the share of mask-bce.
 
@@ -164,51 +229,15 @@ def compare(trials: list[dict], rows: list[str], splits: list[str]) -> dict[str,
     IoUs, :func:`gtms.eval.evaluate.read_sentence_ious`). Per pair: the seeds both rows have,
     per seed the pooled value of each row and their difference (higher minus lower), its mean
     with the t interval and the bootstrap interval, the verdict (from the t interval) and,
-    under ``splits``, the same per split (t interval only)."""
-    pooled = {t["mode"]: {} for t in trials}
-    for t in trials:
-        pooled[t["mode"]][t["seed"]] = paired.pooled_mean_iou(t["metrics"], splits)
-    pairs = []
-    for low, high, claim in _claimed_pairs([r for r in rows if r in pooled]):
-        lows, highs = _by_seed(trials, low), _by_seed(trials, high)
-        seeds = sorted(s for s in set(lows) & set(highs)
-                       if not math.isnan(pooled[low][s] + pooled[high][s]))
-        diffs = [pooled[high][s] - pooled[low][s] for s in seeds]
-        item = {"lower": low, "higher": high, "claim": claim, "seeds": seeds,
-                "lower_values": [pooled[low][s] for s in seeds],
-                "higher_values": [pooled[high][s] for s in seeds], "differences": diffs,
-                **_interval_fields(diffs)}
-        boot_low, boot_high, n = _bootstrap([lows[s] for s in seeds], [highs[s] for s in seeds],
-                                            splits)
-        item.update(bootstrap_low=boot_low, bootstrap_high=boot_high, bootstrap_sentences=n)
-        at_most = claim == "<="
-        item["verdict"] = paired.verdict(item["t_low"], item["t_high"], at_most=at_most)
-        item["verdict_bootstrap"] = paired.verdict(boot_low, boot_high, at_most=at_most)
-        item["splits"] = {}
-        for split in splits:
-            both = sorted(set(lows) & set(highs))
-            split_diffs = [highs[s]["metrics"][f"{split}_mean_iou"]
-                           - lows[s]["metrics"][f"{split}_mean_iou"] for s in both]
-            item["splits"][split] = {"seeds": both, "differences": split_diffs,
-                                     **_interval_fields(split_diffs)}
-        pairs.append(item)
+    under ``splits``, the same per split (t interval only). The share of mask-bce (of
+    :data:`gtms.modes.SUPERVISED_BOUND` reached by :data:`gtms.modes.FULL_METHOD`) is None
+    unless both rows are in ``rows`` and ``trials``."""
+    pooled = _pooled_by_seed(trials, splits)
+    pairs = [_compare_pair(trials, pooled, low, high, claim, splits)
+             for low, high, claim in _claimed_pairs([r for r in rows if r in pooled])]
     share = None
-    if "forest-gradcam" in pooled and "mask-bce" in pooled and \
-            {"forest-gradcam", "mask-bce"} <= set(rows):
-        forest, mask = _by_seed(trials, "forest-gradcam"), _by_seed(trials, "mask-bce")
-        seeds = sorted(s for s in set(forest) & set(mask)
-                       if pooled["mask-bce"][s] > 0 and pooled["forest-gradcam"][s] ==
-                       pooled["forest-gradcam"][s])
-        shares = [pooled["forest-gradcam"][s] / pooled["mask-bce"][s] for s in seeds]
-        share = {"seeds": seeds, "shares": shares, "claim": MIN_SHARE_OF_MASK,
-                 **_interval_fields(shares)}
-        boot_low, boot_high, _ = _bootstrap([mask[s] for s in seeds],
-                                            [forest[s] for s in seeds], splits, share=True)
-        share.update(bootstrap_low=boot_low, bootstrap_high=boot_high,
-                     verdict=paired.verdict(share["t_low"], share["t_high"],
-                                            threshold=MIN_SHARE_OF_MASK),
-                     verdict_bootstrap=paired.verdict(boot_low, boot_high,
-                                                      threshold=MIN_SHARE_OF_MASK))
+    if {FULL_METHOD, SUPERVISED_BOUND} <= set(pooled) & set(rows):
+        share = _share_of_bound(trials, pooled, splits)
     return {"splits": splits, "pooled": {row: {"seeds": sorted(v), "mean_iou":
                                                [v[s] for s in sorted(v)]}
                                          for row, v in pooled.items()},
@@ -231,7 +260,8 @@ def comparison_markdown(comparison: dict[str, Any]) -> str:
     """The paired comparisons as a markdown table (percentage points) with the rule."""
     splits = comparison["splits"]
     lines = ["", "## The paper's order, paired by seed", "",
-             VERDICT_RULE.format(splits="+".join(splits), share=100 * MIN_SHARE_OF_MASK), "",
+             VERDICT_RULE.format(splits="+".join(splits), share=100 * MIN_SHARE_OF_MASK,
+                                 full=FULL_METHOD, bound=SUPERVISED_BOUND), "",
              "| claim | seeds | mean difference (points) | 95 % t interval | "
              "95 % bootstrap interval | verdict (t interval) |", "|---|---|---|---|---|---|"]
     for item in comparison["pairs"]:
@@ -242,7 +272,8 @@ def comparison_markdown(comparison: dict[str, Any]) -> str:
                      f"{item['verdict']} |")
     share = comparison["share_of_mask"]
     if share is not None:
-        lines.append(f"| forest-gradcam >= {100 * MIN_SHARE_OF_MASK:.0f} % of mask-bce | "
+        lines.append(f"| {FULL_METHOD} >= {100 * MIN_SHARE_OF_MASK:.0f} % of "
+                     f"{SUPERVISED_BOUND} | "
                      f"{len(share['seeds'])} | {_points(share['mean'], False)} % | "
                      f"{_interval(share['t_low'], share['t_high'], False)} | "
                      f"{_interval(share['bootstrap_low'], share['bootstrap_high'], False)} | "
@@ -330,12 +361,12 @@ def checks_markdown(checks: dict[str, dict]) -> str:
         ranges = ", ".join(f"s{seed} {_points(x['range'], False)}"
                            for seed, x in zip(c["seeds"], c["convergence"])) or "—"
         lines.append(f"| {row} | {_yes_no(c['converged'])} | {ranges} |")
-    if "mask-bce" in checks:
-        lines += ["", "mask-bce converged: "
-                  f"{_yes_no(checks['mask-bce']['converged'], 'unknown')}"
-                  + ("" if checks["mask-bce"]["converged"] else
+    if SUPERVISED_BOUND in checks:
+        converged = checks[SUPERVISED_BOUND]["converged"]
+        lines += ["", f"{SUPERVISED_BOUND} converged: {_yes_no(converged, 'unknown')}"
+                  + ("" if converged else
                      " (the ceiling may still be rising: the gaps to it are lower bounds)"
-                     if checks["mask-bce"]["converged"] is False else
+                     if converged is False else
                      " (not enough validated epochs to tell)")]
     lines += ["", "## Pseudo-label health (last epoch, mean over seeds)", "",
               "GradCAM attention of the pseudo-label rows: the share of samples that fell "
@@ -395,7 +426,7 @@ def write_paired_csv(path: Path, comparison: dict[str, Any]) -> None:
                                  _number(cell["t_low"]), _number(cell["t_high"])] + [""] * 4)
         share = comparison["share_of_mask"]
         if share is not None:
-            name = f"forest-gradcam / mask-bce >= {MIN_SHARE_OF_MASK}"
+            name = f"{FULL_METHOD} / {SUPERVISED_BOUND} >= {MIN_SHARE_OF_MASK}"
             for seed, value in zip(share["seeds"], share["shares"]):
                 writer.writerow([name, POOLED, seed, "", "", _number(value)] + [""] * 6)
             writer.writerow([name, POOLED, "mean", "", "", _number(share["mean"]),
@@ -412,8 +443,8 @@ def verdict_lines(comparison: dict[str, Any]) -> list[str]:
              for item in comparison["pairs"]]
     share = comparison["share_of_mask"]
     if share is not None:
-        lines.append(f"{share['verdict']}: forest-gradcam reaches {_points(share['mean'], False)}"
-                     f" % of mask-bce (95 % t interval "
+        lines.append(f"{share['verdict']}: {FULL_METHOD} reaches "
+                     f"{_points(share['mean'], False)} % of {SUPERVISED_BOUND} (95 % t interval "
                      f"{_interval(share['t_low'], share['t_high'], False)}; claim >= "
                      f"{100 * MIN_SHARE_OF_MASK:.0f} %, paper 92.5 %)")
     return lines

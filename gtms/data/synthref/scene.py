@@ -91,16 +91,6 @@ class SceneObject:
         return (x + w / 2, y + h / 2)
 
 
-@dataclass(frozen=True)
-class Scene:
-    """Objects in drawing order and the rendered RGB image ``[H, W, 3]`` uint8."""
-
-    height: int
-    width: int
-    objects: tuple[SceneObject, ...]
-    image: np.ndarray = field(compare=False, repr=False)
-
-
 def sample_layout(rng: np.random.Generator, height: int, width: int, difficulty: Difficulty,
                   repeated_categories: tuple[str, ...]) -> list[tuple[Shape, str]]:
     """Shapes and colour names; at least two share a category from ``repeated_categories``."""
