@@ -33,10 +33,11 @@ import torch  # noqa: E402
 
 from benchmarks.refcoco_like import training_batch  # noqa: E402
 from gtms.config import load_config  # noqa: E402
+from gtms.eval.validation import pseudo_labels_for, to_device  # noqa: E402
 from gtms.model.build import build_model  # noqa: E402
 from gtms.train.loop import optimizer_step  # noqa: E402
 from gtms.train.optim import build_optimizer  # noqa: E402
-from gtms.train.step import compute_losses, pseudo_labels_for, to_device  # noqa: E402
+from gtms.train.step import compute_losses  # noqa: E402
 
 REFERENCE = "box-lloc"
 TARGET = 1.15  # forest-gradcam step / box-lloc step

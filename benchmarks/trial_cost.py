@@ -37,11 +37,12 @@ import torch  # noqa: E402
 from benchmarks.refcoco_like import training_batch  # noqa: E402
 from benchmarks.train_step import round_robin  # noqa: E402
 from gtms.config import load_config, replace  # noqa: E402
+from gtms.eval.validation import pseudo_labels_for  # noqa: E402
 from gtms.model.build import build_model  # noqa: E402
 from gtms.pseudo.attention_source import FrozenAttention  # noqa: E402
 from gtms.train.loop import optimizer_step, training_autocast  # noqa: E402
 from gtms.train.optim import build_optimizer  # noqa: E402
-from gtms.train.step import compute_losses, pseudo_labels_for  # noqa: E402
+from gtms.train.step import compute_losses  # noqa: E402
 
 # SynthRef v2 (README): train refs, and val sentences validated after every epoch.
 TRAIN_REFS, VAL_SENTENCES = 1813, 771

@@ -102,7 +102,7 @@ def sample_row(batch: dict[str, Any], result: dict[str, Any], i: int, *,
     """The panels of sample ``i``: image+box+text, forest, A, W, P-hat, prediction, GT.
 
     ``batch`` holds pipeline columns (numpy) of an evaluation batch, ``result`` the
-    ``{"probs", "pseudo"}`` of :func:`gtms.train.step.validation_step`. Panels are
+    ``{"probs", "pseudo"}`` of :func:`gtms.eval.validation.validation_step`. Panels are
     ``panel_size`` wide (default: the input size); ``titles[1:]`` caption panels 2-7 (the first
     panel is captioned with the sentence).
     """

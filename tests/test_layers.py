@@ -1,4 +1,5 @@
-"""The package's import graph runs one way: a module imports only from its own layer or lower.
+"""The code's shape: the package's import graph runs one way (a module imports only from its own
+layer or lower), and no function is longer than a screen.
 
     commands -> tune -> train, pretrain, infer -> eval, viz -> backend
              -> data, model, pseudo -> modes, config, runtime -> storage, console, errors
@@ -109,3 +110,33 @@ def test_the_checker_sees_an_upward_import(tmp_path):
                                            ("gtms.commands.train", 7)])
 def test_layer_of(module, layer):
     assert layer_of(module) == layer
+
+
+MAX_FUNCTION_LINES = 50
+
+
+def long_functions(package: Path = PACKAGE) -> list[str]:
+    """Functions longer than :data:`MAX_FUNCTION_LINES` (first decorator to last line); numba
+    kernels (``@numba.njit``) are exempt: splitting them costs speed."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            decorators = [ast.unparse(d) for d in node.decorator_list]
+            if any(d.startswith(("numba.njit", "njit")) for d in decorators):
+                continue
+            start = min([d.lineno for d in node.decorator_list] + [node.lineno])
+            length = node.end_lineno - start + 1
+            if length > MAX_FUNCTION_LINES:
+                found.append(f"{module_name(path, package)}.{node.name}: {length} lines")
+    return found
+
+
+def test_no_function_is_longer_than_50_lines(tmp_path):
+    assert long_functions() == []
+    package = tmp_path / "gtms"
+    package.mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(50))
+    (package / "long.py").write_text(f"def f():\n{body}\n\n\n@numba.njit\ndef g():\n{body}\n")
+    assert long_functions(package) == ["gtms.long.f: 51 lines"]

@@ -634,7 +634,7 @@ def _train_order(root, mode, seed, *, keep, epochs, limit=0, start=0):
              for role in ("train", "val")}
     ctx = LocalFeed(root=str(root), train_split="train", val_split="val",
                     train_spec=specs["train"], val_spec=specs["val"], limit_train=limit,
-                    keep_train=keep)
+                    in_memory_train=keep)
     order = []
     for epoch in range(start, epochs):
         ctx.set_epoch(epoch)

@@ -13,6 +13,7 @@ from gtms import console
 from gtms.backend import Backend, Batch, RunResult, Worker, WorkerFn, retention
 from gtms.config import RayConfig
 from gtms.data.pipeline import PoolSpec, SampleSpec, build_dataset
+from gtms.storage import join as storage_join
 
 
 def quiet_ray_train_worker() -> None:
@@ -164,14 +165,18 @@ class RayBackend(Backend):
             datasets=datasets or None,
             dataset_config=per_worker_data_config() if datasets else None)
         result = trainer.fit()
-        run_dir = storage.join(storage, name)
+        run_dir = storage_join(storage, name)
 
         def location(checkpoint):  # Ray's paths drop the URI scheme; keep it for users
-            return storage.join(run_dir, Path(checkpoint.path).name) if checkpoint else None
+            return storage_join(run_dir, Path(checkpoint.path).name) if checkpoint else None
 
-        return RunResult(run_dir, dict(result.metrics or {}),
-                         [(location(c), m) for c, m in result.best_checkpoints],
-                         location(result.checkpoint))
+        kept = [(location(c), m) for c, m in result.best_checkpoints]
+        latest = location(result.checkpoint)
+        if latest and latest not in {where for where, _ in kept}:
+            # Ray keeps the latest beside the N best but lists only the best: the last report
+            # is the one that carried it
+            kept.append((latest, dict(result.metrics or {})))
+        return RunResult(run_dir, dict(result.metrics or {}), kept, latest)
 
     def _scaling(self, ray: RayConfig):
         from ray.train import ScalingConfig

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     trained = load_trained(args.checkpoint, args.config, args.overrides)
     splits = args.splits.split(",") if args.splits else None
     out = args.out or storage.sibling(trained.file, "eval.json")
-    report = evaluate(trained, backend_from_args(args), splits=splits, out=out,
+    report = evaluate(trained, splits=splits, out=out, backend=backend_from_args(args),
                       pseudo_labels=args.pseudo_labels)
     print(f"\n{report['dataset']} ({report['root']}), threshold {report['threshold']}")
     print(format_table(report["splits"]))

@@ -26,7 +26,7 @@ from gtms.data.tokenizer import ClipTokenizer
 class LocalFeed:
     """Rows read with pyarrow and preprocessed in this process.
 
-    A split whose ``keep_*`` flag is set is preprocessed once (during its first pass) and kept
+    A split whose ``in_memory_*`` flag is set is preprocessed once (during its first pass) and kept
     in this process; later passes take the kept samples in the order a fresh read would give
     them (:func:`gtms.data.reading.row_positions`), so keeping a split never changes its data
     order.
@@ -34,12 +34,12 @@ class LocalFeed:
 
     def __init__(self, *, root: str, train_split: str, val_split: str, train_spec: SampleSpec,
                  val_spec: SampleSpec, limit_train: int = 0, limit_eval: int = 0,
-                 strict: bool = False, keep_train: bool = False, keep_val: bool = False):
+                 strict: bool = False, in_memory_train: bool = False, in_memory_val: bool = False):
         self.root = root
         self.splits = {"train": (train_split, train_spec, limit_train),
                        "val": (val_split, val_spec, limit_eval)}
         self.strict = strict
-        self.keep = {"train": keep_train, "val": keep_val}
+        self.in_memory = {"train": in_memory_train, "val": in_memory_val}
         self.tokenizer = ClipTokenizer()
         self.epoch = 0
         # role -> (row-group sizes, samples by row position) of a split kept in memory
@@ -62,10 +62,10 @@ class LocalFeed:
         for position, samples in preprocessed_rows(self.root, split, spec, self.tokenizer,
                                                    limit=limit, shuffle_seed=shuffle_seed,
                                                    strict=self.strict):
-            if self.keep[role]:
+            if self.in_memory[role]:
                 kept[position] = samples
             yield from samples
-        if self.keep[role]:
+        if self.in_memory[role]:
             self._kept[role] = (row_group_sizes(shard_row_groups(self.root, split)), kept)
 
     def _batches(self, role: str, samples: Iterator[dict[str, Any]], batch_size: int,

@@ -12,7 +12,9 @@ vocabulary (:class:`gtms.model.weights.CheckpointError` and its kinds).
   renumbers them, so they still evaluate and resume.
 * **SynthCLIP pretraining's final checkpoint**: ``backbone.pt`` (the backbone's state dict) and
   ``epochs.json`` (every epoch's metrics) (:func:`save_backbone_checkpoint`).
-* **OpenAI CLIP and CRIS files** (not ours): read by :mod:`gtms.model.weights`;
+* **CLIP weights in OpenAI's layout**, written from a backbone (:func:`save_clip_weights`:
+  SynthCLIP's ``clip.pt``), so that ``model.clip_weights`` loads them as it loads OpenAI's.
+* **OpenAI CLIP and CRIS files** (not ours): parsed by :mod:`gtms.model.weights`;
   :func:`load_trained` runs a CRIS-layout checkpoint as it runs ours.
 
 A checkpoint may be a local path or a URI (``s3://``, ``gs://``, ``file://``); a URI is read
@@ -33,7 +35,15 @@ import torch
 
 from gtms import storage
 from gtms.config import NO_CONFIG, Config, config_from_dict, load_config
-from gtms.model.weights import CheckpointError, CheckpointNotFoundError, NotACheckpointError
+from gtms.model.weights import (
+    CLIP_METADATA_KEYS,
+    CheckpointError,
+    CheckpointKeyError,
+    CheckpointNotFoundError,
+    CheckpointShapeError,
+    NotACheckpointError,
+    UnsupportedCheckpointError,
+)
 
 FORMAT = "gtms-checkpoint-v2"
 FORMAT_EPOCHS_FROM_0 = "gtms-checkpoint-v1"
@@ -41,6 +51,7 @@ FILENAME = "model.pt"
 DIR_PREFIX = "checkpoint_epoch_"
 BACKBONE_WEIGHTS = "backbone.pt"   # SynthCLIP's final checkpoint: the backbone's state dict
 BACKBONE_EPOCHS = "epochs.json"    # ... and every epoch's metrics
+CRIS_ONLY_PREFIX = "visual.attnpool.connect."  # CRIS's branch: not part of OpenAI's layout
 
 # Keys a given config must share with the checkpoint it runs (the input size may change).
 ARCH_KEYS = (("model", "preset"), ("data", "word_len"))
@@ -130,7 +141,7 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
         payload = load_checkpoint(file)   # loader says which
     payload = _upgraded(payload)
     if not is_gtms_checkpoint(payload) or not isinstance(payload.get("metrics"), dict):
-        raise CheckpointError(f"{file} is not a training checkpoint of this project")
+        raise UnsupportedCheckpointError(f"{file} is not a training checkpoint of this project")
     return dict(payload["metrics"])
 
 
@@ -186,9 +197,9 @@ def load_trained(checkpoint: str | Path, config: str | Path | Config | None = No
     for section, key in ARCH_KEYS:
         want, have = (getattr(getattr(c, section), key) for c in (stored, cfg))
         if want != have:
-            raise CheckpointError(f"config does not match the checkpoint's architecture: "
-                                  f"{section}.{key} is {have!r} but {file} was trained with "
-                                  f"{want!r}")
+            raise UnsupportedCheckpointError(
+                f"config does not match the checkpoint's architecture: {section}.{key} is "
+                f"{have!r} but {file} was trained with {want!r}")
     from gtms.model.build import CRISArch, build_from_arch, build_model
 
     if payload.get("arch"):  # exact shapes, also for CLIP weights of non-standard sizes
@@ -198,8 +209,9 @@ def load_trained(checkpoint: str | Path, config: str | Path | Config | None = No
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:
-        raise CheckpointError(f"{file} does not fit preset {stored.model.preset!r}: "
-                              f"{str(err)[:500]}") from None
+        kind = CheckpointKeyError if "key" in str(err).lower() else CheckpointShapeError
+        raise kind(f"{file} does not fit preset {stored.model.preset!r}: "
+                   f"{str(err)[:500]}") from None
     return Trained(model, cfg, file)
 
 
@@ -231,3 +243,15 @@ def read_backbone_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Ten
         raise NotACheckpointError(f"{directory}: no readable {BACKBONE_EPOCHS} ({err})") \
             from None
     return state, epochs
+
+
+def save_clip_weights(path: str | Path, backbone_state: dict[str, torch.Tensor], arch) -> None:
+    """A backbone's state dict as a CLIP weights file in OpenAI's layout (CRIS's
+    ``attnpool.connect`` dropped, OpenAI's scalar metadata entries added); ``arch``: the
+    backbone's :class:`gtms.model.build.CRISArch`."""
+    state = {k: v.detach().cpu().clone() for k, v in backbone_state.items()
+             if not k.startswith(CRIS_ONLY_PREFIX)}
+    metadata = {"input_resolution": arch.image_resolution, "context_length": arch.context_length,
+                "vocab_size": arch.vocab_size}
+    state.update({k: torch.tensor(metadata[k]) for k in CLIP_METADATA_KEYS})
+    torch.save(state, path)

@@ -20,16 +20,13 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from gtms.backend import Backend
 from gtms.config import Config
 from gtms.console import phase, say
 from gtms.data.shards import read_manifest, shards_dir
 from gtms.errors import UserError
 from gtms.model.build import CLIP_STRIDE, CRISArch, preset_arch
-from gtms.model.checkpoint import read_backbone_checkpoint
-from gtms.model.weights import CLIP_METADATA_KEYS
+from gtms.model.checkpoint import read_backbone_checkpoint, save_clip_weights
 from gtms.pretrain.data import build_pairs, build_probe
 from gtms.pretrain.loop import (
     WEIGHTS_NAME,
@@ -46,7 +43,6 @@ REPORT_NAME = "report.json"
 class PretrainError(UserError):
     """Pretraining cannot start (no cache folder for remote data, nothing to pair)."""
 
-CRIS_ONLY_PREFIX = "visual.attnpool.connect."  # CRIS's branch: not part of OpenAI's layout
 
 
 def pretrain_arch(cfg: Config) -> CRISArch:
@@ -132,7 +128,7 @@ def run_pretrain(cfg: Config, data_root: str | Path, out_dir: str | Path,
     model.backbone.load_state_dict(state)
     after = probe_metrics(model, probe)
     _say("after:  " + format_metrics(after))
-    torch.save(openai_state_dict(state, arch), out / WEIGHTS_NAME)
+    save_clip_weights(out / WEIGHTS_NAME, state, arch)
     report = {"weights": str(out / WEIGHTS_NAME), "arch": arch.to_dict(),
               "pretrain": dataclasses.asdict(p), "input_size": cfg.data.input_size,
               "pairs": {"scenes": scenes, "expressions": len(pairs.scene_tokens),
@@ -143,18 +139,6 @@ def run_pretrain(cfg: Config, data_root: str | Path, out_dir: str | Path,
     (out / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
     _say(f"wrote {out / WEIGHTS_NAME} and {REPORT_NAME} in {report['wall_s']:.0f} s")
     return report
-
-
-def openai_state_dict(backbone_state: dict[str, torch.Tensor],
-                      arch: CRISArch) -> dict[str, torch.Tensor]:
-    """Our backbone's state dict in OpenAI's CLIP layout (CRIS's ``attnpool.connect`` dropped,
-    OpenAI's scalar metadata entries added)."""
-    state = {k: v.detach().cpu().clone() for k, v in backbone_state.items()
-             if not k.startswith(CRIS_ONLY_PREFIX)}
-    metadata = {"input_resolution": arch.image_resolution, "context_length": arch.context_length,
-                "vocab_size": arch.vocab_size}
-    state.update({k: torch.tensor(metadata[k]) for k in CLIP_METADATA_KEYS})
-    return state
 
 
 def format_metrics(m: dict) -> str:

@@ -134,7 +134,7 @@ def training_worker(loop_config: dict, worker: Worker) -> None:
                          val_split=cfg.data.val_split, train_spec=specs["train"],
                          val_spec=specs["val"], limit_train=cfg.data.limit_train_refs,
                          limit_eval=cfg.data.limit_eval_refs, strict=cfg.data.strict,
-                         keep_train=in_memory["train"], keep_val=in_memory["val"])
+                         in_memory_train=in_memory["train"], in_memory_val=in_memory["val"])
     train_loop(cfg, worker, feed, run_dir=loop_config["run_dir"],
                steps_per_epoch=loop_config["steps_per_epoch"])
 
