@@ -100,18 +100,23 @@ def cluster_address(cfg: RayConfig, cli_address: str | None = None) -> str | Non
     return cli_address or cfg.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
-    """Fail fast with a clear message when a ``host:port`` / ``ray://`` address cannot be parsed
-    or does not answer (``ray.init`` would otherwise retry for a long time)."""
-    if address == "auto":
-        return
+def _refuse_dashboard_url(address: str) -> None:
+    """An ``http(s)://`` address is the dashboard / Jobs API (``ray.init`` rejects it with a
+    ValueError): never a cluster to join, whether or not Ray is already running here."""
     if address.lower().startswith(("http://", "https://")):
-        # ray.init rejects these with a ValueError; it is the dashboard / Jobs API address.
         raise RayStartError(
             f"{address!r} is a dashboard (job submission) address, not a Ray cluster address. "
             f"Submit the command as a job: 'ray job submit --address {address} --working-dir . "
             "-- python run.py ...' (see cluster/README.md), or join with --address HEAD:6379 / "
             "ray://HEAD:10001.")
+
+
+def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """Fail fast with a clear message when a ``host:port`` / ``ray://`` address cannot be parsed
+    or does not answer (``ray.init`` would otherwise retry for a long time)."""
+    if address == "auto":
+        return
+    _refuse_dashboard_url(address)
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
     try:
         host, port = parsed.hostname, parsed.port
@@ -146,6 +151,8 @@ def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trial
     if not console.is_terminal():  # no colour codes in a file, verbose or not
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = cluster_address(cfg, cli_address)
+    if address:
+        _refuse_dashboard_url(address)
     if ray.is_initialized():
         if cli_address:  # an explicit --address is still checked, never ignored silently
             _check_reachable(cli_address)
