@@ -25,8 +25,8 @@ def register(subparsers) -> None:
                         help="continue an interrupted run at its next epoch: a run name under "
                              "train.run_dir, a run folder, or nothing for the latest run; the "
                              "run's own config.yaml is used (--set still applies on top)")
-    add_backend_flags(parser, no_ray="the same loop in this one process (debugging; same "
-                                     "numbers as one Ray worker)")
+    add_backend_flags(parser, no_ray="the same loop in this one process, reading and "
+                                     "preprocessing its batches itself (debugging)")
     parser.set_defaults(func=run)
 
 
