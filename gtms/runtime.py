@@ -35,6 +35,14 @@ LOCAL_RAY_SETTINGS = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 
+# This process's Ray settings (setdefault: a user's own setting wins): no token authentication
+# (RAY_AUTH_MODE=token joins a cluster that uses it), Ray Train's print patch off (our console marks its own lines), a fast health check.
+DRIVER_RAY_SETTINGS = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+}
+
 # Logical CPUs held back for Ray Data's read tasks and the driver-side split coordinator.
 READ_TASK_CPUS = 1
 
@@ -100,10 +108,10 @@ def cluster_address(cfg: RayConfig, cli_address: str | None = None) -> str | Non
     return cli_address or cfg.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def _refuse_dashboard_url(address: str) -> None:
+def _refuse_dashboard_url(address: str | None) -> None:
     """An ``http(s)://`` address is the dashboard / Jobs API (``ray.init`` rejects it with a
     ValueError): never a cluster to join, whether or not Ray is already running here."""
-    if address.lower().startswith(("http://", "https://")):
+    if address and address.lower().startswith(("http://", "https://")):
         raise RayStartError(
             f"{address!r} is a dashboard (job submission) address, not a Ray cluster address. "
             f"Submit the command as a job: 'ray job submit --address {address} --working-dir . "
@@ -144,15 +152,13 @@ def init_ray(cfg: RayConfig, *, cli_address: str | None = None, concurrent_trial
     """
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    for key, value in DRIVER_RAY_SETTINGS.items():
+        os.environ.setdefault(key, value)
     quiet = not console.verbose()
     if not console.is_terminal():  # no colour codes in a file, verbose or not
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = cluster_address(cfg, cli_address)
-    if address:
-        _refuse_dashboard_url(address)
+    _refuse_dashboard_url(address)
     if ray.is_initialized():
         if cli_address:  # an explicit --address is still checked, never ignored silently
             _check_reachable(cli_address)

@@ -2,7 +2,8 @@
 layer or lower), and no function is longer than a screen.
 
     commands -> tune -> train, pretrain, infer -> eval, viz -> backend
-             -> data, model, pseudo -> modes, config, runtime -> storage, console, errors
+             -> data, model, pseudo -> modes, config, runtime
+             -> storage, console, errors, killpoints
 
 Every ``import`` / ``from ... import`` of ``gtms`` modules counts, also those inside functions
 (an import deferred for speed is still a dependency).
@@ -19,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gtms"
 
 # Lowest first. A module belongs to the longest prefix listed.
 LAYERS = (
-    ("gtms", "gtms.errors", "gtms.storage", "gtms.console"),
+    ("gtms", "gtms.errors", "gtms.storage", "gtms.console", "gtms.killpoints"),
     ("gtms.modes", "gtms.config", "gtms.runtime"),
     ("gtms.data", "gtms.model", "gtms.pseudo"),
     ("gtms.backend",),

@@ -6,7 +6,9 @@ vocabulary (:class:`gtms.model.weights.CheckpointError` and its kinds).
   ``optimizer``, ``scheduler``, ``scaler`` (AMP, may be None), ``epoch`` (the last finished
   epoch, counted from 1 as printed and as in the folder name), ``step`` (optimizer steps so
   far), ``config`` (the resolved config as a plain dict), ``arch`` (the exact model shapes),
-  ``metrics`` (that epoch's line of ``metrics.jsonl``), ``format`` = :data:`FORMAT`. Everything
+  ``metrics`` (that epoch's line of ``metrics.jsonl``), ``random_states`` (every rank's
+  generators, :mod:`gtms.train.random_state`), ``best_val_mean_iou`` (the best so far, None
+  before any validation), ``format`` = :data:`FORMAT`. Everything
   is plain tensors and containers, so loading uses ``torch.load(weights_only=True)``: loading
   is not executing. ``gtms-checkpoint-v1`` files counted epochs from 0; :func:`load_checkpoint`
   renumbers them, so they still evaluate and resume.
@@ -16,6 +18,9 @@ vocabulary (:class:`gtms.model.weights.CheckpointError` and its kinds).
   SynthCLIP's ``clip.pt``), so that ``model.clip_weights`` loads them as it loads OpenAI's.
 * **OpenAI CLIP and CRIS files** (not ours): parsed by :mod:`gtms.model.weights`;
   :func:`load_trained` runs a CRIS-layout checkpoint as it runs ours.
+
+Every file written here gets its SHA-256 beside it (``model.pt.sha256``), checked on every
+load: a damaged file stops with :class:`gtms.model.weights.ChecksumMismatchError` naming it.
 
 A checkpoint may be a local path or a URI (``s3://``, ``gs://``, ``file://``); a URI is read
 into memory, or for a CRIS-layout file into a temporary folder removed after loading.
@@ -43,6 +48,10 @@ from gtms.model.weights import (
     CheckpointShapeError,
     NotACheckpointError,
     UnsupportedCheckpointError,
+    checksum_path,
+    local_checksum,
+    verify_checksum,
+    write_checksum,
 )
 
 FORMAT = "gtms-checkpoint-v2"
@@ -107,8 +116,17 @@ def local_file(location: str) -> Iterator[Path]:
 
 
 def _torch_load(location: str, *, mmap: bool = False) -> Any:
-    """``torch.load(weights_only=True)`` of a local file or a URI (read into memory)."""
-    source = io.BytesIO(storage.read_bytes(location)) if storage.is_uri(location) else location
+    """``torch.load(weights_only=True)`` of a local file or a URI (read into memory), after
+    checking it against the SHA-256 written beside it (when there is one)."""
+    if storage.is_uri(location):
+        data = storage.read_bytes(location)
+        stamp = checksum_path(location)
+        verify_checksum(location, storage.read_bytes(stamp).decode()
+                        if storage.exists(stamp) else None, data)
+        source = io.BytesIO(data)
+    else:
+        verify_checksum(location, local_checksum(location))
+        source = location
     try:
         return torch.load(source, map_location="cpu", weights_only=True,
                           mmap=mmap and not storage.is_uri(location))
@@ -122,6 +140,7 @@ def save_checkpoint(directory: str | Path, **payload: Any) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / FILENAME
     torch.save({"format": FORMAT, **payload}, target)
+    write_checksum(target)
     return target
 
 
@@ -229,6 +248,7 @@ def save_backbone_checkpoint(directory: str | Path, state: dict[str, torch.Tenso
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(state, directory / BACKBONE_WEIGHTS)
+    write_checksum(directory / BACKBONE_WEIGHTS)
     (directory / BACKBONE_EPOCHS).write_text(json.dumps(epochs))
 
 
@@ -255,3 +275,4 @@ def save_clip_weights(path: str | Path, backbone_state: dict[str, torch.Tensor],
                 "vocab_size": arch.vocab_size}
     state.update({k: torch.tensor(metadata[k]) for k in CLIP_METADATA_KEYS})
     torch.save(state, path)
+    write_checksum(path)

@@ -15,6 +15,7 @@ more (arbitrary pickled objects) is refused. Only OpenAI's TorchScript archives 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 import re
@@ -74,6 +75,56 @@ class CheckpointShapeError(CheckpointError):
 
 class CheckpointKeyError(CheckpointError):
     """A strict load found names missing from, or unknown to, the model."""
+
+
+class ChecksumMismatchError(CheckpointError):
+    """The file's SHA-256 differs from the one written beside it: damaged after it was saved."""
+
+
+# Our checkpoint files carry their SHA-256 in ``<file>.sha256`` (``sha256sum``'s format);
+# OpenAI's and CRIS's files have none and load as before.
+CHECKSUM_SUFFIX = ".sha256"
+
+
+def checksum_path(file: str | Path) -> str:
+    return f"{file}{CHECKSUM_SUFFIX}"
+
+
+def sha256_hex(data_or_file: bytes | str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of bytes, or of a local file read in chunks."""
+    digest = hashlib.sha256()
+    if isinstance(data_or_file, bytes):
+        digest.update(data_or_file)
+        return digest.hexdigest()
+    with open(data_or_file, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksum(file: str | Path) -> None:
+    """Write ``<file>.sha256`` for a local file (after the file itself is complete)."""
+    file = Path(file)
+    Path(checksum_path(file)).write_text(f"{sha256_hex(file)}  {file.name}\n")
+
+
+def verify_checksum(location: str | Path, expected: str | None, data: bytes | None = None) -> None:
+    """Compare a file's SHA-256 (of ``data`` when given, else of the local file) with
+    ``expected`` (the first word of its ``.sha256`` file; None: it has none, nothing to check)."""
+    if expected is None:
+        return
+    actual = sha256_hex(data if data is not None else location)
+    if actual != expected.split()[0]:
+        raise ChecksumMismatchError(
+            f"{location} is damaged: its SHA-256 is {actual[:16]}…, but "
+            f"{Path(checksum_path(location)).name} written with it says {expected.split()[0][:16]}…"
+            "; use another checkpoint (or train again)")
+
+
+def local_checksum(file: str | Path) -> str | None:
+    """The expected SHA-256 of a local file from ``<file>.sha256``, or None."""
+    path = Path(checksum_path(file))
+    return path.read_text() if path.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -174,6 +225,7 @@ def _looks_like_torch_save(path: Path) -> bool:
 
 
 def _load_weights_only(path: Path) -> object:
+    verify_checksum(path, local_checksum(path))
     if not _looks_like_torch_save(path):
         raise NotACheckpointError(
             f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)"

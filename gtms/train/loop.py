@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from gtms import killpoints
 from gtms.backend import Worker
 from gtms.config import Config, config_to_dict
 from gtms.console import Progress
@@ -37,6 +38,7 @@ from gtms.model.build import build_model
 from gtms.model.checkpoint import checkpoint_dir_name, load_checkpoint, save_checkpoint
 from gtms.modes import QUALITY_MODE, get_mode
 from gtms.pseudo import gamma_at
+from gtms.train import random_state
 from gtms.train.optim import build_optimizer, build_scheduler
 from gtms.train.runlog import RunLogger
 from gtms.train.step import compute_losses
@@ -62,6 +64,8 @@ class TrainingState:
     scaler: Any
     done: int = 0     # epochs finished
     step: int = 0     # optimizer steps taken (the same on every worker)
+    best: float = -math.inf   # best val mean IoU so far
+    random_states: list | None = None   # each rank's generators when the checkpoint was saved
 
 
 def seed_everything(seed: int) -> None:
@@ -82,15 +86,18 @@ def initial_model(cfg: Config, rank: int = 0) -> torch.nn.Module:
                        freeze_backbone=cfg.model.freeze_backbone)
 
 
-def _restore(ckpt_path: Path, model, optimizer, scheduler, scaler) -> tuple[int, int]:
-    """Load a checkpoint into the training state; returns (epochs finished, optimizer steps)."""
+def _restore(ckpt_path: Path, state: TrainingState) -> None:
+    """Load a checkpoint into the training state (the model not yet wrapped for DDP)."""
     payload = load_checkpoint(ckpt_path)
-    unwrap(model).load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    if scaler is not None and payload.get("scaler"):
-        scaler.load_state_dict(payload["scaler"])
-    return int(payload["epoch"]), int(payload["step"])
+    unwrap(state.model).load_state_dict(payload["model"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.scheduler.load_state_dict(payload["scheduler"])
+    if state.scaler is not None and payload.get("scaler"):
+        state.scaler.load_state_dict(payload["scaler"])
+    state.done, state.step = int(payload["epoch"]), int(payload["step"])
+    best = payload.get("best_val_mean_iou", payload["metrics"].get("best_val_mean_iou"))
+    state.best = -math.inf if best is None else float(best)
+    state.random_states = payload.get("random_states")
 
 
 def _mean_terms(sums: dict[str, float], count: int) -> dict[str, float]:
@@ -201,6 +208,8 @@ def train_one_epoch(state: TrainingState, worker: Worker, feed: Feed, cfg: Confi
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value
             batches, samples, step = batches + 1, samples + len(batch["image"]), step + 1
+            if batches == 1:
+                killpoints.reached("mid_epoch", epoch + 1)
             progress.update(samples=len(batch["image"]))
             if log and step % cfg.train.log_every == 0:
                 log.scalars("train_step", terms, step)
@@ -305,8 +314,7 @@ def start_training(cfg: Config, worker: Worker) -> tuple[TrainingState, Path | N
                           torch.amp.GradScaler("cuda") if amp else None)
     latest = worker.latest_checkpoint()
     if latest is not None:
-        state.done, state.step = _restore(latest, model, optimizer, state.scheduler,
-                                          state.scaler)
+        _restore(latest, state)
     if cfg.optim.channels_last:
         model = model.to(memory_format=torch.channels_last)
     state.model = worker.prepare_model(model)
@@ -342,7 +350,9 @@ def run_epoch(state: TrainingState, worker: Worker, feed: Feed, cfg: Config, ind
 
 def report_epoch(state: TrainingState, worker: Worker, cfg: Config,
                  metrics: dict[str, Any]) -> None:
-    """Report the epoch's metrics, with rank 0's checkpoint of the whole training state."""
+    """Report the epoch's metrics, with rank 0's checkpoint of the whole training state: the
+    weights, optimizer, schedule, every rank's random generators and the best score so far."""
+    random_states = worker.gather(random_state.capture())
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint_dir = None
         if worker.rank == 0:
@@ -353,7 +363,8 @@ def report_epoch(state: TrainingState, worker: Worker, cfg: Config,
                 optimizer=state.optimizer.state_dict(), scheduler=state.scheduler.state_dict(),
                 scaler=state.scaler.state_dict() if state.scaler else None,
                 epoch=metrics["epoch"], step=state.step, config=config_to_dict(cfg),
-                arch=model.arch.to_dict(), metrics=metrics)
+                arch=model.arch.to_dict(), metrics=metrics, random_states=random_states,
+                best_val_mean_iou=None if state.best == -math.inf else state.best)
         worker.report(metrics, checkpoint_dir,
                       checkpoint_name=checkpoint_dir_name(metrics["epoch"]))
 
@@ -361,26 +372,44 @@ def report_epoch(state: TrainingState, worker: Worker, cfg: Config,
 def train_loop(cfg: Config, worker: Worker, feed: Feed, *, run_dir: str | None,
                steps_per_epoch: int) -> dict[str, Any]:
     """Train ``cfg`` on ``worker`` with batches from ``feed``; returns the last epoch's
-    metrics."""
+    metrics. A resumed run continues from the worker's latest checkpoint exactly: its
+    generators are restored last, just before the first epoch, and the run log keeps only the
+    epochs that checkpoint finished."""
     state, latest = start_training(cfg, worker)
     attention = attention_sources(cfg, worker.device)
-    log = RunLogger(run_dir) if (worker.rank == 0 and run_dir) else None
-    if log and state.done:
-        log.console(f"resuming at epoch {state.done + 1} (after {state.step} steps) from "
-                    f"{latest}")
-    best, metrics = -math.inf, {}
+    log = None
+    if worker.rank == 0 and run_dir:
+        log = RunLogger(run_dir, done_epochs=state.done, done_steps=state.step)
+    if state.done:
+        resume_random_state(state, worker, log)
+        if log:
+            log.console(f"resuming at epoch {state.done + 1} (after {state.step} steps) from "
+                        f"{latest}")
+    metrics = {}
     for index in range(state.done, cfg.train.epochs):
         metrics, first = run_epoch(state, worker, feed, cfg, index, log=log,
                                    steps_per_epoch=steps_per_epoch, attention=attention)
-        best = max(best, metrics.get("val_mean_iou", -math.inf))
-        if best > -math.inf:
-            metrics["best_val_mean_iou"] = best
+        state.best = max(state.best, metrics.get("val_mean_iou", -math.inf))
+        if state.best > -math.inf:
+            metrics["best_val_mean_iou"] = state.best
         if log:
             log.epoch(metrics, cfg.train.epochs)
             every = cfg.train.image_grid_every
             if every and metrics["epoch"] % every == 0 and first is not None:
                 log.image_grid(first[0], first[1], state.step)
+        killpoints.reached("after_metrics", metrics["epoch"])
         report_epoch(state, worker, cfg, metrics)
     if log:
         log.close()
     return metrics
+
+
+def resume_random_state(state: TrainingState, worker: Worker, log) -> None:
+    """This rank's generators as the checkpoint saved them; a checkpoint without them (older)
+    or of another worker count resumes with fresh ones, and says so."""
+    states = state.random_states
+    if states and len(states) == worker.world_size:
+        random_state.restore(states[worker.rank])
+    elif log:
+        log.console("note: the checkpoint has no random state for this worker count; the "
+                    "resumed epochs draw different random numbers than an uninterrupted run")

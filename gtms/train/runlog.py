@@ -59,14 +59,39 @@ def tensorboard_tag(key: str) -> str:
 
 
 class RunLogger:
-    def __init__(self, run_dir: str):
+    """Rank 0's record of a run: ``metrics.jsonl``, TensorBoard and the console's epoch lines.
+
+    The checkpoints are the one source of truth for progress: a run resumed after
+    ``done_epochs`` (its latest checkpoint) first drops what an earlier session recorded past
+    them (``metrics.jsonl`` lines of later epochs; TensorBoard events after ``done_steps``), so
+    an epoch that was logged but not checkpointed before a kill is recorded once, when rerun.
+    """
+
+    def __init__(self, run_dir: str, *, done_epochs: int = 0, done_steps: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         from gtms.storage import RunFolder
 
         self.folder = RunFolder(run_dir, fetch=True)   # local, or a mirror of a URI
-        self.writer = SummaryWriter(str(self.folder.path / "tb"))
         self.jsonl = self.folder.path / "metrics.jsonl"
+        purge = None
+        if self.jsonl.is_file():   # an earlier session of this run: keep what was checkpointed
+            self._keep_epochs(done_epochs)
+            purge = done_steps + 1
+        self.writer = SummaryWriter(str(self.folder.path / "tb"), purge_step=purge)
+
+    def _keep_epochs(self, done: int) -> None:
+        lines = [line for line in self.jsonl.read_text().splitlines() if line.strip()]
+        by_epoch = {}   # the last line of each epoch (an older run may hold one twice)
+        for line in lines:
+            by_epoch[json.loads(line).get("epoch", 0)] = line
+        kept = [line for epoch, line in sorted(by_epoch.items()) if epoch <= done]
+        if len(kept) < len(lines):
+            say(f"metrics.jsonl: dropped {len(lines) - len(kept)} line(s) of epochs not "
+                f"checkpointed (after epoch {done}) or recorded twice; they are rerun")
+        tmp = self.jsonl.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.jsonl)
 
     def console(self, text: str) -> None:
         say(text)
