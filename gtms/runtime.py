@@ -36,7 +36,8 @@ LOCAL_RAY_SETTINGS = {
 }
 
 # This process's Ray settings (setdefault: a user's own setting wins): no token authentication
-# (RAY_AUTH_MODE=token joins a cluster that uses it), Ray Train's print patch off (our console marks its own lines), a fast health check.
+# (RAY_AUTH_MODE=token joins a cluster that uses it), Ray Train's print patch off (our console
+# marks its own lines), a fast health check.
 DRIVER_RAY_SETTINGS = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
