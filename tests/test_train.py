@@ -99,6 +99,7 @@ def test_plain_loop_trains_checkpoints_and_resumes(synthref_small, tmp_path, cap
     torch.save({**old, "format": "gtms-checkpoint-v1", "epoch": 0,
                 "metrics": {**old["metrics"], "epoch": 0}},
                run_dir / "checkpoint_epoch_0001" / "model.pt")
+    (run_dir / "checkpoint_epoch_0001" / "model.pt.sha256").unlink()   # that format had none
     assert load_checkpoint(run_dir / "checkpoint_epoch_0001")["epoch"] == 1
     summary = fit(cfg, LocalBackend(), resume="plain", set_overrides=("train.epochs=2",))
     assert "resuming at epoch 2 (after 3 steps)" in capsys.readouterr().out
