@@ -24,7 +24,12 @@ from gtms.data.records import (
     SkipLog,
     UnsafePickleError,
 )
-from gtms.data.refer import ReferSource, load_refer, load_refs_pickle
+from gtms.data.refer import (
+    PickleTooLargeError,
+    ReferSource,
+    load_refer,
+    load_refs_pickle,
+)
 from gtms.data.shards import build_shards, read_manifest, read_shard_records
 from gtms.data.synthref import SynthRefSettings, generate_synthref
 from gtms.data.synthref.generate import assign_splits, synthesize_image
@@ -262,6 +267,61 @@ def test_deeply_nested_refs_pickle_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="nested too deeply") as info:
         load_refs_pickle(path)
     assert str(path) in str(info.value)
+
+
+def shared_reference_bomb(levels: int = 20, width: int = 40) -> bytes:
+    """A 1.7 KB pickle of lists that hold the list below ``width`` times (40**20 values)."""
+    level: list = ["lol"]
+    for _ in range(levels):
+        level = [level] * width
+    return pickle.dumps(level, protocol=2)
+
+
+def test_shared_reference_bomb_is_refused_before_it_expands(refcoco, tmp_path, capsys):
+    import time
+
+    data = shared_reference_bomb()
+    assert len(data) < 1800
+    refcoco.refs_path.write_bytes(data)
+    start = time.monotonic()
+    with pytest.raises(PickleTooLargeError, match="expand to more than 20,000,000 values") as \
+            info:
+        load_refs_pickle(refcoco.refs_path)
+    assert str(info.value).startswith(f"{refcoco.refs_path}: refused")
+    assert cli(["--dataset", "refcoco", "--refer-root", str(refcoco.refer_root), "--images",
+                str(refcoco.images_dir), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"prepare: error: {refcoco.refs_path}: refused") and \
+        err.count("\n") == 1
+    assert time.monotonic() - start < 10
+
+
+def test_shared_text_bomb_and_self_reference_are_refused(tmp_path):
+    path = tmp_path / "refs(unc).p"
+    level: list = ["x" * 100_000]   # 100 KB of text, named 10**4 times: 1 GB
+    for _ in range(4):
+        level = [level] * 10
+    path.write_bytes(pickle.dumps(level, protocol=2))
+    assert path.stat().st_size < 110_000
+    with pytest.raises(PickleTooLargeError, match="512 MB of text"):
+        load_refs_pickle(path)
+    loop: list = [{"ref_id": 1}]
+    loop.append(loop)
+    path.write_bytes(pickle.dumps(loop, protocol=2))
+    with pytest.raises(DataError, match="a list contains itself") as info:
+        load_refs_pickle(path)
+    assert str(path) in str(info.value)
+
+
+def test_refs_pickle_reading_is_capped_in_time(refcoco, monkeypatch):
+    from gtms.data import refer
+
+    refs = load_refs_pickle(refcoco.refs_path)   # a normal file: far below every cap
+    assert refer.check_expansion(refs, "x")[0] < refer.MAX_PICKLE_VALUES // 1000
+    monkeypatch.setattr(refer, "MAX_PICKLE_SECONDS", -1.0)
+    with pytest.raises(PickleTooLargeError, match="reading it took more than") as info:
+        load_refs_pickle(refcoco.refs_path)
+    assert str(refcoco.refs_path) in str(info.value)
 
 
 def test_damaged_pickle_is_a_clear_error(tmp_path):

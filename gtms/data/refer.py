@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,14 @@ SPLITS_BY = {
     "synthref": ("unc",),
 }
 REQUIRED_REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
+# Caps on a refs pickle once its shared references are expanded (a pickle may store a list once
+# and name it again with two bytes: a 1.7 KB file can expand to 40**20 values). RefCOCOg (umd),
+# the largest, expands to about 2.6 million values (dicts, lists, strings, numbers: ~52 per ref)
+# and 25 MB of text; the caps are ~8x and ~20x that. Checked before anything is built.
+MAX_PICKLE_VALUES = 20_000_000
+MAX_PICKLE_TEXT_BYTES = 512 * 1024 * 1024
+# Wall time to read and decode a refs pickle (RefCOCOg: about 2 s).
+MAX_PICKLE_SECONDS = 120.0
 
 
 def default_split_by(dataset: str) -> str:
@@ -105,16 +114,78 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise DataError(f"{self._path}: refused to unpickle: it uses a persistent id ({pid!r})")
 
 
-def decode_py2_text(value):
+class PickleTooLargeError(DataError):
+    """A refs pickle whose shared references expand past a cap, or that takes too long."""
+
+
+class _Clock:
+    """The time budget of reading one refs pickle: :meth:`check` raises once it is spent."""
+
+    def __init__(self, path, seconds: float):
+        self.path, self.seconds = path, seconds
+        self.deadline = time.monotonic() + seconds
+        self.calls = 0
+
+    def check(self) -> None:
+        self.calls += 1
+        if self.calls % 4096 == 1 and time.monotonic() > self.deadline:
+            raise PickleTooLargeError(
+                f"{self.path}: refused: reading it took more than {self.seconds:.0f} s "
+                "(RefCOCOg takes about 2 s); it is not a refs pickle the refer toolkit wrote")
+
+
+def check_expansion(value, path, clock: _Clock | None = None) -> tuple[int, int]:
+    """``(values, text bytes)`` of an unpickled ``value`` with every shared reference counted
+    each time it is used (what walking it visits), computed once per container; raises
+    :class:`PickleTooLargeError` past :data:`MAX_PICKLE_VALUES` / :data:`MAX_PICKLE_TEXT_BYTES`
+    and :class:`~gtms.data.records.DataError` for a container that contains itself."""
+    sizes: dict[int, tuple[int, int]] = {}
+    open_ids: set[int] = set()
+
+    def size(v) -> tuple[int, int]:
+        kind = type(v)
+        if kind is bytes or kind is str:
+            return 1, len(v)
+        if kind is not list and kind is not tuple and kind is not dict:
+            return 1, 0
+        if id(v) in sizes:
+            return sizes[id(v)]
+        if id(v) in open_ids:
+            raise DataError(f"{path}: not a refs pickle: a {kind.__name__} contains itself")
+        open_ids.add(id(v))
+        values, text = 1, 0
+        for item in (x for pair in v.items() for x in pair) if kind is dict else v:
+            n, b = size(item)
+            values, text = values + n, text + b
+        if values > MAX_PICKLE_VALUES or text > MAX_PICKLE_TEXT_BYTES:
+            raise PickleTooLargeError(
+                f"{path}: refused: its shared references expand to more than "
+                f"{MAX_PICKLE_VALUES:,} values or {MAX_PICKLE_TEXT_BYTES >> 20} MB of text "
+                "(RefCOCOg: about 2.6 million values, 25 MB); not a refs pickle the refer "
+                "toolkit wrote")
+        if clock is not None:
+            clock.check()
+        open_ids.discard(id(v))
+        sizes[id(v)] = (values, text)
+        return values, text
+
+    return size(value)
+
+
+def decode_py2_text(value, clock: _Clock | None = None):
     """``value`` with every ``bytes`` (a Python 2 ``str``) decoded, dict keys included: UTF-8
     where the bytes are valid UTF-8, else latin-1 (every byte is a latin-1 character).
 
     A refs pickle holds no binary data, so bytes are always text. Unpickled values have exact
     builtin types, which the walk dispatches on; repeated texts (keys, tokens) decode once.
+    Shared references are walked each time they are used: check the size first
+    (:func:`check_expansion`).
     """
     texts: dict[bytes, str] = {}
 
     def walk(v):
+        if clock is not None:
+            clock.check()
         kind = type(v)
         if kind is bytes:
             if v not in texts:
@@ -143,13 +214,17 @@ def _decode_text(data: bytes) -> str:
 
 def load_refs_pickle(path: str | Path) -> list[dict]:
     """A refs pickle (Python 2 or 3) -> its list of ref dicts, read with
-    :class:`RestrictedUnpickler`, text decoded by :func:`decode_py2_text`."""
+    :class:`RestrictedUnpickler`, its expanded size checked (:func:`check_expansion`), text
+    decoded by :func:`decode_py2_text`, all within :data:`MAX_PICKLE_SECONDS`."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: refs pickle not found")
+    clock = _Clock(path, MAX_PICKLE_SECONDS)
     with open(path, "rb") as f:
         try:
-            refs = decode_py2_text(RestrictedUnpickler(f, path).load())
+            raw = RestrictedUnpickler(f, path).load()
+            check_expansion(raw, path, clock)
+            refs = decode_py2_text(raw, clock)
         except DataError:
             raise
         except RecursionError as err:
