@@ -371,12 +371,19 @@ def damage(source: ReferSource, case: str) -> tuple[set[int], str, int]:
     elif case == "image_without_height":
         del images[ref["image_id"]]["height"]
         reason, blamed = "malformed_image_info", on_image
+    elif case in ("absolute_file_name", "dotdot_file_name"):  # a readable image outside
+        secret = Path(source.images_dir).parent / "secret.jpg"
+        shutil.copy(image_file, secret)
+        images[ref["image_id"]]["file_name"] = str(secret) if case == "absolute_file_name" \
+            else "../secret.jpg"
+        reason, blamed = "path_outside_images", on_image
     elif case in MALFORMED_REFS:
         key, value = MALFORMED_REFS[case]
         ref[key] = value(ref) if callable(value) else value
         reason, blamed = "malformed_ref", {ref["ref_id"] if key != "ref_id" else None}
     if case in MALFORMED_REFS or case in ("ann_without_image_id", "bbox_with_null",
-                                          "image_without_height"):
+                                          "image_without_height", "absolute_file_name",
+                                          "dotdot_file_name"):
         source.instances_path.write_text(json.dumps(instances))
         source.refs_path.write_bytes(pickle.dumps(refs))
         return blamed, reason, len(blamed)
@@ -414,6 +421,7 @@ CASES = ["missing_image", "undecodable_image", "oversized_image", "truncated_ima
          "box_outside_image", "box_zero_area", "no_sentences", "only_malformed_sentences",
          "missing_annotation",
          "ann_without_image_id", "bbox_with_null", "image_without_height",
+         "absolute_file_name", "dotdot_file_name",
          "pcx_format_image", "tga_format_image", "sgi_format_image", "qoi_format_image",
          *MALFORMED_REFS]
 
@@ -452,6 +460,28 @@ def test_bad_input_stops_strict_mode_naming_file_and_ref(refcoco, tmp_path, case
     assert cli(argv) == 2
     err = capsys.readouterr().err
     assert where in err and "Traceback" not in err and err.count("error:") == 1
+
+
+@pytest.mark.parametrize("case", ["absolute_file_name", "dotdot_file_name"])
+def test_image_outside_the_images_folder_is_never_read(refcoco, tmp_path, case, monkeypatch):
+    from gtms.data.refer import image_path_problem
+
+    damage(refcoco, case)
+    secret = Path(refcoco.images_dir).parent / "secret.jpg"
+    opened = []
+    real_read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: opened.append(self.resolve()) or
+                        real_read_bytes(self))
+    build_shards(refcoco, tmp_path / "out", progress=False)
+    assert secret.resolve() not in opened and opened
+    assert all(p.is_relative_to(Path(refcoco.images_dir).resolve()) or p.suffix != ".jpg"
+               for p in opened)
+    for name in ("/etc/passwd", "../x.jpg", "a/../../x.jpg", "a\0.jpg"):
+        assert image_path_problem(name) is not None
+        with pytest.raises(DataError, match="file_name"):
+            refcoco.image_path(name)
+    assert image_path_problem("sub/COCO_train2014_1.jpg") is None
+    assert image_path_problem("..jpg") is None
 
 
 def test_empty_sentences_are_kept_malformed_ones_dropped_and_counted(refcoco, tmp_path, capsys):

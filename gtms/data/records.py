@@ -31,6 +31,7 @@ MISSING_ANNOTATION = "missing_annotation"
 MISSING_IMAGE_INFO = "missing_image_info"
 MALFORMED_ANNOTATION = "malformed_annotation"  # no integer image_id, bbox not 4 numbers, ...
 MALFORMED_IMAGE_INFO = "malformed_image_info"  # no positive integer height/width, no file_name
+PATH_OUTSIDE_IMAGES = "path_outside_images"  # file_name absolute or with '..': never read
 UNKNOWN_CATEGORY = "unknown_category"
 MALFORMED_REF = "malformed_ref"
 # Reasons that count dropped sentences, not refs (the ref stays if another sentence remains).

@@ -16,7 +16,8 @@ else latin-1), so one accented byte cannot make the whole file unreadable.
 
 Every ref is checked before use (integer ids, a split name, a list of sentences, an annotation
 with an integer ``image_id`` and a 4-number ``bbox``, an image with a positive integer size and a
-file name, a segmentation that rasterises to the image's size); bad refs go through a
+file name inside the images folder (absolute or with ``..``: ``path_outside_images``, never
+read), a segmentation that rasterises to the image's size); bad refs go through a
 :class:`~gtms.data.records.SkipLog` (skip and count by reason, or raise under ``strict``). Image
 files are checked later, when the shard writer reads their bytes.
 """
@@ -90,7 +91,25 @@ class ReferSource:
         return Path(self.refer_root) / self.dataset / "instances.json"
 
     def image_path(self, file_name: str) -> Path:
+        """The file ``file_name`` names inside ``images_dir``; one that would lie outside it
+        (see :func:`image_path_problem`) is a :class:`~gtms.data.records.DataError`."""
+        if (problem := image_path_problem(file_name)) is not None:
+            raise DataError(f"image file_name {file_name!r} {problem}")
         return Path(self.images_dir) / file_name
+
+
+def image_path_problem(file_name: str) -> str | None:
+    """Why ``file_name`` (from instances.json) would name a file outside the images folder, or
+    None: an absolute path, a ``..`` part (the names are not resolved: a link inside the
+    folder is followed as the user set it up), or a NUL byte."""
+    if "\0" in file_name:
+        return "holds a NUL byte"
+    path = Path(file_name)
+    if path.is_absolute() or path.drive:
+        return "is an absolute path; file names are relative to --images"
+    if ".." in path.parts:
+        return "goes up with '..'; file names must stay inside --images"
+    return None
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -405,6 +424,9 @@ def _lookup(ref: dict, instances: Instances) -> tuple[dict, dict, int, str] | _P
         return _Problem(R.MALFORMED_ANNOTATION, problem, True)
     if (problem := _image_problem(image)) is not None:
         return _Problem(R.MALFORMED_IMAGE_INFO, problem, True)
+    if (problem := image_path_problem(image["file_name"])) is not None:
+        return _Problem(R.PATH_OUTSIDE_IMAGES, f"image {image['id']} file_name "
+                        f"{image['file_name']!r} {problem}", True)
     if ann["image_id"] != ref["image_id"]:
         return _Problem(R.MALFORMED_REF, f"ann {ref['ann_id']} belongs to image "
                         f"{ann['image_id']}, the ref says image {ref['image_id']}")
