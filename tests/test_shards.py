@@ -346,6 +346,32 @@ def test_refcoco_repair_command_names_the_sources(prepared, tmp_path):
     verify_shards(out, ["testB"])
 
 
+def test_printed_prepare_commands_quote_every_word(tmp_path):
+    """The repair command and the "run: python run.py prepare" hint quote each word, so a
+    name holding ``$(...)``, ``;`` or spaces is passed on as written."""
+    from gtms.config import load_config
+    from gtms.data.roots import DataRootError, prepare_data_root
+    from gtms.data.shards import repair_command
+
+    manifest = {"dataset": "refcoco;touch x", "split_by": "unc $(touch y)",
+                "rows_per_file": "7;id", "rows_per_row_group": 64,
+                "source": {"refs": "/r e/$(touch z)/refcoco/refs(unc).p", "images": "/im g"}}
+    root = str(tmp_path / "out $(touch w)")
+    assert shlex.split(repair_command(manifest, root)) == [
+        "python", "run.py", "prepare", "--dataset", "refcoco;touch x", "--split-by",
+        "unc $(touch y)", "--refer-root", "/r e/$(touch z)", "--images", "/im g", "--out", root,
+        "--rows-per-file", "7;id"]
+    synth = {"dataset": "synthref", "generator": {"num_images": 5, "seed": 1,
+                                                  "difficulty": "easy"}}
+    assert shlex.split(repair_command(synth, root))[3:5] == ["--out", root]
+    cfg = load_config(None, ["data.dataset=refcoco", f"data.root={root}"])
+    with pytest.raises(DataRootError) as info:
+        prepare_data_root(cfg)
+    command = str(info.value).split("run: ")[-1]
+    assert shlex.split(command) == ["python", "run.py", "prepare", "--dataset", "refcoco",
+                                    "--refer-root", "DIR", "--images", "DIR", "--out", root]
+
+
 def test_train_and_eval_check_the_shards_before_starting(copied, tmp_path, monkeypatch,
                                                          capsys):
     import torch

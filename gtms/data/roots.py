@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from gtms import storage
@@ -39,7 +40,8 @@ def prepare_data_root(cfg: Config) -> str:
                 "point data.root elsewhere (nothing is overwritten)")
         ensure_synthref(root, **wanted)
     elif not (Path(root) / "shards" / "manifest.json").is_file():
+        command = shlex.join(["python", "run.py", "prepare", "--dataset", cfg.data.dataset,
+                              "--refer-root", "DIR", "--images", "DIR", "--out", cfg.data.root])
         raise DataRootError(f"no prepared {cfg.data.dataset} dataset at {root} (manifest.json "
-                       f"missing); run: python run.py prepare --dataset {cfg.data.dataset} "
-                       f"--refer-root DIR --images DIR --out {cfg.data.root}")
+                            f"missing); run: {command}")
     return root

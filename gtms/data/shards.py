@@ -186,29 +186,29 @@ def _raise_if(path: str, problem: str | None, repair: str) -> None:
 
 def repair_command(manifest: dict, root: str | Path) -> str:
     """The ``prepare`` command that (re)writes the shards ``manifest`` describes under ``root``
-    (a rerun keeps intact files and rewrites the others)."""
-    out = shlex.quote(str(root))
+    (a rerun keeps intact files and rewrites the others), every word shell-quoted."""
+    out = "LOCAL_DIR" if is_uri(str(root)) else str(root)
     generator = manifest.get("generator")
     if manifest.get("dataset") == "synthref" and generator:
-        command = (f"python run.py prepare --out {out} --num-images {generator['num_images']} "
-                   f"--seed {generator['seed']} --difficulty {generator['difficulty']}")
+        args = ["--out", out, "--num-images", str(generator["num_images"]), "--seed",
+                str(generator["seed"]), "--difficulty", str(generator["difficulty"])]
     else:
         source = manifest.get("source", {})
         here = Path(str(root)) / "shards"
         refs = here / source.get("refs", "REFER_ROOT/DATASET/refs(SPLIT_BY).p")
         images = here / source.get("images", "IMAGES")
-        command = (f"python run.py prepare --dataset {manifest.get('dataset', 'DATASET')} "
-                   f"--split-by {manifest.get('split_by', 'SPLIT_BY')} --refer-root "
-                   f"{shlex.quote(os.path.normpath(refs.parent.parent))} --images "
-                   f"{shlex.quote(os.path.normpath(images))} --out {out}")
+        args = ["--dataset", str(manifest.get("dataset", "DATASET")), "--split-by",
+                str(manifest.get("split_by", "SPLIT_BY")), "--refer-root",
+                os.path.normpath(refs.parent.parent), "--images", os.path.normpath(images),
+                "--out", out]
     for flag, key, default in (("--rows-per-file", "rows_per_file", DEFAULT_ROWS_PER_FILE),
                                ("--rows-per-row-group", "rows_per_row_group",
                                 DEFAULT_ROWS_PER_ROW_GROUP)):
         if manifest.get(key, default) != default:
-            command += f" {flag} {manifest[key]}"
+            args += [flag, str(manifest[key])]
+    command = shlex.join(["python", "run.py", "prepare", *args])
     if is_uri(str(root)):
-        return command.replace(f"--out {out}", "--out LOCAL_DIR") + \
-            f", then copy LOCAL_DIR/shards to {root}/shards"
+        return f"{command}, then copy LOCAL_DIR/shards to {root}/shards"
     return command
 
 
@@ -226,10 +226,10 @@ def _manifest_for_run(fs: pafs.FileSystem, shard_dir: str, root: str | Path) -> 
             manifest = json.loads(f.read())
     except (OSError, ValueError) as err:
         raise ShardError(f"{path}: no readable shard manifest ({err}); prepare the dataset with"
-                         f" python run.py prepare ... --out {root}") from err
+                         f" python run.py prepare ... --out {shlex.quote(str(root))}") from err
     if not _looks_like_manifest(manifest):
         raise ShardError(f"{path}: not a shard manifest; prepare the dataset with python run.py "
-                         f"prepare ... --out {root}")
+                         f"prepare ... --out {shlex.quote(str(root))}")
     if not manifest.get("complete"):
         raise ShardError(f"{path}: prepare did not finish (complete: false); finish it with: "
                          f"{repair_command(manifest, root)}")
