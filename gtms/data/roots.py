@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def prepare_data_root(cfg: Config) -> str:
     root = cfg.data.root
     if storage.is_uri(root):
         return root
-    root = str(Path(root).resolve())
+    root = os.path.abspath(root)  # not resolved: printed commands name the folder as given
     if cfg.data.dataset == "synthref":
         from gtms.data.shards import read_manifest, shards_dir
         from gtms.data.synthref import ensure_synthref

@@ -387,11 +387,13 @@ def records_to_table(rows: Sequence[RecordWithImage]) -> pa.Table:
 
 
 def _portable(path: Path, shard_dir: Path) -> str:
-    """Path relative to the manifest's folder when it lies in the same dataset folder."""
-    path, shard_dir = Path(path).resolve(), shard_dir.resolve()
-    if path.is_relative_to(shard_dir.parent):
+    """Path relative to the manifest's folder when it lies in the same dataset folder, else
+    absolute; links are not resolved, so a folder or file reached through a symlink keeps the
+    name the user gave (and the repair command names the ``--refer-root`` they typed)."""
+    path, shard_dir = os.path.abspath(path), os.path.abspath(shard_dir)
+    if Path(path).is_relative_to(os.path.dirname(shard_dir)):
         return os.path.relpath(path, shard_dir)
-    return str(path)
+    return path
 
 
 def _manifest_head(source: ReferSource, shard_dir: Path, rows_per_file: int,
