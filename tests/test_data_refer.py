@@ -510,6 +510,28 @@ def test_empty_sentences_are_kept_malformed_ones_dropped_and_counted(refcoco, tm
     assert sum(manifest["counts"].values()) == len(refs)
 
 
+def test_over_long_sentence_is_kept_and_counted_as_truncated(refcoco, tmp_path, capsys):
+    refs = load_refs_pickle(refcoco.refs_path)
+    long = " ".join(["the", "small", "red", "star"] * 2500)      # 10,000 words
+    refs[0]["sentences"].append({"sent": long, "tokens": long.split()})
+    refs[1]["sentences"].append({"sent": " ".join(["dog"] * 75)})   # 77 tokens: fits exactly
+    refcoco.refs_path.write_bytes(pickle.dumps(refs))
+    out = tmp_path / "out"
+    assert cli(["--dataset", "refcoco", "--refer-root", str(refcoco.refer_root), "--images",
+                str(refcoco.images_dir), "--out", str(out), "--strict"]) == 0
+    printed = capsys.readouterr().out
+    manifest = read_manifest(out / "shards")
+    assert manifest["skipped"] == {"truncated_sentence": 1} and manifest["noted"] == 1
+    assert manifest["skipped_refs"] == 0 and manifest["dropped_sentences"] == 0
+    assert sum(manifest["counts"].values()) == len(refs)
+    (example,) = manifest["skipped_examples"]["truncated_sentence"]
+    assert example["ref_id"] == refs[0]["ref_id"] and "10,002 tokens" in example["detail"]
+    assert "skipped: none" in printed and "truncated_sentence: 1" in printed
+    assert len(printed) < 3000   # the sentence is shown shortened
+    rows = {row.record.ref_id: row.record for row in read_shard_records(out / "shards")}
+    assert rows[refs[0]["ref_id"]].sentences[-1] == long   # kept whole
+
+
 def test_partition_and_arguments_are_checked(refcoco, tmp_path, capsys):
     with pytest.raises(DataError, match="no 'umd' partition"):
         ReferSource(refcoco.refer_root, "refcoco", "umd", refcoco.images_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from gtms.commands.common import add_checkpoint_config_flags, positive_int
 
@@ -57,6 +58,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gtms.data.tokenizer import shortened
     from gtms.infer.predict import (
         InferenceError,
         Predictor,
@@ -85,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
           f", threshold {predictor.threshold}, batch {args.batch_size}", flush=True)
 
     def echo(record, number: int, total: int) -> None:
-        head = f"[{number}/{total}] {record.image} {record.text!r}"
+        head = f"[{number}/{total}] {record.image} {shortened(record.text)!r}"
+        if record.warning:
+            print(f"{head}: warning: {record.warning}", file=sys.stderr, flush=True)
         if record.ok:
             print(f"{head}: mask {record.mask}, overlay {record.overlay} "
                   f"(area {100 * record.mask_area_fraction:.1f}%)", flush=True)

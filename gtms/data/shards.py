@@ -37,9 +37,10 @@ the manifest's folder when they lie beside it, and the sha256 of refs and instan
 ``generator`` (SynthRef settings, else null), ``counts`` (refs per split), ``sentences``
 (sentences per split), ``shards`` (per file: split, path, num_rows, bytes, num_sentences,
 num_row_groups, sha256, plan_key, skipped), ``skipped`` (per reason: refs skipped, or for
-``empty_sentence`` / ``malformed_sentence`` sentences dropped from kept refs), ``skipped_refs``
-and ``dropped_sentences`` (their totals), ``skipped_examples`` (a few ref ids, files and details
-per reason) and ``complete``.
+``empty_sentence`` / ``malformed_sentence`` sentences dropped from kept refs, or for the notes
+``truncated_sentence`` / ``corrupt_jpeg_warning`` sentences and images kept as they are),
+``skipped_refs``, ``dropped_sentences`` and ``noted`` (their totals), ``skipped_examples`` (a few
+ref ids, files and details per reason) and ``complete``.
 
 A run that writes no ref at all stops with a :class:`~gtms.data.records.DataError` (the manifest
 stays incomplete). :func:`verify_shards` is what ``train`` and ``eval`` call before reading.
@@ -441,7 +442,7 @@ def _reusable(entry: dict | None, part: _Part, shard_dir: Path, strict: bool) ->
     """The previous entry of ``part`` if its file is intact and was planned the same way."""
     if entry is None or entry.get("plan_key") != part.key:
         return None
-    if strict and entry.get("skipped"):
+    if strict and any(map(R.is_ref_reason, entry.get("skipped", {}))):
         return None  # rewrite, so that strict mode stops on the bad ref
     file = shard_dir / part.path
     if not file.is_file() or file_sha256(file) != entry.get("sha256"):
@@ -541,6 +542,7 @@ def _write_manifest(shard_dir: Path, head: dict, entries: dict[str, dict], skips
         "skipped": dict(sorted(totals.counts.items())),
         "skipped_refs": totals.refs_skipped,
         "dropped_sentences": totals.sentences_dropped,
+        "noted": totals.noted,
         "skipped_examples": dict(sorted(totals.examples.items())),
         "complete": complete,
     })
@@ -556,9 +558,8 @@ def _nothing_usable(source: ReferSource, shard_dir: Path, manifest: dict) -> str
     if not manifest["skipped_refs"]:
         return f"{where}: {source.refs_path} holds no ref"
     reasons = ", ".join(f"{reason}: {n}" for reason, n in manifest["skipped"].items()
-                        if reason not in R.SENTENCE_REASONS)
-    first = next(e for r, e in manifest["skipped_examples"].items()
-                 if r not in R.SENTENCE_REASONS)[0]
+                        if R.is_ref_reason(reason))
+    first = next(e for r, e in manifest["skipped_examples"].items() if R.is_ref_reason(r))[0]
     hint = ""
     if {R.MISSING_IMAGE, R.UNDECODABLE_IMAGE} & set(manifest["skipped"]):
         hint = f"; is {source.images_dir} the folder of the images that " \
