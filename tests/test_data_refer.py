@@ -532,6 +532,33 @@ def test_over_long_sentence_is_kept_and_counted_as_truncated(refcoco, tmp_path, 
     assert rows[refs[0]["ref_id"]].sentences[-1] == long   # kept whole
 
 
+def test_libjpeg_warnings_are_captured_and_counted(refcoco, tmp_path, capfd):
+    """libjpeg writes "Corrupt JPEG data" to file descriptor 2 itself: prepare keeps it off
+    the console and counts the refs of such an image (kept: it decodes)."""
+    refs = load_refs_pickle(refcoco.refs_path)
+    instances = json.loads(refcoco.instances_path.read_text())
+    image = next(im for im in instances["images"] if im["id"] == refs[3]["image_id"])
+    on_image = {r["ref_id"] for r in refs if r["image_id"] == image["id"]}
+    path = refcoco.image_path(image["file_name"])
+    data = path.read_bytes()
+    at = data.index(b"\xff\xdb")                     # 3 stray bytes before the DQT marker
+    path.write_bytes(data[:at] + b"\x00\x00\x00" + data[at:])
+    for strict in ([], ["--strict"]):
+        out = tmp_path / f"out{len(strict)}"
+        assert cli(["--dataset", "refcoco", "--refer-root", str(refcoco.refer_root), "--images",
+                    str(refcoco.images_dir), "--out", str(out), *strict]) == 0
+        captured = capfd.readouterr()
+        assert "Corrupt JPEG" not in captured.err, captured.err
+        manifest = read_manifest(out / "shards")
+        assert manifest["skipped"] == {"corrupt_jpeg_warning": len(on_image)}
+        assert manifest["skipped_refs"] == 0 and manifest["noted"] == len(on_image)
+        assert sum(manifest["counts"].values()) == len(refs)
+        example = manifest["skipped_examples"]["corrupt_jpeg_warning"][0]
+        assert example["ref_id"] in on_image and example["file"] == str(path)
+        assert "3 extraneous bytes before marker 0xdb" in example["detail"]
+        assert f"corrupt_jpeg_warning: {len(on_image)}" in captured.out
+
+
 def test_partition_and_arguments_are_checked(refcoco, tmp_path, capsys):
     with pytest.raises(DataError, match="no 'umd' partition"):
         ReferSource(refcoco.refer_root, "refcoco", "umd", refcoco.images_dir)

@@ -130,10 +130,10 @@ def _print_report(report: ShardReport) -> None:
     refs = {r: n for r, n in m["skipped"].items() if is_ref_reason(r)}
     sentences = {r: n for r, n in m["skipped"].items() if r in SENTENCE_REASONS}
     notes = {r: n for r, n in m["skipped"].items() if r in NOTE_REASONS}
-    _print_skips(m, refs, "skipped", "ref(s)", "skipped: none")
-    _print_skips(m, sentences, "dropped", "sentence(s) of kept refs", "dropped sentences: none")
-    if notes:
-        _print_skips(m, notes, "noted", "sentence(s)/image(s) kept as they are", "")
+    _print_skips(m, refs, "skipped {} ref(s)", "skipped: none")
+    _print_skips(m, sentences, "dropped {} sentence(s) of kept refs", "dropped sentences: none")
+    if notes:  # truncated_sentence counts sentences, corrupt_jpeg_warning refs
+        _print_skips(m, notes, "noted, kept as they are", "")
     if m.get("statistics"):
         print("  statistics of the referred objects:")
         for line in format_statistics(m["statistics"]):
@@ -141,12 +141,11 @@ def _print_report(report: ShardReport) -> None:
     print(f"manifest: {report.manifest_path}")
 
 
-def _print_skips(manifest: dict, counts: dict[str, int], verb: str, what: str,
-                 none: str) -> None:
+def _print_skips(manifest: dict, counts: dict[str, int], header: str, none: str) -> None:
     if not counts:
         print(f"  {none}")
         return
-    print(f"  {verb} {sum(counts.values())} {what} (details in the manifest):")
+    print(f"  {header.format(sum(counts.values()))} (details in the manifest):")
     for reason, count in counts.items():
         example = manifest["skipped_examples"].get(reason, [{}])[0]
         print(f"    {reason}: {count}  e.g. ref {example.get('ref_id')} in "

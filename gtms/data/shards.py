@@ -51,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -61,7 +62,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from gtms.console import Progress
+from gtms.console import Fd2Capture, Progress
 from gtms.data import records as R
 from gtms.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -346,6 +347,7 @@ def write_shards(records: Sequence[RefRecord], *, source: ReferSource, shard_dir
     if not any(entry["num_rows"] for entry in entries.values()):
         incomplete = _write_manifest(shard_dir, manifest, entries, skips, complete=False)
         raise R.DataError(_nothing_usable(source, shard_dir, incomplete))
+    images.close()
     _remove_stale(shard_dir, set(entries))
     final = _write_manifest(shard_dir, manifest, entries, skips, complete=True)
     (shard_dir / ".tmp").rmdir()
@@ -451,12 +453,16 @@ def _reusable(entry: dict | None, part: _Part, shard_dir: Path, strict: bool) ->
 
 
 class _ImageReader:
-    """Reads image bytes, checking each file once (exists, decodes fully, has the stated size)."""
+    """Reads image bytes, checking each file once (exists, decodes fully, has the stated size).
+    What libjpeg writes to stderr while decoding ("Corrupt JPEG data: ...") is captured, not
+    shown: :attr:`warnings` keeps the first such line per file (other lines pass through)."""
 
     def __init__(self, source: ReferSource):
         self.source = source
+        self.warnings: dict[str, str] = {}
         self._problems: dict[str, tuple[str, str] | None] = {}
         self._last: tuple[str, bytes] = ("", b"")  # refs of one image are usually adjacent
+        self._stderr = Fd2Capture()
 
     def read(self, record: RefRecord) -> tuple[bytes | None, tuple[str, str] | None]:
         key = record.file_name
@@ -468,9 +474,26 @@ class _ImageReader:
         except OSError as err:
             return None, (R.MISSING_IMAGE, f"cannot read {path}: {err.strerror or err}")
         if key not in self._problems:
-            self._problems[key] = _check_image(data, record.height, record.width)
+            with self._stderr:
+                self._problems[key] = _check_image(data, record.height, record.width)
+            self._keep_warnings(key, self._stderr.lines)
         self._last = (key, data)
         return data, self._problems[key]
+
+    def _keep_warnings(self, key: str, lines: list[str]) -> None:
+        jpeg = [line for line in lines if _LIBJPEG_WARNING.search(line)]
+        if jpeg:
+            self.warnings[key] = jpeg[0] + (f" (and {len(jpeg) - 1} more)" if jpeg[1:] else "")
+        others = [line for line in lines if not _LIBJPEG_WARNING.search(line)]
+        if others:  # not libjpeg's: shown as before
+            os.write(2, ("\n".join(others) + "\n").encode())
+
+    def close(self) -> None:
+        self._stderr.close()
+
+
+# libjpeg's warnings on a damaged JPEG that still decodes (jerror.h: JWRN_*).
+_LIBJPEG_WARNING = re.compile(r"\bJPEG\b|\bJFIF\b|Huffman")
 
 
 def _check_image(data: bytes, height: int, width: int) -> tuple[str, str] | None:
@@ -503,6 +526,10 @@ def _write_part(part: _Part, shard_dir: Path, images: _ImageReader, strict: bool
             skips.skip(problem[0], file=images.source.image_path(record.file_name),
                        ref_id=record.ref_id, detail=problem[1])
             continue
+        if record.file_name in images.warnings:
+            skips.note(R.CORRUPT_JPEG_WARNING, file=images.source.image_path(record.file_name),
+                       ref_id=record.ref_id, detail=f"libjpeg: {images.warnings[record.file_name]}"
+                       "; the image decoded and is kept")
         rows.append(RecordWithImage(record, data))
     final = shard_dir / part.path
     final.parent.mkdir(parents=True, exist_ok=True)
