@@ -30,6 +30,7 @@ import pickle
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
 
@@ -162,21 +163,21 @@ def check_expansion(value, path, clock: _Clock | None = None) -> tuple[int, int]
     sizes: dict[int, tuple[int, int]] = {}
     open_ids: set[int] = set()
 
-    def size(v) -> tuple[int, int]:
-        kind = type(v)
-        if kind is bytes or kind is str:
-            return 1, len(v)
-        if kind is not list and kind is not tuple and kind is not dict:
-            return 1, 0
+    def size(v) -> tuple[int, int]:  # v: a list, tuple or dict
         if id(v) in sizes:
             return sizes[id(v)]
         if id(v) in open_ids:
-            raise DataError(f"{path}: not a refs pickle: a {kind.__name__} contains itself")
+            raise DataError(f"{path}: not a refs pickle: a {type(v).__name__} contains itself")
         open_ids.add(id(v))
         values, text = 1, 0
-        for item in (x for pair in v.items() for x in pair) if kind is dict else v:
-            n, b = size(item)
-            values, text = values + n, text + b
+        for item in chain.from_iterable(v.items()) if type(v) is dict else v:
+            kind = type(item)
+            if kind is list or kind is dict or kind is tuple:
+                n, b = size(item)
+                values, text = values + n, text + b
+            else:
+                values += 1
+                text += len(item) if kind is bytes or kind is str else 0
         if values > MAX_PICKLE_VALUES or text > MAX_PICKLE_TEXT_BYTES:
             raise PickleTooLargeError(
                 f"{path}: refused: its shared references expand to more than "
@@ -189,7 +190,9 @@ def check_expansion(value, path, clock: _Clock | None = None) -> tuple[int, int]
         sizes[id(v)] = (values, text)
         return values, text
 
-    return size(value)
+    if type(value) in (list, tuple, dict):
+        return size(value)
+    return 1, len(value) if type(value) in (bytes, str) else 0
 
 
 def decode_py2_text(value, clock: _Clock | None = None):
@@ -204,13 +207,13 @@ def decode_py2_text(value, clock: _Clock | None = None):
     texts: dict[bytes, str] = {}
 
     def walk(v):
-        if clock is not None:
-            clock.check()
         kind = type(v)
         if kind is bytes:
             if v not in texts:
                 texts[v] = _decode_text(v)
             return texts[v]
+        if clock is not None and (kind is list or kind is dict or kind is tuple):
+            clock.check()
         if kind is list:
             return [walk(x) for x in v]
         if kind is dict:
