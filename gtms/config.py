@@ -315,18 +315,18 @@ def _build_section(name: str, values: dict[str, Any], sources: dict[str, str]):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
-    for key, value in values.items():
+    for key, given in values.items():
         where = sources.get(key, "defaults")
         if key not in fields:
             raise ConfigError(f"unknown key '{name}.{key}' in {where}; allowed keys in "
                               f"'{name}': {', '.join(fields)}")
         try:
-            value = _coerce(hints[key], value, from_cli=where == "--set")
+            value = _coerce(hints[key], given, from_cli=where == "--set")
         except (TypeError, yaml.YAMLError):
-            raise ConfigError(f"bad value for '{name}.{key}' in {where}: {_shown(value)}; "
+            raise ConfigError(f"bad value for '{name}.{key}' in {where}: {_shown(given)}; "
                               f"expected {_describe(hints[key])}") from None
-        if not _finite(value):
-            raise ConfigError(f"bad value for '{name}.{key}' in {where}: {_shown(value)}; "
+        if not _finite(value):  # shown as given: 1e400 reads as inf
+            raise ConfigError(f"bad value for '{name}.{key}' in {where}: {_shown(given)}; "
                               "expected a finite number (inf and nan are refused)")
         check = fields[key].metadata.get("check")
         if check and value is not None and not check[0](value):
