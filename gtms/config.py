@@ -18,6 +18,8 @@ then ``--set section.key=value`` overrides. Unknown keys, wrong types and bad va
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +37,10 @@ DEFAULT_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 NO_CONFIG = ("", "none")
 
 DATASETS = ("synthref", "refcoco", "refcoco+", "refcocog")
+# Values a YAML document may expand to, aliases counted as often as they are used. A config
+# holds a few hundred; an alias bomb ("billion laughs", 0.5 KB) billions. Past this the file is
+# refused while it is parsed, before any value is built.
+MAX_YAML_NODES = 100_000
 
 
 class ConfigError(ValueError):
@@ -52,6 +58,12 @@ def _positive(kind=int):
 
 def _non_negative():
     return _check(lambda v: v >= 0, "must be >= 0")
+
+
+def _folder_name(name: str) -> bool:
+    """``train.name``: empty (a name is made up) or one folder name below ``train.run_dir``."""
+    return name == "" or (name.strip() not in ("", ".", "..")
+                          and not any(c in name for c in "/\\\0"))
 
 
 @dataclass(frozen=True)
@@ -167,7 +179,10 @@ class TrainConfig:
     threshold: float = field(default=0.35, metadata=_check(lambda v: 0 < v < 1,
                                                            "must be in (0, 1)"))
     run_dir: str = "runs"
-    name: str = ""
+    # The run's folder under run_dir; empty: made from the date and the config.
+    name: str = field(default="", metadata=_check(
+        _folder_name, "must be one folder name: no '/' or '\\', not '.' or '..', not blank "
+                      "(empty: a name is made from the date and the config)"))
     log_every: int = field(default=20, metadata=_positive())
     val_every: int = field(default=1, metadata=_positive())  # epochs; the last one always
     image_grid_every: int = field(default=5, metadata=_non_negative())
@@ -261,7 +276,8 @@ def _coerce(tp, value: Any, *, from_cli: bool) -> Any:
         return value
     if origin is tuple:
         if from_cli and isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            value = _parse_yaml_text(value) if value.strip().startswith("[") else \
+                value.split(",")
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise TypeError
         item = typing.get_args(tp)[0]
@@ -272,7 +288,7 @@ def _coerce(tp, value: Any, *, from_cli: bool) -> Any:
         except ValueError:
             raise TypeError from None
     if from_cli and isinstance(value, str) and tp is not str:
-        value = yaml.safe_load(value)
+        value = _parse_yaml_text(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise TypeError
@@ -299,21 +315,43 @@ def _build_section(name: str, values: dict[str, Any], sources: dict[str, str]):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
-    for key, value in values.items():
+    for key, given in values.items():
         where = sources.get(key, "defaults")
         if key not in fields:
             raise ConfigError(f"unknown key '{name}.{key}' in {where}; allowed keys in "
                               f"'{name}': {', '.join(fields)}")
         try:
-            value = _coerce(hints[key], value, from_cli=where == "--set")
+            value = _coerce(hints[key], given, from_cli=where == "--set")
         except (TypeError, yaml.YAMLError):
-            raise ConfigError(f"bad value for '{name}.{key}' in {where}: {value!r}; expected "
-                              f"{_describe(hints[key])}") from None
+            raise ConfigError(f"bad value for '{name}.{key}' in {where}: {_shown(given)}; "
+                              f"expected {_describe(hints[key])}") from None
+        if not _finite(value):  # shown as given: 1e400 reads as inf
+            raise ConfigError(f"bad value for '{name}.{key}' in {where}: {_shown(given)}; "
+                              "expected a finite number (inf and nan are refused)")
         check = fields[key].metadata.get("check")
         if check and value is not None and not check[0](value):
-            raise ConfigError(f"bad value for '{name}.{key}' in {where}: {value!r} {check[1]}")
+            raise ConfigError(f"bad value for '{name}.{key}' in {where}: {_shown(value)} "
+                              f"{check[1]}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _finite(value: Any) -> bool:
+    """False for a float (alone or in a tuple) that is inf, -inf or nan."""
+    if isinstance(value, tuple):
+        return all(map(_finite, value))
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 120
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = 8
+_SHORT.maxlevel = 3
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut short (long strings, long or deeply nested lists), for messages."""
+    return _SHORT.repr(value)
 
 
 # --------------------------------------------------------------------------- files
@@ -325,9 +363,37 @@ class _DuplicateKeyError(yaml.YAMLError):
         self.key, self.line, self.first_line = key, line, first_line
 
 
+class _ExpansionError(yaml.YAMLError):
+    def __init__(self, message: str, mark):
+        super().__init__(f"{message} (line {mark.line + 1}, column {mark.column + 1})")
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key written twice in one mapping (PyYAML keeps the
-    last value silently). Keys brought in by a ``<<`` merge may still be overridden."""
+    last value silently) and a document whose aliases expand to more than
+    :data:`MAX_YAML_NODES` values (an alias bomb), counted while the file is parsed, before
+    any value is built. Keys brought in by a ``<<`` merge may still be overridden."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}  # id(node) -> values it expands to
+
+    def compose_node(self, parent, index):
+        alias = self.check_event(yaml.AliasEvent)
+        mark = self.peek_event().start_mark
+        node = super().compose_node(parent, index)
+        size = self._sizes.get(id(node))
+        if size is None:
+            if alias:  # its anchor is still being read: the value would contain itself
+                raise _ExpansionError("an alias refers to the value that contains it", mark)
+            children = node.value if isinstance(node, yaml.SequenceNode) else \
+                [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) \
+                else []
+            size = self._sizes[id(node)] = 1 + sum(self._sizes[id(n)] for n in children)
+        if size > MAX_YAML_NODES:
+            raise _ExpansionError(f"its aliases expand to more than {MAX_YAML_NODES:,} values "
+                                  "(an alias bomb?); refused before building them", mark)
+        return node
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -374,8 +440,19 @@ def parse_yaml_bytes(data: bytes, where: str) -> Any:
     except _DuplicateKeyError as err:
         raise ConfigError(f"{where}: duplicate key {err.key!r} at line {err.line} (first at "
                           f"line {err.first_line}); write each key once") from None
+    except _ExpansionError as err:
+        raise ConfigError(f"{where}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{where} is not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
+
+
+def _parse_yaml_text(text: str) -> Any:
+    """One ``--set`` value read as YAML by :class:`UniqueKeyLoader` (YAML errors propagate)."""
+    loader = UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
     finally:
         loader.dispose()
 

@@ -175,6 +175,47 @@ class StderrFilter:
 STDERR_FILTER = StderrFilter()
 
 
+class Fd2Capture:
+    """Collect what is written to file descriptor 2 inside a ``with`` block instead of showing
+    it: C libraries (libjpeg's "Corrupt JPEG data" warnings) write there directly, past
+    ``sys.stderr``. After the block, :attr:`lines` holds what it wrote. One temporary file
+    serves every block (cheap enough to wrap each image decode); not for threads that write
+    to stderr meanwhile. Works under :data:`STDERR_FILTER` (fd 2 is restored to its pipe)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self._file = None
+        self._saved: int | None = None
+
+    def __enter__(self) -> Fd2Capture:
+        import tempfile
+
+        if self._file is None:
+            self._file = tempfile.TemporaryFile()
+        self._file.seek(0)
+        self._file.truncate()
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        saved, self._saved = self._saved, None
+        os.dup2(saved, 2)
+        os.close(saved)
+        self._file.seek(0)
+        self.lines = self._file.read().decode(errors="replace").splitlines()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 def format_duration(seconds: float) -> str:
     """``75`` -> ``1:15``, ``3725`` -> ``1:02:05`` (as tqdm writes them)."""
     seconds = max(int(round(seconds)), 0)

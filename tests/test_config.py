@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
@@ -9,11 +10,13 @@ import yaml
 
 import run
 from gtms.config import (
+    SECTIONS,
     Config,
     ConfigError,
     config_from_dict,
     dump_config,
     load_config,
+    read_yaml_file,
     replace,
 )
 
@@ -167,6 +170,100 @@ def test_run_folder_config_is_read_with_the_same_rules(tmp_path):
     path.write_bytes(b"train:\n  name: \xff\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_run_config(str(path))
+
+
+def alias_bomb(levels: int = 10) -> str:
+    """A 0.5 KB "billion laughs": each list holds the one before nine times (9**10 strings)."""
+    items = ['&a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    items += [f"&a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "[" + ",\n    ".join(items) + "]"
+
+
+def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path, capsys):
+    import time
+
+    bomb = alias_bomb()
+    assert len(bomb) < 600
+    path = write(tmp_path / "bomb.yaml", f"data:\n  eval_splits: {bomb}\n")
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="aliases expand to more than 100,000 values") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    assert run.main(["config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: {path}: ") and err.count("\n") == 1
+    assert "lol" not in err and len(err) < 300   # nothing expanded is shown
+    # the same reader serves extends chains, sweep files and a run's config.yaml
+    child = write(tmp_path / "child.yaml", "extends: bomb.yaml\n")
+    with pytest.raises(ConfigError, match=f"{path}: its aliases expand"):
+        load_config(child)
+    from gtms.config import sweep_section
+    from gtms.train.run_folder import load_run_config
+
+    with pytest.raises(ConfigError, match="aliases expand"):
+        sweep_section(write(tmp_path / "sweep.yaml", f"sweep:\n  space: {bomb}\n"))
+    with pytest.raises(ConfigError, match="aliases expand"):
+        load_run_config(str(path))
+    # and --set values
+    with pytest.raises(ConfigError, match="bad value for 'data.eval_splits' in --set"):
+        load_config(None, [f"data.eval_splits={bomb}"])
+    assert time.monotonic() - start < 10
+
+
+def test_yaml_aliases_of_normal_size_and_self_reference(tmp_path):
+    path = write(tmp_path / "ok.yaml", "x: &s [val, testA]\ndata:\n  eval_splits: *s\n")
+    assert read_yaml_file(path)["data"]["eval_splits"] == ["val", "testA"]
+    path = write(tmp_path / "self.yaml", "data:\n  eval_splits: &a [val, *a]\n")
+    with pytest.raises(ConfigError, match="alias refers to the value that contains it"):
+        load_config(path)
+
+
+def test_bad_value_messages_show_a_short_repr(tmp_path):
+    long = "x" * 5000
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path / "long.yaml", f"data:\n  input_size: {long}\n"))
+    assert len(str(info.value)) < 400 and "..." in str(info.value)
+
+
+NON_FINITE_YAML = [".inf", "-.inf", ".nan", "1.0e+400", "-1.0e+400"]
+NON_FINITE_SET = ["inf", "-inf", "nan", "1e400", "Infinity", "-1e999"]
+FLOAT_KEYS = [(section, key) for section, cls in SECTIONS.items()
+              for key, tp in typing.get_type_hints(cls).items() if tp is float]
+
+
+@pytest.mark.parametrize(("section", "key"), FLOAT_KEYS)
+def test_non_finite_floats_are_refused_for_every_float_key(tmp_path, section, key):
+    assert len(FLOAT_KEYS) >= 15
+    for text in NON_FINITE_YAML:
+        path = write(tmp_path / "f.yaml", f"{section}:\n  {key}: {text}\n")
+        with pytest.raises(ConfigError, match=f"'{section}.{key}' in {path}") as info:
+            load_config(path)
+        assert "expected a finite number" in str(info.value) or "must be" in str(info.value)
+    for text in NON_FINITE_SET:
+        with pytest.raises(ConfigError, match=f"'{section}.{key}' in --set") as info:
+            load_config(None, [f"{section}.{key}={text}"])
+        assert "expected a finite number" in str(info.value)
+
+
+def test_non_finite_float_cli_exit_code(capsys):
+    assert run.main(["config", "--config", "none", "--set", "optim.lr=1e400"]) == 2
+    err = capsys.readouterr().err
+    assert err == "config error: bad value for 'optim.lr' in --set: '1e400'; expected a " \
+                  "finite number (inf and nan are refused)\n"
+
+
+@pytest.mark.parametrize("name", ["a/b", "../up", "..", ".", "  ", "/abs", "a\\b", "x\0y"])
+def test_train_name_must_be_one_folder_name(tmp_path, name):
+    with pytest.raises(ConfigError, match="'train.name' in --set: .* must be one folder name"):
+        load_config(None, [f"train.name={name}"])
+    path = write(tmp_path / "n.yaml", f"train:\n  name: {yaml.safe_dump(name).split(chr(10))[0]}\n")
+    with pytest.raises(ConfigError, match=f"'train.name' in {path}"):
+        load_config(path)
+
+
+def test_train_name_accepts_plain_names():
+    for name in ("", "run-1", "my run", "a.b", "..x"):
+        assert load_config(None, [f"train.name={name}"]).train.name == name
 
 
 def test_syntax_error_names_the_file(tmp_path):

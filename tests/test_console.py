@@ -197,6 +197,17 @@ def test_forwarded_lines_verbose_keeps_everything_unmarked():
         "epoch 1/2", "Requesting resources: {'CPU': 1.0} * 2", RAY_LINES[0]]
 
 
+def test_fd2_capture_collects_what_c_code_writes(capfd):
+    capture = console.Fd2Capture()
+    for round_ in range(2):   # one file serves every block; each block sees only its lines
+        with capture:
+            os.write(2, f"Corrupt JPEG data: {round_} extraneous bytes\n".encode())
+        assert capture.lines == [f"Corrupt JPEG data: {round_} extraneous bytes"]
+    os.write(2, b"after\n")
+    capture.close()
+    assert capfd.readouterr().err == "after\n"
+
+
 def test_stderr_filter_drops_noise_written_to_fd_2(capfd):
     noise = RAY_LINES[1] + "\n"
     stderr_filter = console.StderrFilter()

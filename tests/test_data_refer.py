@@ -24,7 +24,12 @@ from gtms.data.records import (
     SkipLog,
     UnsafePickleError,
 )
-from gtms.data.refer import ReferSource, load_refer, load_refs_pickle
+from gtms.data.refer import (
+    PickleTooLargeError,
+    ReferSource,
+    load_refer,
+    load_refs_pickle,
+)
 from gtms.data.shards import build_shards, read_manifest, read_shard_records
 from gtms.data.synthref import SynthRefSettings, generate_synthref
 from gtms.data.synthref.generate import assign_splits, synthesize_image
@@ -264,6 +269,61 @@ def test_deeply_nested_refs_pickle_is_a_clear_error(tmp_path):
     assert str(path) in str(info.value)
 
 
+def shared_reference_bomb(levels: int = 20, width: int = 40) -> bytes:
+    """A 1.7 KB pickle of lists that hold the list below ``width`` times (40**20 values)."""
+    level: list = ["lol"]
+    for _ in range(levels):
+        level = [level] * width
+    return pickle.dumps(level, protocol=2)
+
+
+def test_shared_reference_bomb_is_refused_before_it_expands(refcoco, tmp_path, capsys):
+    import time
+
+    data = shared_reference_bomb()
+    assert len(data) < 1800
+    refcoco.refs_path.write_bytes(data)
+    start = time.monotonic()
+    with pytest.raises(PickleTooLargeError, match="expand to more than 20,000,000 values") as \
+            info:
+        load_refs_pickle(refcoco.refs_path)
+    assert str(info.value).startswith(f"{refcoco.refs_path}: refused")
+    assert cli(["--dataset", "refcoco", "--refer-root", str(refcoco.refer_root), "--images",
+                str(refcoco.images_dir), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"prepare: error: {refcoco.refs_path}: refused") and \
+        err.count("\n") == 1
+    assert time.monotonic() - start < 10
+
+
+def test_shared_text_bomb_and_self_reference_are_refused(tmp_path):
+    path = tmp_path / "refs(unc).p"
+    level: list = ["x" * 100_000]   # 100 KB of text, named 10**4 times: 1 GB
+    for _ in range(4):
+        level = [level] * 10
+    path.write_bytes(pickle.dumps(level, protocol=2))
+    assert path.stat().st_size < 110_000
+    with pytest.raises(PickleTooLargeError, match="512 MB of text"):
+        load_refs_pickle(path)
+    loop: list = [{"ref_id": 1}]
+    loop.append(loop)
+    path.write_bytes(pickle.dumps(loop, protocol=2))
+    with pytest.raises(DataError, match="a list contains itself") as info:
+        load_refs_pickle(path)
+    assert str(path) in str(info.value)
+
+
+def test_refs_pickle_reading_is_capped_in_time(refcoco, monkeypatch):
+    from gtms.data import refer
+
+    refs = load_refs_pickle(refcoco.refs_path)   # a normal file: far below every cap
+    assert refer.check_expansion(refs, "x")[0] < refer.MAX_PICKLE_VALUES // 1000
+    monkeypatch.setattr(refer, "MAX_PICKLE_SECONDS", -1.0)
+    with pytest.raises(PickleTooLargeError, match="reading it took more than") as info:
+        load_refs_pickle(refcoco.refs_path)
+    assert str(refcoco.refs_path) in str(info.value)
+
+
 def test_damaged_pickle_is_a_clear_error(tmp_path):
     path = tmp_path / "refs(unc).p"
     path.write_bytes(pickle.dumps([{"a": 1}])[:-5])
@@ -311,12 +371,19 @@ def damage(source: ReferSource, case: str) -> tuple[set[int], str, int]:
     elif case == "image_without_height":
         del images[ref["image_id"]]["height"]
         reason, blamed = "malformed_image_info", on_image
+    elif case in ("absolute_file_name", "dotdot_file_name"):  # a readable image outside
+        secret = Path(source.images_dir).parent / "secret.jpg"
+        shutil.copy(image_file, secret)
+        images[ref["image_id"]]["file_name"] = str(secret) if case == "absolute_file_name" \
+            else "../secret.jpg"
+        reason, blamed = "path_outside_images", on_image
     elif case in MALFORMED_REFS:
         key, value = MALFORMED_REFS[case]
         ref[key] = value(ref) if callable(value) else value
         reason, blamed = "malformed_ref", {ref["ref_id"] if key != "ref_id" else None}
     if case in MALFORMED_REFS or case in ("ann_without_image_id", "bbox_with_null",
-                                          "image_without_height"):
+                                          "image_without_height", "absolute_file_name",
+                                          "dotdot_file_name"):
         source.instances_path.write_text(json.dumps(instances))
         source.refs_path.write_bytes(pickle.dumps(refs))
         return blamed, reason, len(blamed)
@@ -354,6 +421,7 @@ CASES = ["missing_image", "undecodable_image", "oversized_image", "truncated_ima
          "box_outside_image", "box_zero_area", "no_sentences", "only_malformed_sentences",
          "missing_annotation",
          "ann_without_image_id", "bbox_with_null", "image_without_height",
+         "absolute_file_name", "dotdot_file_name",
          "pcx_format_image", "tga_format_image", "sgi_format_image", "qoi_format_image",
          *MALFORMED_REFS]
 
@@ -394,6 +462,28 @@ def test_bad_input_stops_strict_mode_naming_file_and_ref(refcoco, tmp_path, case
     assert where in err and "Traceback" not in err and err.count("error:") == 1
 
 
+@pytest.mark.parametrize("case", ["absolute_file_name", "dotdot_file_name"])
+def test_image_outside_the_images_folder_is_never_read(refcoco, tmp_path, case, monkeypatch):
+    from gtms.data.refer import image_path_problem
+
+    damage(refcoco, case)
+    secret = Path(refcoco.images_dir).parent / "secret.jpg"
+    opened = []
+    real_read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: opened.append(self.resolve()) or
+                        real_read_bytes(self))
+    build_shards(refcoco, tmp_path / "out", progress=False)
+    assert secret.resolve() not in opened and opened
+    assert all(p.is_relative_to(Path(refcoco.images_dir).resolve()) or p.suffix != ".jpg"
+               for p in opened)
+    for name in ("/etc/passwd", "../x.jpg", "a/../../x.jpg", "a\0.jpg"):
+        assert image_path_problem(name) is not None
+        with pytest.raises(DataError, match="file_name"):
+            refcoco.image_path(name)
+    assert image_path_problem("sub/COCO_train2014_1.jpg") is None
+    assert image_path_problem("..jpg") is None
+
+
 def test_empty_sentences_are_kept_malformed_ones_dropped_and_counted(refcoco, tmp_path, capsys):
     refs = load_refs_pickle(refcoco.refs_path)
     refs[0]["sentences"].append({"sent": " ", "tokens": []})
@@ -418,6 +508,55 @@ def test_empty_sentences_are_kept_malformed_ones_dropped_and_counted(refcoco, tm
     manifest = read_manifest(tmp_path / "out" / "shards")
     assert manifest["skipped_refs"] == 0 and manifest["dropped_sentences"] == 3
     assert sum(manifest["counts"].values()) == len(refs)
+
+
+def test_over_long_sentence_is_kept_and_counted_as_truncated(refcoco, tmp_path, capsys):
+    refs = load_refs_pickle(refcoco.refs_path)
+    long = " ".join(["the", "small", "red", "star"] * 2500)      # 10,000 words
+    refs[0]["sentences"].append({"sent": long, "tokens": long.split()})
+    refs[1]["sentences"].append({"sent": " ".join(["dog"] * 75)})   # 77 tokens: fits exactly
+    refcoco.refs_path.write_bytes(pickle.dumps(refs))
+    out = tmp_path / "out"
+    assert cli(["--dataset", "refcoco", "--refer-root", str(refcoco.refer_root), "--images",
+                str(refcoco.images_dir), "--out", str(out), "--strict"]) == 0
+    printed = capsys.readouterr().out
+    manifest = read_manifest(out / "shards")
+    assert manifest["skipped"] == {"truncated_sentence": 1} and manifest["noted"] == 1
+    assert manifest["skipped_refs"] == 0 and manifest["dropped_sentences"] == 0
+    assert sum(manifest["counts"].values()) == len(refs)
+    (example,) = manifest["skipped_examples"]["truncated_sentence"]
+    assert example["ref_id"] == refs[0]["ref_id"] and "10,002 tokens" in example["detail"]
+    assert "skipped: none" in printed and "truncated_sentence: 1" in printed
+    assert len(printed) < 3000   # the sentence is shown shortened
+    rows = {row.record.ref_id: row.record for row in read_shard_records(out / "shards")}
+    assert rows[refs[0]["ref_id"]].sentences[-1] == long   # kept whole
+
+
+def test_libjpeg_warnings_are_captured_and_counted(refcoco, tmp_path, capfd):
+    """libjpeg writes "Corrupt JPEG data" to file descriptor 2 itself: prepare keeps it off
+    the console and counts the refs of such an image (kept: it decodes)."""
+    refs = load_refs_pickle(refcoco.refs_path)
+    instances = json.loads(refcoco.instances_path.read_text())
+    image = next(im for im in instances["images"] if im["id"] == refs[3]["image_id"])
+    on_image = {r["ref_id"] for r in refs if r["image_id"] == image["id"]}
+    path = refcoco.image_path(image["file_name"])
+    data = path.read_bytes()
+    at = data.index(b"\xff\xdb")                     # 3 stray bytes before the DQT marker
+    path.write_bytes(data[:at] + b"\x00\x00\x00" + data[at:])
+    for strict in ([], ["--strict"]):
+        out = tmp_path / f"out{len(strict)}"
+        assert cli(["--dataset", "refcoco", "--refer-root", str(refcoco.refer_root), "--images",
+                    str(refcoco.images_dir), "--out", str(out), *strict]) == 0
+        captured = capfd.readouterr()
+        assert "Corrupt JPEG" not in captured.err, captured.err
+        manifest = read_manifest(out / "shards")
+        assert manifest["skipped"] == {"corrupt_jpeg_warning": len(on_image)}
+        assert manifest["skipped_refs"] == 0 and manifest["noted"] == len(on_image)
+        assert sum(manifest["counts"].values()) == len(refs)
+        example = manifest["skipped_examples"]["corrupt_jpeg_warning"][0]
+        assert example["ref_id"] in on_image and example["file"] == str(path)
+        assert "3 extraneous bytes before marker 0xdb" in example["detail"]
+        assert f"corrupt_jpeg_warning: {len(on_image)}" in captured.out
 
 
 def test_partition_and_arguments_are_checked(refcoco, tmp_path, capsys):

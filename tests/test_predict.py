@@ -162,6 +162,25 @@ def test_predict_batch_reports_bad_pairs_and_goes_on(checkpoint, images, tmp_pat
     assert all(r["mask"] is None and r["overlay"] is None for r in records if r["error"])
 
 
+def test_over_long_expression_is_reported_not_echoed(checkpoint, images, tmp_path, capsys):
+    words = ("the", "red", "star", "on", "the", "left", "of", "a", "blue", "ring")
+    text = " ".join(words[i % len(words)] for i in range(10_000))
+    count = len(ClipTokenizer().bpe_ids(text)) + 2
+    assert run.main(["predict", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"),
+                     "--image", str(images[0]), "--text", text, "--image", str(images[0]),
+                     "--text", "the red star"]) == 0
+    captured = capsys.readouterr()
+    assert "2 ok, 0 failed" in captured.out
+    assert len(captured.out) + len(captured.err) < 2000   # the sentence is never echoed whole
+    assert repr(text[:80].rstrip() + "…") in captured.out
+    (warning,) = [line for line in captured.err.splitlines() if "warning" in line]
+    assert f"[1/2] {images[0]}" in warning and f"{count:,} tokens" in warning
+    assert "data.word_len 17" in warning
+    long, short = read_records(tmp_path / "out")
+    assert long["text"] == text and f"{count:,} tokens" in long["warning"]
+    assert short["warning"] is None
+
+
 def test_unusable_checkpoint_or_arguments_exit_2(checkpoint, images, tmp_path, capsys):
     pair = ["--image", str(images[0]), "--text", "the top star", "--out", str(tmp_path)]
     base = ["predict", "--checkpoint", str(checkpoint)]

@@ -346,6 +346,68 @@ def test_refcoco_repair_command_names_the_sources(prepared, tmp_path):
     verify_shards(out, ["testB"])
 
 
+def test_refer_folder_through_a_symlink_is_recorded_as_given(prepared, tmp_path):
+    """The manifest keeps the paths the user typed (absolute, links not resolved): the refs
+    file may itself be a link to a file of another name elsewhere."""
+    src = refer_source(prepared)
+    store = tmp_path / "store"
+    (store / "real_refer" / "refcoco").mkdir(parents=True)
+    (store / "refs_unc_v2.pkl").write_bytes(src.refs_path.read_bytes())
+    (store / "real_refer" / "refcoco" / "refs(unc).p").symlink_to(store / "refs_unc_v2.pkl")
+    (store / "real_refer" / "refcoco" / "instances.json").write_bytes(
+        src.instances_path.read_bytes())
+    (tmp_path / "refer").symlink_to(store / "real_refer")
+    (tmp_path / "images").symlink_to(src.images_dir)
+    out = tmp_path / "ds"
+    assert cli(["--dataset", "refcoco", "--refer-root", str(tmp_path / "refer"), "--images",
+                str(tmp_path / "images"), "--out", str(out)]) == 0
+    source = read_manifest(out / "shards")["source"]
+    assert source["refs"] == str(tmp_path / "refer" / "refcoco" / "refs(unc).p")
+    assert source["images"] == str(tmp_path / "images")
+    file = first_file(out, "val")
+    file.write_bytes(file.read_bytes()[:100])
+    with pytest.raises(ShardError) as info:
+        verify_shards(out, ["val"])
+    argv = shlex.split(str(info.value).split("with: ")[-1])
+    assert argv[argv.index("--refer-root") + 1] == str(tmp_path / "refer")
+    assert argv[argv.index("--images") + 1] == str(tmp_path / "images")
+    repair(str(info.value))
+    verify_shards(out, ["val"])
+    # train and eval check the shards under data.root as given (a link is not resolved)
+    from gtms.config import load_config
+    from gtms.data.roots import prepare_data_root
+
+    (tmp_path / "ds_link").symlink_to(out)
+    cfg = load_config(None, ["data.dataset=refcoco", f"data.root={tmp_path / 'ds_link'}"])
+    assert prepare_data_root(cfg) == str(tmp_path / "ds_link")
+
+
+def test_printed_prepare_commands_quote_every_word(tmp_path):
+    """The repair command and the "run: python run.py prepare" hint quote each word, so a
+    name holding ``$(...)``, ``;`` or spaces is passed on as written."""
+    from gtms.config import load_config
+    from gtms.data.roots import DataRootError, prepare_data_root
+    from gtms.data.shards import repair_command
+
+    manifest = {"dataset": "refcoco;touch x", "split_by": "unc $(touch y)",
+                "rows_per_file": "7;id", "rows_per_row_group": 64,
+                "source": {"refs": "/r e/$(touch z)/refcoco/refs(unc).p", "images": "/im g"}}
+    root = str(tmp_path / "out $(touch w)")
+    assert shlex.split(repair_command(manifest, root)) == [
+        "python", "run.py", "prepare", "--dataset", "refcoco;touch x", "--split-by",
+        "unc $(touch y)", "--refer-root", "/r e/$(touch z)", "--images", "/im g", "--out", root,
+        "--rows-per-file", "7;id"]
+    synth = {"dataset": "synthref", "generator": {"num_images": 5, "seed": 1,
+                                                  "difficulty": "easy"}}
+    assert shlex.split(repair_command(synth, root))[3:5] == ["--out", root]
+    cfg = load_config(None, ["data.dataset=refcoco", f"data.root={root}"])
+    with pytest.raises(DataRootError) as info:
+        prepare_data_root(cfg)
+    command = str(info.value).split("run: ")[-1]
+    assert shlex.split(command) == ["python", "run.py", "prepare", "--dataset", "refcoco",
+                                    "--refer-root", "DIR", "--images", "DIR", "--out", root]
+
+
 def test_train_and_eval_check_the_shards_before_starting(copied, tmp_path, monkeypatch,
                                                          capsys):
     import torch

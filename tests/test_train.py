@@ -110,6 +110,33 @@ def test_plain_loop_trains_checkpoints_and_resumes(synthref_small, tmp_path, cap
     assert load_checkpoint(run_dir / "checkpoint_epoch_0002")["step"] == 2 * 3
 
 
+def test_printed_commands_are_shell_quoted_word_for_word(synthref_small, tmp_path, capsys):
+    """Every word of the next steps is quoted: pasted into a shell, a split list or a path
+    holding ``$(...)``, spaces or quotes is passed on as written and runs nothing."""
+    import subprocess
+
+    from gtms.train.summary import next_steps, print_summary
+
+    cfg = load_config(None, ["data.eval_splits=[val, '$(touch pwned1)', \"it's\"]"])
+    checkpoint = str(tmp_path / "my run $(touch pwned2)" / "checkpoint_epoch_0001")
+    steps = next_steps(cfg, str(synthref_small), checkpoint, tmp_path)
+    assert [step["command"].split()[2] for step in steps] == ["eval", "predict", "visualize"]
+    eval_argv = shlex.split(steps[0]["command"])
+    assert eval_argv[2:] == ["eval", "--checkpoint", checkpoint, "--splits",
+                             "val,$(touch pwned1),it's"]
+    # pasted into bash (python stubbed out): the words arrive as written, nothing runs
+    for step in steps:
+        shell = subprocess.run(["bash", "-c", "python() { printf '%s\\n' \"$@\"; }; "
+                                + step["command"]], cwd=tmp_path, capture_output=True,
+                               text=True, check=True)
+        assert shell.stdout.splitlines() == shlex.split(step["command"])[1:]
+    assert not list(tmp_path.glob("pwned*"))
+    print_summary({"run_dir": str(tmp_path / "a b;$(touch pwned3)"), "next_steps": steps})
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if "tensorboard" in x]
+    assert shlex.split(line.split(":", 1)[1]) == [
+        "tensorboard", "--logdir", str(tmp_path / "a b;$(touch pwned3)") + "/tb"]
+
+
 def test_summary_ends_with_next_steps_that_run(synthref_small, tmp_path, capsys):
     """The eval, predict and visualize commands printed at the end parse with run.py's own
     parser and run as printed (eval, which starts Ray, runs in test_eval_...)."""

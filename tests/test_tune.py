@@ -72,6 +72,32 @@ def test_sweep_spec_errors(tmp_path):
         load_sweep(path)
 
 
+def test_sweep_values_and_bounds_must_be_finite(tmp_path):
+    base = "extends: " + str(REPO / "experiments" / "synthref.yaml") + "\n"
+    cases = {"optim.lr: {grid: [0.001, .inf]}": "expected a finite number",
+             "pseudo.sigma: {choice: [.nan]}": "expected a finite number",
+             "optim.lr: {loguniform: [1.0e-4, .inf]}": "bounds must be finite numbers",
+             "pseudo.sigma: {uniform: [-.inf, 0.1]}": "bounds must be finite numbers",
+             "train.epochs: {randint: [1, .nan]}": "bounds must be finite numbers"}
+    for i, (space, needle) in enumerate(cases.items()):
+        path = tmp_path / f"f{i}.yaml"
+        path.write_text(base + f"sweep:\n  space:\n    {space}\n")
+        with pytest.raises(ConfigError, match=needle):
+            load_sweep(path)
+
+
+def test_best_yaml_header_command_is_shell_quoted(tmp_path):
+    import shlex
+
+    from gtms.config import Config
+    from gtms.tune.sweep import overrides_yaml
+
+    where = tmp_path / "a b $(touch x)" / "best.yaml"
+    text = overrides_yaml(Config(), command_path=where, metric="val_mean_iou", value=0.5)
+    assert shlex.split(text.splitlines()[0][2:]) == ["python", "run.py", "train", "--config",
+                                                    str(where)]
+
+
 def test_report_of_an_unfinished_ablation(tmp_path):
     """--report: the finished, evaluated trials make the table; the others are left out."""
     from gtms.config import Config, config_to_dict

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from gtms.commands.common import add_checkpoint_config_flags, positive_int
 
@@ -14,7 +15,9 @@ def register(subparsers) -> None:
                     "to the original image, threshold. Writes <out>/NNNN_<image>_mask.png (0/255, "
                     "the image's original size), <out>/NNNN_<image>_overlay.png (mask tinted "
                     "on the image, the sentence above) and <out>/predictions.jsonl (one record "
-                    "per pair: image, text, mask, overlay, mask_area_fraction, error). A pair "
+                    "per pair: image, text, mask, overlay, mask_area_fraction, error, warning). "
+                    "A sentence longer than data.word_len is cut, with a warning giving its "
+                    "token count. A pair "
                     "that fails (missing or undecodable image, image over the pixel limit, "
                     "empty text) is reported and the others go on. Images are read as "
                     "viewers show them (EXIF orientation applied). Exit code: 0 all pairs "
@@ -57,6 +60,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gtms.data.tokenizer import shortened
     from gtms.infer.predict import (
         InferenceError,
         Predictor,
@@ -85,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
           f", threshold {predictor.threshold}, batch {args.batch_size}", flush=True)
 
     def echo(record, number: int, total: int) -> None:
-        head = f"[{number}/{total}] {record.image} {record.text!r}"
+        head = f"[{number}/{total}] {record.image} {shortened(record.text)!r}"
+        if record.warning:
+            print(f"{head}: warning: {record.warning}", file=sys.stderr, flush=True)
         if record.ok:
             print(f"{head}: mask {record.mask}, overlay {record.overlay} "
                   f"(area {100 * record.mask_area_fraction:.1f}%)", flush=True)

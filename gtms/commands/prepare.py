@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gtms.data.records import SENTENCE_REASONS, DataError
+from gtms.data.records import NOTE_REASONS, SENTENCE_REASONS, DataError, is_ref_reason
 from gtms.data.refer import SPLITS_BY, ReferSource, default_split_by
 from gtms.data.shards import (
     DEFAULT_ROWS_PER_FILE,
@@ -127,10 +127,13 @@ def _print_report(report: ShardReport) -> None:
           f"{report.reused} kept from an earlier run")
     for split, count in m["counts"].items():
         print(f"  {split}: {count} refs, {m['sentences'][split]} sentences")
-    refs = {r: n for r, n in m["skipped"].items() if r not in SENTENCE_REASONS}
+    refs = {r: n for r, n in m["skipped"].items() if is_ref_reason(r)}
     sentences = {r: n for r, n in m["skipped"].items() if r in SENTENCE_REASONS}
-    _print_skips(m, refs, "skipped", "ref(s)", "skipped: none")
-    _print_skips(m, sentences, "dropped", "sentence(s) of kept refs", "dropped sentences: none")
+    notes = {r: n for r, n in m["skipped"].items() if r in NOTE_REASONS}
+    _print_skips(m, refs, "skipped {} ref(s)", "skipped: none")
+    _print_skips(m, sentences, "dropped {} sentence(s) of kept refs", "dropped sentences: none")
+    if notes:  # truncated_sentence counts sentences, corrupt_jpeg_warning refs
+        _print_skips(m, notes, "noted, kept as they are", "")
     if m.get("statistics"):
         print("  statistics of the referred objects:")
         for line in format_statistics(m["statistics"]):
@@ -138,12 +141,11 @@ def _print_report(report: ShardReport) -> None:
     print(f"manifest: {report.manifest_path}")
 
 
-def _print_skips(manifest: dict, counts: dict[str, int], verb: str, what: str,
-                 none: str) -> None:
+def _print_skips(manifest: dict, counts: dict[str, int], header: str, none: str) -> None:
     if not counts:
         print(f"  {none}")
         return
-    print(f"  {verb} {sum(counts.values())} {what} (details in the manifest):")
+    print(f"  {header.format(sum(counts.values()))} (details in the manifest):")
     for reason, count in counts.items():
         example = manifest["skipped_examples"].get(reason, [{}])[0]
         print(f"    {reason}: {count}  e.g. ref {example.get('ref_id')} in "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from gtms.commands.common import add_backend_flags, backend_from_args
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"run it: copy {result['best_yaml']} to best.yaml, then "
               "python run.py train --config best.yaml")
     else:
-        print(f"run it: python run.py train --config {result['best_yaml']}")
+        print("run it: " + shlex.join(["python", "run.py", "train", "--config",
+                                       str(result["best_yaml"])]))
     print(f"wall time {result['wall_time_s']:.0f} s")
     return 0

@@ -31,6 +31,7 @@ MISSING_ANNOTATION = "missing_annotation"
 MISSING_IMAGE_INFO = "missing_image_info"
 MALFORMED_ANNOTATION = "malformed_annotation"  # no integer image_id, bbox not 4 numbers, ...
 MALFORMED_IMAGE_INFO = "malformed_image_info"  # no positive integer height/width, no file_name
+PATH_OUTSIDE_IMAGES = "path_outside_images"  # file_name absolute or with '..': never read
 UNKNOWN_CATEGORY = "unknown_category"
 MALFORMED_REF = "malformed_ref"
 # Reasons that count dropped sentences, not refs (the ref stays if another sentence remains).
@@ -38,8 +39,17 @@ MALFORMED_REF = "malformed_ref"
 EMPTY_SENTENCE = "empty_sentence"
 MALFORMED_SENTENCE = "malformed_sentence"
 SENTENCE_REASONS = frozenset({EMPTY_SENTENCE, MALFORMED_SENTENCE})
+# Reasons that count what was kept as it is but is worth knowing (never raise under strict).
+TRUNCATED_SENTENCE = "truncated_sentence"  # more tokens than CLIP's context: the rest is cut
+CORRUPT_JPEG_WARNING = "corrupt_jpeg_warning"  # libjpeg warned while decoding; it decoded
+NOTE_REASONS = frozenset({TRUNCATED_SENTENCE, CORRUPT_JPEG_WARNING})
 
 MAX_EXAMPLES_PER_REASON = 10
+
+
+def is_ref_reason(reason: str) -> bool:
+    """True for a reason that counts skipped refs (not dropped sentences, not notes)."""
+    return reason not in SENTENCE_REASONS and reason not in NOTE_REASONS
 
 
 class DataError(UserError):
@@ -108,7 +118,8 @@ class RecordWithImage(NamedTuple):
 
 
 class SkipLog:
-    """Counts skipped refs by reason (keeping a few examples), or raises under ``strict``."""
+    """Counts skipped refs by reason (keeping a few examples), or raises under ``strict``; also
+    counts notes on what was kept (:data:`NOTE_REASONS`, see :meth:`note`)."""
 
     def __init__(self, *, strict: bool):
         self.strict = strict
@@ -119,6 +130,10 @@ class SkipLog:
         """Record one skipped ref; raises :class:`BadInputError` when strict."""
         if self.strict:
             raise BadInputError(reason, file=file, ref_id=ref_id, detail=detail)
+        self.note(reason, file=file, ref_id=ref_id, detail=detail)
+
+    def note(self, reason: str, *, file: str | Path, ref_id: int | None, detail: str) -> None:
+        """Count one thing that was kept as it is (never raises, strict or not)."""
         self.counts[reason] += 1
         examples = self.examples.setdefault(reason, [])
         if len(examples) < MAX_EXAMPLES_PER_REASON:
@@ -126,11 +141,15 @@ class SkipLog:
 
     @property
     def refs_skipped(self) -> int:
-        return sum(n for reason, n in self.counts.items() if reason not in SENTENCE_REASONS)
+        return sum(n for reason, n in self.counts.items() if is_ref_reason(reason))
 
     @property
     def sentences_dropped(self) -> int:
         return sum(n for reason, n in self.counts.items() if reason in SENTENCE_REASONS)
+
+    @property
+    def noted(self) -> int:
+        return sum(n for reason, n in self.counts.items() if reason in NOTE_REASONS)
 
     def merge(self, counts: dict[str, int], examples: dict[str, list[dict]]) -> None:
         """Add counts and examples recorded elsewhere (e.g. by an earlier, resumed run)."""

@@ -16,7 +16,8 @@ else latin-1), so one accented byte cannot make the whole file unreadable.
 
 Every ref is checked before use (integer ids, a split name, a list of sentences, an annotation
 with an integer ``image_id`` and a 4-number ``bbox``, an image with a positive integer size and a
-file name, a segmentation that rasterises to the image's size); bad refs go through a
+file name inside the images folder (absolute or with ``..``: ``path_outside_images``, never
+read), a segmentation that rasterises to the image's size); bad refs go through a
 :class:`~gtms.data.records.SkipLog` (skip and count by reason, or raise under ``strict``). Image
 files are checked later, when the shard writer reads their bytes.
 """
@@ -26,8 +27,10 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,6 +38,7 @@ from pycocotools import mask as mask_utils
 
 from gtms.data import records as R
 from gtms.data.records import DataError, RefRecord, SkipLog, UnsafePickleError
+from gtms.data.tokenizer import CONTEXT_LENGTH, ClipTokenizer, shortened
 from gtms.data.transforms import BoxOutsideImageError, validate_box
 
 # Partitions the refer toolkit ships per dataset; the first one is the default.
@@ -45,6 +49,14 @@ SPLITS_BY = {
     "synthref": ("unc",),
 }
 REQUIRED_REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
+# Caps on a refs pickle once its shared references are expanded (a pickle may store a list once
+# and name it again with two bytes: a 1.7 KB file can expand to 40**20 values). RefCOCOg (umd),
+# the largest, expands to about 2.6 million values (dicts, lists, strings, numbers: ~52 per ref)
+# and 25 MB of text; the caps are ~8x and ~20x that. Checked before anything is built.
+MAX_PICKLE_VALUES = 20_000_000
+MAX_PICKLE_TEXT_BYTES = 512 * 1024 * 1024
+# Wall time to read and decode a refs pickle (RefCOCOg: about 2 s).
+MAX_PICKLE_SECONDS = 120.0
 
 
 def default_split_by(dataset: str) -> str:
@@ -81,7 +93,25 @@ class ReferSource:
         return Path(self.refer_root) / self.dataset / "instances.json"
 
     def image_path(self, file_name: str) -> Path:
+        """The file ``file_name`` names inside ``images_dir``; one that would lie outside it
+        (see :func:`image_path_problem`) is a :class:`~gtms.data.records.DataError`."""
+        if (problem := image_path_problem(file_name)) is not None:
+            raise DataError(f"image file_name {file_name!r} {problem}")
         return Path(self.images_dir) / file_name
+
+
+def image_path_problem(file_name: str) -> str | None:
+    """Why ``file_name`` (from instances.json) would name a file outside the images folder, or
+    None: an absolute path, a ``..`` part (the names are not resolved: a link inside the
+    folder is followed as the user set it up), or a NUL byte."""
+    if "\0" in file_name:
+        return "holds a NUL byte"
+    path = Path(file_name)
+    if path.is_absolute() or path.drive:
+        return "is an absolute path; file names are relative to --images"
+    if ".." in path.parts:
+        return "goes up with '..'; file names must stay inside --images"
+    return None
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -105,12 +135,74 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise DataError(f"{self._path}: refused to unpickle: it uses a persistent id ({pid!r})")
 
 
-def decode_py2_text(value):
+class PickleTooLargeError(DataError):
+    """A refs pickle whose shared references expand past a cap, or that takes too long."""
+
+
+class _Clock:
+    """The time budget of reading one refs pickle: :meth:`check` raises once it is spent."""
+
+    def __init__(self, path, seconds: float):
+        self.path, self.seconds = path, seconds
+        self.deadline = time.monotonic() + seconds
+        self.calls = 0
+
+    def check(self) -> None:
+        self.calls += 1
+        if self.calls % 4096 == 1 and time.monotonic() > self.deadline:
+            raise PickleTooLargeError(
+                f"{self.path}: refused: reading it took more than {self.seconds:.0f} s "
+                "(RefCOCOg takes about 2 s); it is not a refs pickle the refer toolkit wrote")
+
+
+def check_expansion(value, path, clock: _Clock | None = None) -> tuple[int, int]:
+    """``(values, text bytes)`` of an unpickled ``value`` with every shared reference counted
+    each time it is used (what walking it visits), computed once per container; raises
+    :class:`PickleTooLargeError` past :data:`MAX_PICKLE_VALUES` / :data:`MAX_PICKLE_TEXT_BYTES`
+    and :class:`~gtms.data.records.DataError` for a container that contains itself."""
+    sizes: dict[int, tuple[int, int]] = {}
+    open_ids: set[int] = set()
+
+    def size(v) -> tuple[int, int]:  # v: a list, tuple or dict
+        if id(v) in sizes:
+            return sizes[id(v)]
+        if id(v) in open_ids:
+            raise DataError(f"{path}: not a refs pickle: a {type(v).__name__} contains itself")
+        open_ids.add(id(v))
+        values, text = 1, 0
+        for item in chain.from_iterable(v.items()) if type(v) is dict else v:
+            kind = type(item)
+            if kind is list or kind is dict or kind is tuple:
+                n, b = size(item)
+                values, text = values + n, text + b
+            else:
+                values += 1
+                text += len(item) if kind is bytes or kind is str else 0
+        if values > MAX_PICKLE_VALUES or text > MAX_PICKLE_TEXT_BYTES:
+            raise PickleTooLargeError(
+                f"{path}: refused: its shared references expand to more than "
+                f"{MAX_PICKLE_VALUES:,} values or {MAX_PICKLE_TEXT_BYTES >> 20} MB of text "
+                "(RefCOCOg: about 2.6 million values, 25 MB); not a refs pickle the refer "
+                "toolkit wrote")
+        if clock is not None:
+            clock.check()
+        open_ids.discard(id(v))
+        sizes[id(v)] = (values, text)
+        return values, text
+
+    if type(value) in (list, tuple, dict):
+        return size(value)
+    return 1, len(value) if type(value) in (bytes, str) else 0
+
+
+def decode_py2_text(value, clock: _Clock | None = None):
     """``value`` with every ``bytes`` (a Python 2 ``str``) decoded, dict keys included: UTF-8
     where the bytes are valid UTF-8, else latin-1 (every byte is a latin-1 character).
 
     A refs pickle holds no binary data, so bytes are always text. Unpickled values have exact
     builtin types, which the walk dispatches on; repeated texts (keys, tokens) decode once.
+    Shared references are walked each time they are used: check the size first
+    (:func:`check_expansion`).
     """
     texts: dict[bytes, str] = {}
 
@@ -120,6 +212,8 @@ def decode_py2_text(value):
             if v not in texts:
                 texts[v] = _decode_text(v)
             return texts[v]
+        if clock is not None and (kind is list or kind is dict or kind is tuple):
+            clock.check()
         if kind is list:
             return [walk(x) for x in v]
         if kind is dict:
@@ -143,13 +237,17 @@ def _decode_text(data: bytes) -> str:
 
 def load_refs_pickle(path: str | Path) -> list[dict]:
     """A refs pickle (Python 2 or 3) -> its list of ref dicts, read with
-    :class:`RestrictedUnpickler`, text decoded by :func:`decode_py2_text`."""
+    :class:`RestrictedUnpickler`, its expanded size checked (:func:`check_expansion`), text
+    decoded by :func:`decode_py2_text`, all within :data:`MAX_PICKLE_SECONDS`."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: refs pickle not found")
+    clock = _Clock(path, MAX_PICKLE_SECONDS)
     with open(path, "rb") as f:
         try:
-            refs = decode_py2_text(RestrictedUnpickler(f, path).load())
+            raw = RestrictedUnpickler(f, path).load()
+            check_expansion(raw, path, clock)
+            refs = decode_py2_text(raw, clock)
         except DataError:
             raise
         except RecursionError as err:
@@ -213,10 +311,29 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def load_refer(source: ReferSource, skips: SkipLog) -> list[RefRecord]:
-    """All usable refs of one partition, in the pickle's order; bad ones go to ``skips``."""
+    """All usable refs of one partition, in the pickle's order; bad ones go to ``skips``, and
+    sentences longer than CLIP's context are noted there (:func:`note_truncated_sentences`)."""
     refs = load_refs_pickle(source.refs_path)
     instances = load_instances(source.instances_path)
-    return list(_records(refs, instances, source, skips))
+    records = list(_records(refs, instances, source, skips))
+    note_truncated_sentences(records, source.refs_path, skips)
+    return records
+
+
+def note_truncated_sentences(records: Iterable[RefRecord], file: str | Path,
+                             skips: SkipLog) -> None:
+    """Note (as ``truncated_sentence``; the sentence is kept) each sentence with more tokens
+    than :data:`~gtms.data.tokenizer.CONTEXT_LENGTH`: every ``data.word_len`` cuts it. Shorter
+    word lengths cut more, as CRIS does; those are not counted. RefCOCOg's 95k sentences
+    tokenise in about 3 s."""
+    tokenizer = ClipTokenizer()
+    for record in records:
+        for text in record.sentences:
+            count = len(tokenizer.bpe_ids(text)) + 2
+            if count > CONTEXT_LENGTH:
+                skips.note(R.TRUNCATED_SENTENCE, file=file, ref_id=record.ref_id,
+                           detail=f"a sentence of {count:,} tokens (SOT and EOT included) is cut "
+                                  f"to at most {CONTEXT_LENGTH}: {shortened(text)!r}")
 
 
 def _records(refs: Iterable, instances: Instances, source: ReferSource, skips: SkipLog):
@@ -330,6 +447,9 @@ def _lookup(ref: dict, instances: Instances) -> tuple[dict, dict, int, str] | _P
         return _Problem(R.MALFORMED_ANNOTATION, problem, True)
     if (problem := _image_problem(image)) is not None:
         return _Problem(R.MALFORMED_IMAGE_INFO, problem, True)
+    if (problem := image_path_problem(image["file_name"])) is not None:
+        return _Problem(R.PATH_OUTSIDE_IMAGES, f"image {image['id']} file_name "
+                        f"{image['file_name']!r} {problem}", True)
     if ann["image_id"] != ref["image_id"]:
         return _Problem(R.MALFORMED_REF, f"ann {ref['ann_id']} belongs to image "
                         f"{ann['image_id']}, the ref says image {ref['image_id']}")

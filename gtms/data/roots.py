@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 from pathlib import Path
 
 from gtms import storage
@@ -22,7 +24,7 @@ def prepare_data_root(cfg: Config) -> str:
     root = cfg.data.root
     if storage.is_uri(root):
         return root
-    root = str(Path(root).resolve())
+    root = os.path.abspath(root)  # not resolved: printed commands name the folder as given
     if cfg.data.dataset == "synthref":
         from gtms.data.shards import read_manifest, shards_dir
         from gtms.data.synthref import ensure_synthref
@@ -39,7 +41,8 @@ def prepare_data_root(cfg: Config) -> str:
                 "point data.root elsewhere (nothing is overwritten)")
         ensure_synthref(root, **wanted)
     elif not (Path(root) / "shards" / "manifest.json").is_file():
+        command = shlex.join(["python", "run.py", "prepare", "--dataset", cfg.data.dataset,
+                              "--refer-root", "DIR", "--images", "DIR", "--out", cfg.data.root])
         raise DataRootError(f"no prepared {cfg.data.dataset} dataset at {root} (manifest.json "
-                       f"missing); run: python run.py prepare --dataset {cfg.data.dataset} "
-                       f"--refer-root DIR --images DIR --out {cfg.data.root}")
+                            f"missing); run: {command}")
     return root

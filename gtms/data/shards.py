@@ -37,9 +37,10 @@ the manifest's folder when they lie beside it, and the sha256 of refs and instan
 ``generator`` (SynthRef settings, else null), ``counts`` (refs per split), ``sentences``
 (sentences per split), ``shards`` (per file: split, path, num_rows, bytes, num_sentences,
 num_row_groups, sha256, plan_key, skipped), ``skipped`` (per reason: refs skipped, or for
-``empty_sentence`` / ``malformed_sentence`` sentences dropped from kept refs), ``skipped_refs``
-and ``dropped_sentences`` (their totals), ``skipped_examples`` (a few ref ids, files and details
-per reason) and ``complete``.
+``empty_sentence`` / ``malformed_sentence`` sentences dropped from kept refs, or for the notes
+``truncated_sentence`` / ``corrupt_jpeg_warning`` sentences and images kept as they are),
+``skipped_refs``, ``dropped_sentences`` and ``noted`` (their totals), ``skipped_examples`` (a few
+ref ids, files and details per reason) and ``complete``.
 
 A run that writes no ref at all stops with a :class:`~gtms.data.records.DataError` (the manifest
 stays incomplete). :func:`verify_shards` is what ``train`` and ``eval`` call before reading.
@@ -50,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +62,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from gtms.console import Progress
+from gtms.console import Fd2Capture, Progress
 from gtms.data import records as R
 from gtms.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -186,29 +188,29 @@ def _raise_if(path: str, problem: str | None, repair: str) -> None:
 
 def repair_command(manifest: dict, root: str | Path) -> str:
     """The ``prepare`` command that (re)writes the shards ``manifest`` describes under ``root``
-    (a rerun keeps intact files and rewrites the others)."""
-    out = shlex.quote(str(root))
+    (a rerun keeps intact files and rewrites the others), every word shell-quoted."""
+    out = "LOCAL_DIR" if is_uri(str(root)) else str(root)
     generator = manifest.get("generator")
     if manifest.get("dataset") == "synthref" and generator:
-        command = (f"python run.py prepare --out {out} --num-images {generator['num_images']} "
-                   f"--seed {generator['seed']} --difficulty {generator['difficulty']}")
+        args = ["--out", out, "--num-images", str(generator["num_images"]), "--seed",
+                str(generator["seed"]), "--difficulty", str(generator["difficulty"])]
     else:
         source = manifest.get("source", {})
         here = Path(str(root)) / "shards"
         refs = here / source.get("refs", "REFER_ROOT/DATASET/refs(SPLIT_BY).p")
         images = here / source.get("images", "IMAGES")
-        command = (f"python run.py prepare --dataset {manifest.get('dataset', 'DATASET')} "
-                   f"--split-by {manifest.get('split_by', 'SPLIT_BY')} --refer-root "
-                   f"{shlex.quote(os.path.normpath(refs.parent.parent))} --images "
-                   f"{shlex.quote(os.path.normpath(images))} --out {out}")
+        args = ["--dataset", str(manifest.get("dataset", "DATASET")), "--split-by",
+                str(manifest.get("split_by", "SPLIT_BY")), "--refer-root",
+                os.path.normpath(refs.parent.parent), "--images", os.path.normpath(images),
+                "--out", out]
     for flag, key, default in (("--rows-per-file", "rows_per_file", DEFAULT_ROWS_PER_FILE),
                                ("--rows-per-row-group", "rows_per_row_group",
                                 DEFAULT_ROWS_PER_ROW_GROUP)):
         if manifest.get(key, default) != default:
-            command += f" {flag} {manifest[key]}"
+            args += [flag, str(manifest[key])]
+    command = shlex.join(["python", "run.py", "prepare", *args])
     if is_uri(str(root)):
-        return command.replace(f"--out {out}", "--out LOCAL_DIR") + \
-            f", then copy LOCAL_DIR/shards to {root}/shards"
+        return f"{command}, then copy LOCAL_DIR/shards to {root}/shards"
     return command
 
 
@@ -226,10 +228,10 @@ def _manifest_for_run(fs: pafs.FileSystem, shard_dir: str, root: str | Path) -> 
             manifest = json.loads(f.read())
     except (OSError, ValueError) as err:
         raise ShardError(f"{path}: no readable shard manifest ({err}); prepare the dataset with"
-                         f" python run.py prepare ... --out {root}") from err
+                         f" python run.py prepare ... --out {shlex.quote(str(root))}") from err
     if not _looks_like_manifest(manifest):
         raise ShardError(f"{path}: not a shard manifest; prepare the dataset with python run.py "
-                         f"prepare ... --out {root}")
+                         f"prepare ... --out {shlex.quote(str(root))}")
     if not manifest.get("complete"):
         raise ShardError(f"{path}: prepare did not finish (complete: false); finish it with: "
                          f"{repair_command(manifest, root)}")
@@ -345,6 +347,7 @@ def write_shards(records: Sequence[RefRecord], *, source: ReferSource, shard_dir
     if not any(entry["num_rows"] for entry in entries.values()):
         incomplete = _write_manifest(shard_dir, manifest, entries, skips, complete=False)
         raise R.DataError(_nothing_usable(source, shard_dir, incomplete))
+    images.close()
     _remove_stale(shard_dir, set(entries))
     final = _write_manifest(shard_dir, manifest, entries, skips, complete=True)
     (shard_dir / ".tmp").rmdir()
@@ -387,11 +390,13 @@ def records_to_table(rows: Sequence[RecordWithImage]) -> pa.Table:
 
 
 def _portable(path: Path, shard_dir: Path) -> str:
-    """Path relative to the manifest's folder when it lies in the same dataset folder."""
-    path, shard_dir = Path(path).resolve(), shard_dir.resolve()
-    if path.is_relative_to(shard_dir.parent):
+    """Path relative to the manifest's folder when it lies in the same dataset folder, else
+    absolute; links are not resolved, so a folder or file reached through a symlink keeps the
+    name the user gave (and the repair command names the ``--refer-root`` they typed)."""
+    path, shard_dir = os.path.abspath(path), os.path.abspath(shard_dir)
+    if Path(path).is_relative_to(os.path.dirname(shard_dir)):
         return os.path.relpath(path, shard_dir)
-    return str(path)
+    return path
 
 
 def _manifest_head(source: ReferSource, shard_dir: Path, rows_per_file: int,
@@ -439,7 +444,7 @@ def _reusable(entry: dict | None, part: _Part, shard_dir: Path, strict: bool) ->
     """The previous entry of ``part`` if its file is intact and was planned the same way."""
     if entry is None or entry.get("plan_key") != part.key:
         return None
-    if strict and entry.get("skipped"):
+    if strict and any(map(R.is_ref_reason, entry.get("skipped", {}))):
         return None  # rewrite, so that strict mode stops on the bad ref
     file = shard_dir / part.path
     if not file.is_file() or file_sha256(file) != entry.get("sha256"):
@@ -448,12 +453,16 @@ def _reusable(entry: dict | None, part: _Part, shard_dir: Path, strict: bool) ->
 
 
 class _ImageReader:
-    """Reads image bytes, checking each file once (exists, decodes fully, has the stated size)."""
+    """Reads image bytes, checking each file once (exists, decodes fully, has the stated size).
+    What libjpeg writes to stderr while decoding ("Corrupt JPEG data: ...") is captured, not
+    shown: :attr:`warnings` keeps the first such line per file (other lines pass through)."""
 
     def __init__(self, source: ReferSource):
         self.source = source
+        self.warnings: dict[str, str] = {}
         self._problems: dict[str, tuple[str, str] | None] = {}
         self._last: tuple[str, bytes] = ("", b"")  # refs of one image are usually adjacent
+        self._stderr = Fd2Capture()
 
     def read(self, record: RefRecord) -> tuple[bytes | None, tuple[str, str] | None]:
         key = record.file_name
@@ -465,9 +474,26 @@ class _ImageReader:
         except OSError as err:
             return None, (R.MISSING_IMAGE, f"cannot read {path}: {err.strerror or err}")
         if key not in self._problems:
-            self._problems[key] = _check_image(data, record.height, record.width)
+            with self._stderr:
+                self._problems[key] = _check_image(data, record.height, record.width)
+            self._keep_warnings(key, self._stderr.lines)
         self._last = (key, data)
         return data, self._problems[key]
+
+    def _keep_warnings(self, key: str, lines: list[str]) -> None:
+        jpeg = [line for line in lines if _LIBJPEG_WARNING.search(line)]
+        if jpeg:
+            self.warnings[key] = jpeg[0] + (f" (and {len(jpeg) - 1} more)" if jpeg[1:] else "")
+        others = [line for line in lines if not _LIBJPEG_WARNING.search(line)]
+        if others:  # not libjpeg's: shown as before
+            os.write(2, ("\n".join(others) + "\n").encode())
+
+    def close(self) -> None:
+        self._stderr.close()
+
+
+# libjpeg's warnings on a damaged JPEG that still decodes (jerror.h: JWRN_*).
+_LIBJPEG_WARNING = re.compile(r"\bJPEG\b|\bJFIF\b|Huffman")
 
 
 def _check_image(data: bytes, height: int, width: int) -> tuple[str, str] | None:
@@ -500,6 +526,10 @@ def _write_part(part: _Part, shard_dir: Path, images: _ImageReader, strict: bool
             skips.skip(problem[0], file=images.source.image_path(record.file_name),
                        ref_id=record.ref_id, detail=problem[1])
             continue
+        if record.file_name in images.warnings:
+            skips.note(R.CORRUPT_JPEG_WARNING, file=images.source.image_path(record.file_name),
+                       ref_id=record.ref_id, detail=f"libjpeg: {images.warnings[record.file_name]}"
+                       "; the image decoded and is kept")
         rows.append(RecordWithImage(record, data))
     final = shard_dir / part.path
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -539,6 +569,7 @@ def _write_manifest(shard_dir: Path, head: dict, entries: dict[str, dict], skips
         "skipped": dict(sorted(totals.counts.items())),
         "skipped_refs": totals.refs_skipped,
         "dropped_sentences": totals.sentences_dropped,
+        "noted": totals.noted,
         "skipped_examples": dict(sorted(totals.examples.items())),
         "complete": complete,
     })
@@ -554,9 +585,8 @@ def _nothing_usable(source: ReferSource, shard_dir: Path, manifest: dict) -> str
     if not manifest["skipped_refs"]:
         return f"{where}: {source.refs_path} holds no ref"
     reasons = ", ".join(f"{reason}: {n}" for reason, n in manifest["skipped"].items()
-                        if reason not in R.SENTENCE_REASONS)
-    first = next(e for r, e in manifest["skipped_examples"].items()
-                 if r not in R.SENTENCE_REASONS)[0]
+                        if R.is_ref_reason(reason))
+    first = next(e for r, e in manifest["skipped_examples"].items() if R.is_ref_reason(r))[0]
     hint = ""
     if {R.MISSING_IMAGE, R.UNDECODABLE_IMAGE} & set(manifest["skipped"]):
         hint = f"; is {source.images_dir} the folder of the images that " \

@@ -16,6 +16,9 @@ around it are OpenAI's ``simple_tokenizer`` (which CRIS copies):
 (special markers ``<start_of_text>``, case-sensitive contractions), so this module splits the
 words itself and hands the tokenizer one word at a time.
 
+A sentence with more tokens than ``word_len`` is cut (EOT kept last); :meth:`ClipTokenizer.
+encode_counted` says how many it had, so callers can report it.
+
 An expression that is empty after cleaning (``""``, whitespace, ``&nbsp;``) becomes
 ``[SOT, EOT]`` as in CRIS; :func:`is_empty_expression` tells the pipeline which sentences those
 are (training skips them, evaluation scores them).
@@ -34,6 +37,8 @@ from instant_clip_tokenizer import Tokenizer
 SOT_ID = 49406
 EOT_ID = 49407
 WORD_LEN = 17
+# CLIP's text context: the most tokens (SOT and EOT included) any data.word_len lets through.
+CONTEXT_LENGTH = 77
 
 # OpenAI's simple_tokenizer, verbatim pattern and flags.
 _WORDS = regex.compile(
@@ -49,6 +54,12 @@ _FOLDED = {
     "'\u017f": (6, 129, 379),
     "<|\u017ftartoftext|>": (27, 91, 129, 123, 2002, 6659, 18169, 91, 285),
 }
+
+
+def shortened(text: str, limit: int = 80) -> str:
+    """``text`` as a console line shows it: whole up to ``limit`` characters, else its first
+    ``limit`` and "…"."""
+    return text if len(text) <= limit else text[:limit].rstrip() + "…"
 
 
 def clean_text(text: str) -> str:
@@ -102,12 +113,18 @@ class ClipTokenizer:
 
         A sentence that is empty after cleaning gives ``[SOT, EOT, 0, ...]``.
         """
+        return self.encode_counted(text, word_len)[0]
+
+    def encode_counted(self, text: str, word_len: int = WORD_LEN) -> tuple[np.ndarray, int]:
+        """:meth:`encode`'s row and how many tokens the sentence has before it is cut to
+        ``word_len`` (SOT and EOT included): more than ``word_len`` means truncated."""
         if word_len < 2:
             raise ValueError(f"word_len must be >= 2 to hold SOT and EOT, got {word_len}")
-        ids = [SOT_ID, *self.bpe_ids(text)[: word_len - 2], EOT_ID]
+        bpe = self.bpe_ids(text)
+        ids = [SOT_ID, *bpe[: word_len - 2], EOT_ID]
         row = np.zeros(word_len, dtype=np.int64)
         row[: len(ids)] = ids
-        return row
+        return row, len(bpe) + 2
 
     def __call__(self, texts: Sequence[str], word_len: int = WORD_LEN) -> np.ndarray:
         """Sentences ``[B]`` -> ids ``[B, word_len]`` int64.

@@ -73,6 +73,7 @@ class PreparedPair:
     image: np.ndarray        # [3, S, S] float32, letterboxed, CLIP-normalised
     tokens: np.ndarray       # [L] int64
     letterbox: Letterbox     # maps the prediction back to the original (H, W)
+    token_count: int = 0     # the sentence's tokens before the cut to L (SOT, EOT included)
 
 
 class Predictor:
@@ -107,14 +108,23 @@ class Predictor:
         that is empty after CLIP's text cleaning: evaluation scores such a sentence (as CRIS),
         but a mask asked for with no words is a mistake worth reporting."""
         try:
-            tokens = self.tokenizer.encode(text, self.word_len)
+            tokens, count = self.tokenizer.encode_counted(text, self.word_len)
             if is_empty_expression(text):
                 raise ValueError(f"empty referring expression {text!r}: no words left after "
                                  "CLIP's text cleaning")
         except (TypeError, ValueError) as err:
             raise PairError(str(err)) from None
         letterbox = Letterbox(image_rgb.shape[0], image_rgb.shape[1], self.input_size)
-        return PreparedPair(normalize(letterbox.apply_image(image_rgb)), tokens, letterbox)
+        return PreparedPair(normalize(letterbox.apply_image(image_rgb)), tokens, letterbox,
+                            count)
+
+    def truncation_warning(self, pair: PreparedPair) -> str | None:
+        """What to tell the user when the model reads only the start of the sentence."""
+        if pair.token_count <= self.word_len:
+            return None
+        return (f"the sentence has {pair.token_count:,} tokens (SOT and EOT included); the "
+                f"model reads its first {self.word_len - 2} and ignores the rest "
+                f"(data.word_len {self.word_len} holds SOT, {self.word_len - 2} tokens, EOT)")
 
     @torch.inference_mode()
     def probabilities(self, pairs: Sequence[PreparedPair]) -> list[np.ndarray]:
@@ -245,6 +255,7 @@ class PredictionRecord:
     height: int | None = None
     width: int | None = None
     error: str | None = None
+    warning: str | None = None   # e.g. a sentence cut to the model's word length
 
     @property
     def ok(self) -> bool:
@@ -295,6 +306,7 @@ def _predict_chunk(predictor: Predictor, chunk: Sequence[PredictRequest], first:
             image = read_image(request.image, apply_orientation=apply_orientation,
                                max_pixels=predictor.max_image_pixels)
             ready.append((k, image, predictor.prepare(image, request.text)))
+            records[k].warning = predictor.truncation_warning(ready[-1][2])
         except PairError as err:
             records[k].error = str(err)
     masks = predictor.masks([pair for _, _, pair in ready])

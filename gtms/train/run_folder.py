@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -87,8 +88,8 @@ def choose_run_folder(cfg: Config, *, resume: str | None, set_overrides: tuple[s
     if resume is None:
         name = cfg.train.name or default_run_name(cfg)
         if storage.exists(storage.join(base, name)):
-            raise RunError(f"run folder {storage.join(base, name)} exists; pass --resume {name}"
-                           " to continue it or choose another train.name")
+            raise RunError(f"run folder {storage.join(base, name)} exists; pass --resume "
+                           f"{shlex.quote(name)} to continue it or choose another train.name")
         paths = RunPaths(base, name)
     else:
         paths = _resumed_paths(base, resume)

@@ -75,27 +75,27 @@ def example_image(root: str, split: str, folder: Path) -> tuple[Path, str] | Non
 def next_steps(cfg: Config, root: str, checkpoint: str | None,
                folder: Path) -> list[dict[str, str]]:
     """What to do with the trained model: ``what`` and a ``command`` that runs as printed (from
-    the working directory of the training run)."""
+    the working directory of the training run; every word shell-quoted)."""
     if not checkpoint:
         return []
-    run, ckpt = f"python {shlex.quote(_run_py())}", shlex.quote(str(checkpoint))
-    splits = ",".join(cfg.data.eval_splits)
+    run, ckpt = ["python", _run_py()], ["--checkpoint", str(checkpoint)]
     steps = [{"what": f"evaluate the best checkpoint on {', '.join(cfg.data.eval_splits)} "
                       "(training validated on " + cfg.data.val_split + " only)",
-              "command": f"{run} eval --checkpoint {ckpt} --splits {splits}"}]
+              "command": shlex.join([*run, "eval", *ckpt, "--splits",
+                                     ",".join(cfg.data.eval_splits)])}]
     example = example_image(root, cfg.data.val_split, folder)
     if example is not None:
         image, text = example
-        out = "" if storage.is_uri(checkpoint) else \
-            f" --out {shlex.quote(str(Path(checkpoint) / 'predictions'))}"
+        out = [] if storage.is_uri(checkpoint) else \
+            ["--out", str(Path(checkpoint) / "predictions")]
         steps.append({"what": f"segment what a sentence refers to in an image (here one of "
                               f"{cfg.data.val_split}; use your own)",
-                      "command": f"{run} predict --checkpoint {ckpt} --image "
-                                 f"{shlex.quote(str(image))} --text {shlex.quote(text)}{out}"})
+                      "command": shlex.join([*run, "predict", *ckpt, "--image", str(image),
+                                             "--text", text, *out])})
     steps.append({"what": f"draw GTMS panels (forest, GradCAM, W, P^, prediction) for "
                           f"{cfg.data.val_split} samples",
-                  "command": f"{run} visualize --checkpoint {ckpt} --split "
-                             f"{shlex.quote(cfg.data.val_split)} --n 8"})
+                  "command": shlex.join([*run, "visualize", *ckpt, "--split",
+                                         cfg.data.val_split, "--n", "8"])})
     return steps
 
 
@@ -115,7 +115,8 @@ def print_summary(summary: dict[str, Any]) -> None:
               f"{percent(best['val_mean_iou'])}")
     print(f"best checkpoint:     {summary.get('best_checkpoint')}")
     print(f"latest checkpoint:   {summary.get('latest_checkpoint')}")
-    print(f"TensorBoard:         tensorboard --logdir {shlex.quote(summary['run_dir'] + '/tb')}")
+    print(f"TensorBoard:         "
+          f"{shlex.join(['tensorboard', '--logdir', summary['run_dir'] + '/tb'])}")
     if summary.get("next_steps"):
         print("\nnext steps:")
         for step in summary["next_steps"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -115,7 +116,7 @@ def _run_local(cfg: Config, *, rows: list[str], seeds: int, out_dir: str,
                                       max_concurrent=max_concurrent)
     if failed:
         raise TuneError(f"{len(failed)} trial(s) failed: {'; '.join(failed)}; fix and rerun "
-                        f"with --resume --out {out_dir}")
+                        f"with --resume --out {shlex.quote(str(out_dir))}")
     wanted = {(r, s) for r in rows for s in seed_values}
     trials = [t for t in trials if (t["mode"], t["seed"]) in wanted]
     wall = round(time.time() - start, 1)
@@ -163,7 +164,7 @@ def _run_tuner(cfg: Config, *, rows: list[str], seeds: int, out_dir: str, resume
         details = "; ".join(f"{m} seed {s}: {str(e).splitlines()[0] if e else 'no result'}"
                             for m, s, e in failed)
         raise TuneError(f"{len(failed)} trial(s) failed ({details}); fix and rerun with "
-                        f"--resume --out {out_dir}")
+                        f"--resume --out {shlex.quote(str(out_dir))}")
     wall = round(time.time() - start, 1)
     return write_report(trials, rows, splits, cfg, out_dir, title=_title(cfg, seeds),
                         wall_time_s=wall)

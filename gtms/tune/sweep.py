@@ -21,6 +21,8 @@ Distributions: ``grid`` (every value), ``choice``, ``uniform``, ``loguniform``, 
 
 from __future__ import annotations
 
+import math
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +89,11 @@ def _check_scalar(key: str, value: Any, path: Path) -> Any:
     return value
 
 
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
 def load_sweep(path: str | Path) -> tuple[Config, SweepSpec]:
     """The base config and the validated search space of a sweep file."""
     path = Path(path).resolve()
@@ -114,6 +121,9 @@ def load_sweep(path: str | Path) -> tuple[Config, SweepSpec]:
         if not isinstance(values, list) or not values or (ranged and len(values) != 2):
             need = "[low, high]" if ranged else "a non-empty list"
             raise ConfigError(f"sweep.space.{dotted} in {path}: {kind} needs {need}")
+        if ranged and not all(_finite_number(v) for v in values):
+            raise ConfigError(f"sweep.space.{dotted} in {path}: {kind} bounds must be finite "
+                              f"numbers, got {values!r}")
         for value in values if kind in ("grid", "choice") else []:
             replace(cfg, **{sec: {key: value}})  # each value must be valid for the key
         space[str(dotted)] = (kind, values)
@@ -138,7 +148,7 @@ def overrides_yaml(cfg: Config, *, command_path: Path, metric: str, value: float
     diff = {s: {k: v for k, v in keys.items() if defaults[s][k] != v}
             for s, keys in mine.items()}
     diff = {s: keys for s, keys in diff.items() if keys}
-    header = (f"# python run.py train --config {command_path}\n"
+    header = (f"# {shlex.join(['python', 'run.py', 'train', '--config', str(command_path)])}\n"
               f"# Best configuration of a sweep ({metric} = {format_metric(metric, value)}).\n"
               "# Example override: --set train.epochs=20\n")
     return header + yaml.safe_dump(diff, sort_keys=False)
