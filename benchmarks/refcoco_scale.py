@@ -133,10 +133,11 @@ def totals(counts: dict[str, Split]) -> Split:
 
 
 class Obj(NamedTuple):
-    """One annotation: a polygon ``[x0, y0, x1, y1, ...]`` (pixels) filled with ``rgb``."""
+    """One annotation: a polygon ``[x0, y0, x1, y1, ...]`` (pixels, float64, 2 decimals)
+    filled with ``rgb``."""
 
     category_id: int
-    polygon: tuple[float, ...]
+    polygon: np.ndarray
     rgb: tuple[int, int, int]
     colour: str
     referred: bool
@@ -198,7 +199,7 @@ def _object(rng: np.random.Generator, category_id: int, radius: tuple[int, int],
     ys = np.clip(cy + reach * np.sin(angles) / np.sqrt(aspect), 0, HEIGHT).round(2)
     colour = str(rng.choice(list(PALETTE)))
     rgb = np.clip(np.array(PALETTE[colour]) + rng.integers(-20, 21, 3), 0, 255)
-    polygon = tuple(float(v) for v in np.stack([xs, ys], 1).ravel())
+    polygon = np.stack([xs, ys], 1).ravel()
     return Obj(category_id, polygon, tuple(int(v) for v in rgb), colour, referred)
 
 
@@ -210,9 +211,9 @@ def ann_ids(images: Sequence[ImagePlan], seed: int) -> list[list[int]]:
     return [[next(ids) for _ in p.objects] for p in images]
 
 
-def box_and_area(polygon: Sequence[float]) -> tuple[list[float], float]:
+def box_and_area(polygon: np.ndarray) -> tuple[list[float], float]:
     """``box_xywh`` and shoelace area of a polygon, rounded to 2 decimals."""
-    xs, ys = np.asarray(polygon[0::2]), np.asarray(polygon[1::2])
+    xs, ys = polygon[0::2], polygon[1::2]
     area = 0.5 * abs(float(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1))))
     x0, y0 = float(xs.min()), float(ys.min())
     box = [x0, y0, round(float(xs.max()) - x0, 2), round(float(ys.max()) - y0, 2)]
@@ -222,24 +223,29 @@ def box_and_area(polygon: Sequence[float]) -> tuple[list[float], float]:
 # ----------------------------------------------------------------------------- metadata
 
 
-def instances_doc(images: Sequence[ImagePlan], ids: Sequence[Sequence[int]]) -> dict:
-    """instances.json: every image, every object as a polygon annotation, COCO's categories."""
-    annotations = []
+def instances_chunks(images: Sequence[ImagePlan],
+                    ids: Sequence[Sequence[int]]) -> Iterator[str]:
+    """instances.json in pieces (the bytes of ``json.dumps(doc, separators=(",", ":"))``):
+    every image, every object as a polygon annotation, COCO's categories. Annotations are
+    serialised one at a time, so the file never stands whole in memory."""
+    compact = {"separators": (",", ":")}
+    info = {"description": "benchmarks.refcoco_scale: a synthetic stand-in", "version": "1"}
+    image_entries = [{"file_name": p.file_name, "height": HEIGHT, "width": WIDTH,
+                      "id": p.image_id} for p in sorted(images, key=lambda p: p.image_id)]
+    yield (f'{{"info":{json.dumps(info, **compact)},"images":'
+           f'{json.dumps(image_entries, **compact)},"licenses":[],"annotations":[')
+    first = True
     for plan, plan_ids in zip(images, ids):
         for obj, ann_id in zip(plan.objects, plan_ids):
             box, area = box_and_area(obj.polygon)
-            annotations.append({"segmentation": [list(obj.polygon)], "area": area,
-                                "iscrowd": 0, "image_id": plan.image_id, "bbox": box,
-                                "category_id": obj.category_id, "id": ann_id})
-    return {
-        "info": {"description": "benchmarks.refcoco_scale: a synthetic stand-in", "version": "1"},
-        "images": [{"file_name": p.file_name, "height": HEIGHT, "width": WIDTH, "id": p.image_id}
-                   for p in sorted(images, key=lambda p: p.image_id)],
-        "licenses": [],
-        "annotations": annotations,
-        "categories": [{"supercategory": _supercategory(c), "id": c, "name": name}
-                       for c, name in CATEGORY_NAMES.items()],
-    }
+            ann = {"segmentation": [obj.polygon.tolist()], "area": area, "iscrowd": 0,
+                   "image_id": plan.image_id, "bbox": box, "category_id": obj.category_id,
+                   "id": ann_id}
+            yield ("" if first else ",") + json.dumps(ann, **compact)
+            first = False
+    categories = [{"supercategory": _supercategory(c), "id": c, "name": name}
+                  for c, name in CATEGORY_NAMES.items()]
+    yield f'],"categories":{json.dumps(categories, **compact)}}}'
 
 
 def _supercategory(category_id: int) -> str:
@@ -307,43 +313,44 @@ def py2_pickle(value) -> bytes:
     Containers and strings are memoised (BINPUT) and a repeated string is fetched (BINGET);
     lists and dicts are filled in batches of 1000 (APPENDS / SETITEMS). Holds dict, list,
     str, int, bool and None."""
-    out = [b"\x80\x02"]
+    out = bytearray(b"\x80\x02")
     memo: dict[bytes, int] = {}
     count = [0]
 
     def put() -> int:
         index = count[0]
         count[0] += 1
-        out.append(b"q" + bytes([index]) if index < 256 else b"r" + struct.pack("<I", index))
+        out.extend(b"q" + bytes([index]) if index < 256 else b"r" + struct.pack("<I", index))
         return index
 
     def save(v) -> None:
         if v is None or isinstance(v, bool):
-            out.append({None: b"N", True: b"\x88", False: b"\x89"}[v])
+            out.extend({None: b"N", True: b"\x88", False: b"\x89"}[v])
         elif isinstance(v, int):
-            out.append(_py2_int(v))
+            out.extend(_py2_int(v))
         elif isinstance(v, str):
             data = v.encode("utf-8")
             if data in memo:
                 i = memo[data]
-                out.append(b"h" + bytes([i]) if i < 256 else b"j" + struct.pack("<I", i))
+                out.extend(b"h" + bytes([i]) if i < 256 else b"j" + struct.pack("<I", i))
                 return
-            out.append(b"U" + bytes([len(data)]) + data if len(data) < 256 else
+            out.extend(b"U" + bytes([len(data)]) + data if len(data) < 256 else
                        b"T" + struct.pack("<i", len(data)) + data)
             memo[data] = put()
         elif isinstance(v, list):
-            out.append(b"]")
+            out.extend(b"]")
             put()
             _batched(out, v, save, b"a", b"e")
         elif isinstance(v, dict):
-            out.append(b"}")
+            out.extend(b"}")
             put()
             _batched(out, list(v.items()), lambda kv: (save(kv[0]), save(kv[1])), b"s", b"u")
         else:
             raise TypeError(f"py2_pickle: {type(v).__name__} is not supported")
 
     save(value)
-    return b"".join(out) + b"."
+    out.extend(b".")
+    return bytes(out)
 
 
 def _py2_int(v: int) -> bytes:
@@ -356,17 +363,17 @@ def _py2_int(v: int) -> bytes:
     raise ValueError(f"py2_pickle: int {v} is outside 32 bits")
 
 
-def _batched(out: list[bytes], items: list, save, one: bytes, many: bytes) -> None:
+def _batched(out: bytearray, items: list, save, one: bytes, many: bytes) -> None:
     for start in range(0, len(items), 1000):
         batch = items[start:start + 1000]
         if len(batch) == 1:
             save(batch[0])
-            out.append(one)
+            out.extend(one)
             continue
-        out.append(b"(")
+        out.extend(b"(")
         for item in batch:
             save(item)
-        out.append(many)
+        out.extend(many)
 
 
 # ----------------------------------------------------------------------------- images
@@ -380,7 +387,7 @@ def render_image(plan: ImagePlan, seed: int) -> bytes:
                         interpolation=cv2.INTER_CUBIC)
     image = cv2.resize(coarse, (WIDTH, HEIGHT), interpolation=cv2.INTER_LINEAR) * 180 + 40
     for obj in plan.objects:
-        points = np.round(np.asarray(obj.polygon).reshape(-1, 2) * 16).astype(np.int32)
+        points = np.round(obj.polygon.reshape(-1, 2) * 16).astype(np.int32)
         cv2.fillPoly(image, [points], obj.rgb[::-1], lineType=cv2.LINE_8, shift=4)
     texture = rng.standard_normal((HEIGHT // 8, WIDTH // 8, 3), dtype=np.float32)
     grain, noise = rng.uniform(*GRAIN), int(rng.integers(NOISE[0], NOISE[1] + 1))
@@ -440,10 +447,15 @@ def _count(sizes: Iterable[int], total: int, progress: bool) -> int:
 # ----------------------------------------------------------------------------- files
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes | Iterable[str]) -> None:
+    """Write ``data`` (bytes, or text in pieces) to a temporary name, then rename it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(data)
     os.replace(tmp, path)
 
 
@@ -498,9 +510,9 @@ def generate(out: Path, dataset: str = "refcoco", *, seed: int = 0, scale: float
     write_images(todo, folder, seed, workers, progress)
     ids = ann_ids(images, seed)
     refer = out / "refer" / dataset
+    clear_tmp(refer)
     refs = refs_list(dataset, counts, images, ids, seed)
-    atomic_write(refer / "instances.json",
-                 json.dumps(instances_doc(images, ids), separators=(",", ":")).encode())
+    atomic_write(refer / "instances.json", instances_chunks(images, ids))
     atomic_write(refer / f"refs({PUBLISHED[dataset][0]}).p", py2_pickle(refs))
     return counts
 

@@ -151,7 +151,7 @@ def test_objects_are_drawn_where_they_are_annotated(standin):
         sizes.append(path.stat().st_size)
         bgr = cv2.imread(str(path))
         top = plan.objects[-1]
-        rle = mask_utils.frPyObjects([list(top.polygon)], S.HEIGHT, S.WIDTH)
+        rle = mask_utils.frPyObjects([top.polygon.tolist()], S.HEIGHT, S.WIDTH)
         mask = mask_utils.decode(mask_utils.merge(rle)).astype(bool)
         mean_rgb = bgr[mask][:, ::-1].mean(axis=0)
         assert np.abs(mean_rgb - np.array(top.rgb)).max() < 15, (plan.file_name, top)
