@@ -6,8 +6,9 @@
 Times :func:`gtms.data.pipeline.preprocess_ref`, exactly what a preprocessing actor runs per row,
 on RefCOCO-like rows (640 x 480 JPEG, 3 sentences; ``benchmarks.refcoco_like``), one thread:
 
-* train spec of ``forest-gradcam``: decode, letterbox + normalise, box raster, every sentence
-  tokenised, MST + BFS of the 104 x 104 guide image, structural forest: one row per ref;
+* train spec of ``forest-gradcam``: decode, letterbox (uint8: the model applies mean/std on its
+  device), box raster, every sentence tokenised, MST + BFS of the 104 x 104 guide image,
+  structural forest: one row per ref;
 * val spec (in-training validation): the same plus the mask (RLE decode, stride-4 raster) and the
   evaluation metadata, one row per sentence;
 
@@ -47,7 +48,6 @@ from gtms.data.tokenizer import ClipTokenizer  # noqa: E402
 from gtms.data.transforms import (  # noqa: E402
     Letterbox,
     decode_image,
-    normalize,
     rle_decode,
     validate_box,
 )
@@ -71,18 +71,23 @@ def stage_functions(size: int, tokenizer: ClipTokenizer, word_len: int) -> dict[
         if key not in prepared:
             image = decode_image(row["image"])
             letterbox = Letterbox(row["height"], row["width"], size)
-            image01 = letterbox.apply_image(image)
+            pixels = letterbox.apply_image_uint8(image)
+            image01 = pixels.astype(np.float32) / np.float32(255.0)
             guide = letterbox.guide_image(image01, STRIDE)
             box = letterbox.box_at_stride(validate_box(row["box_xywh"], *image.shape[:2]), STRIDE)
-            prepared[key] = dict(image=image, letterbox=letterbox, image01=image01, guide=guide,
+            prepared[key] = dict(image=image, letterbox=letterbox, pixels=pixels,
+                                 image01=image01, guide=guide,
                                  box=box, tree=build_grid_tree(guide))
         return prepared[key]
 
     def letterbox_stage(row: dict) -> None:
         p = prep(row)
         letterbox = Letterbox(row["height"], row["width"], size)
-        normalize(letterbox.apply_image(p["image"]))
+        np.ascontiguousarray(letterbox.apply_image_uint8(p["image"]).transpose(2, 0, 1))
         letterbox.box_at_stride(validate_box(row["box_xywh"], *p["image"].shape[:2]), STRIDE)
+
+    def float_stage(row: dict) -> None:
+        prep(row)["pixels"].astype(np.float32) / np.float32(255.0)
 
     def mask_stage(row: dict) -> None:
         p = prep(row)
@@ -91,7 +96,8 @@ def stage_functions(size: int, tokenizer: ClipTokenizer, word_len: int) -> dict[
 
     return {
         "decode JPEG": lambda row: decode_image(row["image"]),
-        "letterbox + normalise + box": letterbox_stage,
+        "letterbox (uint8) + box": letterbox_stage,
+        "uint8 -> [0, 1] float (guide input)": float_stage,
         "tokenise 3 sentences": lambda row: [tokenizer.encode(s, word_len)
                                              for s in row["sentences"]],
         "guide image (stride 4)": lambda row: prep(row)["letterbox"].guide_image(

@@ -73,16 +73,17 @@ class CpuPlan:
 
 
 # RefCOCO scale (416 px input, 104 x 104 trees), measured by `python -m benchmarks.preprocess_cost`
-# on one core: a train ref costs ~18 ms (JPEG decode, letterbox, tokenise, MST, forest, and the
-# hand-over of its 2 MB float32 image), a val sentence ~11 ms. RN50 CRIS trains at
-# T / 401.5 GFLOP samples/s per GPU (50/s at the 20 TFLOP/s of cluster/README.md) and validates at
-# T / 137.7 GFLOP (145/s; val is streamed: it does not fit data.memory_budget_mb), i.e. 0.9 and
-# 1.6 actor cores. Two actors per GPU keep training fed up to ~44 TFLOP/s and validation up to
-# ~26; the autoscaling pool grows to four (~87 and ~51). The trainer's own CPU work is small
+# on one core, with the decode of COCO-sized (~160 KB) JPEGs: a train ref costs ~9 ms (JPEG
+# decode 2.6, letterbox 2.7, MST + BFS 0.6, the hand-over of its 0.5 MB uint8 image 0.6: mean/std
+# run on the trainer's device), a val sentence ~3.4 ms. RN50 CRIS trains at T / 401.5 GFLOP
+# samples/s per GPU (50/s at the 20 TFLOP/s of cluster/README.md) and validates at
+# T / 137.7 GFLOP (145/s; val is streamed: it does not fit data.memory_budget_mb), i.e. 0.45 and
+# 0.5 actor cores. One actor per GPU keeps training fed up to ~44 TFLOP/s and validation up to
+# ~40; the autoscaling pool grows to two (~89 and ~81). The trainer's own CPU work is small
 # (pseudo labels of 16 samples at 104^2: ~3 ms a step) but its loop and Ray Data's prefetching
 # iterator each want a core. experiments/paper_base.yaml and the cluster's GPU nodes follow this
 # plan (cluster/README.md, "CPU cores per GPU"; tests/test_cluster.py checks both).
-CPUS_PER_GPU = CpuPlan(trainer=2, actors_min=2, actors_max=4)
+CPUS_PER_GPU = CpuPlan(trainer=2, actors_min=1, actors_max=2)
 
 
 class RayStartError(UserError, RuntimeError):

@@ -4,6 +4,7 @@ same epochs and leaves the same checkpoint folders, and a second session resumes
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -67,17 +68,6 @@ def test_local_backend_reports_keeps_and_resumes(tmp_path):
     assert kept_names(resumed) == ["checkpoint_0002", "checkpoint_0005"]
 
 
-def test_local_backend_streams_a_split_in_storage_order(synthref_small):
-    from gtms.data.pipeline import spec_for
-
-    spec = spec_for("eval", input_size=64, word_len=8, mode="box-lloc", seed=0)
-    batches = list(LocalBackend().batches(str(synthref_small), "val", spec, batch_size=4,
-                                          strict=False, limit=3, ray=RayConfig()))
-    ref_ids = [int(r) for b in batches for r in b["ref_id"]]
-    assert len({*ref_ids}) == 3 and ref_ids == sorted(ref_ids, key=ref_ids.index)
-    assert all(len(b["ref_id"]) <= 4 for b in batches)
-
-
 def test_backend_flags(capsys):
     assert isinstance(backend_for(no_ray=True), LocalBackend)
     ray = backend_for(no_ray=False, address="127.0.0.1:1")
@@ -106,3 +96,42 @@ def test_ray_backend_runs_the_same_worker_function_on_two_workers(tmp_path, ray_
     assert Path(result.latest).name == "checkpoint_0003"
     resumed = run_toy(RayBackend(), tmp_path, epochs=4, ray=config)
     assert (resumed.metrics["epoch"], resumed.metrics["resumed_after"]) == (4, 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(synthref_small, small_data, tmp_path_factory) -> Path:
+    from gtms.config import load_config
+    from gtms.train.fit import fit
+
+    cfg = load_config(None, [*small_data, "data.input_size=64", "data.limit_train_refs=8",
+                             "data.limit_eval_refs=6", "train.epochs=1", "model.preset=tiny",
+                             f"train.run_dir={tmp_path_factory.mktemp('runs')}",
+                             "train.name=tiny", "pretrain.before_train=false"])
+    return Path(fit(cfg, LocalBackend())["latest_checkpoint"])
+
+
+@pytest.mark.integration
+def test_evaluation_runs_on_a_ray_train_worker_with_a_training_workers_resources(
+        tiny_checkpoint, ray_cluster):
+    """eval on Ray is a worker function: it runs in a Ray Train worker holding the bundle a
+    training worker holds (its GPU on a cluster), not in the calling process (an ablation
+    trial's, which holds almost nothing), and scores exactly as in this process."""
+    from gtms.eval.evaluate import evaluate
+
+    on_ray = evaluate(tiny_checkpoint, None, ["val"], backend=RayBackend())
+    where = on_ray["evaluated_on"]
+    cfg = load_trained_config(tiny_checkpoint)
+    assert where["backend"] == "ray" and where["pid"] != os.getpid()
+    assert where["resources"] == {"CPU": cfg.ray.cpus_per_worker}
+    assert where["world_size"] == 1
+    here = evaluate(tiny_checkpoint, None, ["val"], backend=LocalBackend())
+    assert here["evaluated_on"]["backend"] == "local" and here["evaluated_on"]["pid"] == os.getpid()
+    for key in ("n", "mean_iou", "overall_iou"):
+        assert on_ray["splits"]["val"][key] == pytest.approx(here["splits"]["val"][key], abs=1e-9)
+    assert sorted(p.name for p in tiny_checkpoint.iterdir()) == ["model.pt", "model.pt.sha256"]
+
+
+def load_trained_config(checkpoint: Path):
+    from gtms.model.checkpoint import load_trained
+
+    return load_trained(checkpoint).config

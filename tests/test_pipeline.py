@@ -44,7 +44,7 @@ def test_training_sample_shapes_and_tree(rows, tokenizer):
     row = max(rows, key=lambda r: len(r["sentences"]))
     (sample,) = preprocess_ref(row, spec, tokenizer)
     n = (SIZE // 4) ** 2
-    assert sample["image"].shape == (3, SIZE, SIZE) and sample["image"].dtype == np.float32
+    assert sample["image"].shape == (3, SIZE, SIZE) and sample["image"].dtype == np.uint8
     # Training rows carry every sentence; the loop picks one per epoch.
     assert sample["tokens"].shape == (len(row["sentences"]), 17)
     np.testing.assert_array_equal(sample["tokens"], tokenizer(list(row["sentences"]), 17))

@@ -18,6 +18,7 @@ from gtms.data.transforms import (
     Letterbox,
     decode_image,
     denormalize,
+    model_input,
     normalize,
     rle_decode,
     rle_encode,
@@ -362,6 +363,15 @@ def test_input_tensor_is_cris(h, w):
     ours = normalize(lb.apply_image(img))
     assert ours.shape == (3, SIZE, SIZE) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, cris_input(img, SIZE), rtol=0, atol=1e-6)
+    # The pipeline hands over the letterboxed uint8 pixels; the model's mean/std on its device
+    # gives exactly the same tensor, so CRIS's input is unchanged to the same tolerance.
+    pixels = lb.apply_image_uint8(img)
+    assert pixels.dtype == np.uint8
+    on_device = model_input(torch.from_numpy(pixels.transpose(2, 0, 1).copy())[None])[0]
+    np.testing.assert_array_equal(on_device.numpy(), ours)
+    np.testing.assert_allclose(on_device.numpy(), cris_input(img, SIZE), rtol=0, atol=1e-6)
+    already = torch.from_numpy(ours)[None]
+    assert model_input(already) is already            # float input is taken as standardised
 
 
 @pytest.mark.parametrize(("h", "w"), CRIS_SHAPES)

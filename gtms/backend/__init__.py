@@ -1,13 +1,12 @@
 """Where work runs: in this process (``--no-ray``) or on Ray. One small interface for both.
 
-A :class:`Backend` does two things:
-
-* :meth:`Backend.run` runs a *worker function* ``fn(config, worker)`` on the workers (one in
-  this process; ``ray.num_workers`` Ray Train workers under DDP) and collects what the workers
-  report: per-epoch metrics and checkpoint folders, kept by :mod:`gtms.backend.retention` in
-  ``<storage>/<name>/``. Training and SynthCLIP pretraining are worker functions.
-* :meth:`Backend.batches` streams a split's preprocessed batches into this process (read and
-  preprocessed here, or by Ray Data's actors): evaluation reads its splits through it.
+:meth:`Backend.run` runs a *worker function* ``fn(config, worker)`` on the workers (one in
+this process; ``ray.num_workers`` Ray Train workers under DDP, or as many as asked) and
+collects what the workers report: per-epoch metrics and checkpoint folders, kept by
+:mod:`gtms.backend.retention` in ``<storage>/<name>/``. Training, SynthCLIP pretraining and
+evaluation are worker functions: on Ray each runs where a training worker would, with its
+resources (its GPU on a cluster), and reads the Ray Datasets it is given (preprocessed by Ray
+Data's actors); in this process it reads and preprocesses its data itself.
 
 A worker function sees only a :class:`Worker`: its rank, the device, DDP wrapping, the Ray
 Dataset shards (when on Ray), the checkpoint to resume from, ``report`` and ``gather``.
@@ -17,17 +16,16 @@ evaluation; Ray Tune's own scheduling of trials stays Tune's.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gtms.config import RayConfig
-from gtms.data.pipeline import SampleSpec
 from gtms.errors import UserError
 
-Batch = dict[str, Any]
 WorkerFn = Callable[[dict, "Worker"], Any]
 
 
@@ -62,6 +60,12 @@ class Worker(ABC):
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` of every worker, by rank."""
         return [obj]
+
+    def describe(self) -> dict[str, Any]:
+        """Where this worker runs, for reports: backend, device, process (and on Ray its rank
+        and the resources it holds)."""
+        return {"backend": "ray" if self.uses_ray else "local", "device": str(self.device),
+                "pid": os.getpid()}
 
     def close(self) -> None:
         """Release what the worker holds (temporary copies of restored checkpoints); a local
@@ -98,24 +102,15 @@ class Backend(ABC):
     def run(self, fn: WorkerFn, config: dict, *, storage: str, name: str, ray: RayConfig,
             keep: int | None = None, datasets: dict[str, Any] | None = None,
             checkpoint_metrics: Callable[[Path], dict] | None = None,
-            callbacks: Sequence = ()) -> RunResult:
-        """Run ``fn(config, worker)`` on every worker; checkpoints go to
-        ``<storage>/<name>/``, ``keep`` of them are kept (:mod:`gtms.backend.retention`; all
-        when None). ``datasets``: Ray Datasets the workers read their shards of (Ray only).
+            callbacks: Sequence = (), workers: int | None = None) -> RunResult:
+        """Run ``fn(config, worker)`` on every worker (``workers``, default
+        :meth:`workers`); checkpoints go to ``<storage>/<name>/``, ``keep`` of them are kept
+        (:mod:`gtms.backend.retention`; all when None). ``datasets``: Ray Datasets the workers
+        read their shards of (Ray only).
         ``checkpoint_metrics``: reads the metrics of a checkpoint folder an earlier session
         left, None for a folder that holds no checkpoint (a resumed local run ranks them with
         the new ones). ``callbacks``: Ray Train
         callbacks (Tune's report forwarding)."""
-
-    @abstractmethod
-    def batches(self, root: str, split: str, spec: SampleSpec, *, batch_size: int,
-                strict: bool, limit: int, ray: RayConfig) -> Iterator[Batch]:
-        """Numpy batches of a split's preprocessed samples (placeholders of unusable rows
-        included), in storage order."""
-
-    @abstractmethod
-    def describe_streaming(self, ray: RayConfig) -> str:
-        """How :meth:`batches` preprocesses, for the console."""
 
 
 # The two backends (defined on top of the interface above).

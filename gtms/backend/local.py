@@ -13,18 +13,15 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gtms import console, killpoints
-from gtms.backend import Backend, Batch, RunResult, Worker, WorkerFn, retention
+from gtms.backend import Backend, RunResult, Worker, WorkerFn, retention
 from gtms.config import RayConfig
-from gtms.data.pipeline import SampleSpec
-from gtms.data.reading import preprocessed_samples, stacked_batches
-from gtms.data.tokenizer import ClipTokenizer
 from gtms.errors import UserError
 
 CHECKPOINT_PREFIX = "checkpoint_"   # Ray's name for the folders of a run's checkpoints
@@ -123,7 +120,7 @@ class LocalBackend(Backend):
     def run(self, fn: WorkerFn, config: dict, *, storage: str, name: str, ray: RayConfig,
             keep: int | None = None, datasets: dict[str, Any] | None = None,
             checkpoint_metrics: Callable[[Path], dict] | None = None,
-            callbacks: Sequence = ()) -> RunResult:
+            callbacks: Sequence = (), workers: int | None = None) -> RunResult:
         if datasets:
             raise ValueError("Ray Datasets need the Ray backend")
         worker = LocalWorker(Path(storage) / name, keep=keep,
@@ -133,12 +130,3 @@ class LocalBackend(Backend):
         finally:
             worker.close()
         return worker.result()
-
-    def batches(self, root: str, split: str, spec: SampleSpec, *, batch_size: int,
-                strict: bool, limit: int, ray: RayConfig) -> Iterator[Batch]:
-        samples = preprocessed_samples(root, split, spec, ClipTokenizer(), limit=limit,
-                                       strict=strict)
-        return stacked_batches(samples, spec, batch_size)
-
-    def describe_streaming(self, ray: RayConfig) -> str:
-        return "preprocessing it in this process"

@@ -5,14 +5,13 @@ splits streamed through Ray Data's preprocessing actors. Ray is started or joine
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from gtms import console
-from gtms.backend import Backend, Batch, RunResult, Worker, WorkerFn, retention
+from gtms.backend import Backend, RunResult, Worker, WorkerFn, retention
 from gtms.config import RayConfig
-from gtms.data.pipeline import PoolSpec, SampleSpec, build_dataset
 from gtms.storage import join as storage_join
 
 
@@ -108,6 +107,13 @@ class RayWorker(Worker):
         dist.all_gather_object(out, obj)
         return out
 
+    def describe(self) -> dict[str, Any]:
+        import ray
+
+        context = ray.get_runtime_context()
+        return {**super().describe(), "rank": self.rank, "world_size": self.world_size,
+                "resources": context.get_assigned_resources(), "node": context.get_node_id()}
+
     def close(self) -> None:
         self._tmp.cleanup()
 
@@ -144,7 +150,7 @@ class RayBackend(Backend):
     def run(self, fn: WorkerFn, config: dict, *, storage: str, name: str, ray: RayConfig,
             keep: int | None = None, datasets: dict[str, Any] | None = None,
             checkpoint_metrics: Callable[[Path], dict] | None = None,
-            callbacks: Sequence = ()) -> RunResult:
+            callbacks: Sequence = (), workers: int | None = None) -> RunResult:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig
         from ray.train.torch import TorchTrainer
 
@@ -155,7 +161,7 @@ class RayBackend(Backend):
             _ray_worker_entry,
             train_loop_config={"fn": fn, "config": config,
                                "threads": max(1, int(ray.cpus_per_worker))},
-            scaling_config=self._scaling(ray),
+            scaling_config=self._scaling(ray, workers or self.workers(ray)),
             run_config=RunConfig(
                 name=name, storage_path=storage,
                 checkpoint_config=retention.ray_checkpoint_config(keep) if keep
@@ -178,7 +184,7 @@ class RayBackend(Backend):
             kept.append((latest, dict(result.metrics or {})))
         return RunResult(run_dir, dict(result.metrics or {}), kept, latest)
 
-    def _scaling(self, ray: RayConfig):
+    def _scaling(self, ray: RayConfig, workers: int):
         from ray.train import ScalingConfig
 
         from gtms.runtime import use_gpu
@@ -187,15 +193,5 @@ class RayBackend(Backend):
         resources = {"CPU": ray.cpus_per_worker}
         if gpu:
             resources["GPU"] = ray.gpus_per_worker
-        return ScalingConfig(num_workers=self.workers(ray), use_gpu=gpu,
+        return ScalingConfig(num_workers=workers, use_gpu=gpu,
                              resources_per_worker=resources)
-
-    def batches(self, root: str, split: str, spec: SampleSpec, *, batch_size: int,
-                strict: bool, limit: int, ray: RayConfig) -> Iterator[Batch]:
-        self.start(ray)
-        dataset = build_dataset(root, split, spec, PoolSpec.of(ray), strict=strict, limit=limit)
-        return dataset.iter_batches(batch_size=batch_size, batch_format="numpy")
-
-    def describe_streaming(self, ray: RayConfig) -> str:
-        pool = PoolSpec.of(ray)
-        return f"streaming it through {max(pool.size, pool.max_size)} preprocessing actor(s)"

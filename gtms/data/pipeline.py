@@ -12,7 +12,8 @@ Per sample the pipeline emits
 ===============  =====================  =======================================================
 column           shape / dtype          meaning
 ===============  =====================  =======================================================
-image            [3, S, S] float32      letterboxed RGB, CLIP mean/std normalised
+image            [3, S, S] uint8        letterboxed RGB (the model applies /255 and CLIP
+                                        mean/std on its device: transforms.model_input)
 tokens           [L] int64              CLIP BPE ids, SOT ... EOT, zero padded (L = word_len);
                  [K, L] (training)      every sentence of the ref (an empty one is SOT, EOT)
 box              [S/4, S/4] float32     box indicator at the output stride (cell centres)
@@ -163,12 +164,13 @@ def _image_columns(row: dict[str, Any], spec: SampleSpec, image: np.ndarray,
     ref_id = int(row["ref_id"])
     height, width = image.shape[:2]
     letterbox = Letterbox(height, width, spec.input_size)
-    image01 = letterbox.apply_image(image)
+    pixels = letterbox.apply_image_uint8(image)
     shared: dict[str, Any] = {
-        "image": normalize(image01),
+        "image": np.ascontiguousarray(pixels.transpose(2, 0, 1)),   # mean/std on the device
         "box": letterbox.box_at_stride(box_xywh, STRIDE),
     }
     if spec.with_tree:
+        image01 = pixels.astype(np.float32) / np.float32(255.0)
         tree = build_grid_tree(letterbox.guide_image(image01, STRIDE))
         shared.update(parent=tree.parent, order=tree.order, dist=tree.dist)
         if spec.with_forest:
@@ -221,7 +223,7 @@ def _zero_columns(spec: SampleSpec, n: int) -> dict[str, np.ndarray]:
     side, cells = spec.input_size, (spec.input_size // STRIDE) ** 2
     grid = (side // STRIDE, side // STRIDE)
     tokens = (n, 1, spec.word_len) if spec.training else (n, spec.word_len)
-    out = {"image": np.zeros((n, 3, side, side), np.float32),
+    out = {"image": np.zeros((n, 3, side, side), np.uint8),
            "box": np.zeros((n, *grid), np.float32)}
     if spec.with_tree:
         out.update(parent=np.zeros((n, cells), np.int32), order=np.zeros((n, cells), np.int32),
@@ -243,7 +245,7 @@ def _zero_columns(spec: SampleSpec, n: int) -> dict[str, np.ndarray]:
 def sample_nbytes(spec: SampleSpec, sentences: float = 1.0) -> int:
     """Approximate bytes of one preprocessed row (``sentences``: token rows it carries)."""
     cells = (spec.input_size // STRIDE) ** 2
-    total = 3 * spec.input_size ** 2 * 4 + cells * 4 + int(sentences * spec.word_len * 8) + 64
+    total = 3 * spec.input_size ** 2 + cells * 4 + int(sentences * spec.word_len * 8) + 64  # uint8
     if spec.with_tree:
         total += (4 if spec.with_forest else 3) * cells * 4
     if spec.with_mask:

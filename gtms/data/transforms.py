@@ -109,8 +109,27 @@ def normalize(img01: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
+def model_input(image):
+    """A batch of images as the model takes them (a torch tensor ``[B, 3, S, S]``, on any
+    device): uint8 letterboxed pixels (what the pipeline hands over) are divided by 255 and
+    standardised with CLIP's mean/std there, in float32 and in :func:`normalize`'s order of
+    operations, so the values equal what :func:`normalize` computes; float input is taken as
+    already standardised."""
+    import torch
+
+    if image.dtype != torch.uint8:
+        return image
+    shape = (1, 3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=image.device).view(shape)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=image.device).view(shape)
+    return (image.to(torch.float32) / 255.0 - mean) / std
+
+
 def denormalize(img_chw: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`normalize`: float ``[3, S, S]`` -> float32 RGB ``[S, S, 3]`` in [0, 1]."""
+    """Inverse of :func:`normalize`: float ``[3, S, S]`` -> float32 RGB ``[S, S, 3]`` in [0, 1];
+    uint8 ``[3, S, S]`` (the pipeline's letterboxed pixels) is only divided by 255."""
+    if np.asarray(img_chw).dtype == np.uint8:
+        return np.asarray(img_chw).transpose(1, 2, 0).astype(np.float32) / np.float32(255.0)
     mean = np.asarray(CLIP_MEAN, dtype=np.float32)
     std = np.asarray(CLIP_STD, dtype=np.float32)
     return np.asarray(img_chw, dtype=np.float32).transpose(1, 2, 0) * std + mean
@@ -204,15 +223,21 @@ class Letterbox:
         return self.size // stride
 
     def apply_image(self, img: np.ndarray) -> np.ndarray:
-        """RGB uint8 ``[H, W, 3]`` -> float32 ``[S, S, 3]`` in [0, 1] (before mean/std).
+        """RGB uint8 ``[H, W, 3]`` -> float32 ``[S, S, 3]`` in [0, 1] (before mean/std): the
+        letterboxed uint8 image (:meth:`apply_image_uint8`) divided by 255, as CRIS does."""
+        return self.apply_image_uint8(img).astype(np.float32) / np.float32(255.0)
+
+    def apply_image_uint8(self, img: np.ndarray) -> np.ndarray:
+        """RGB uint8 ``[H, W, 3]`` -> the letterboxed uint8 ``[S, S, 3]``.
 
         CRIS: the uint8 image is warped with ``INTER_CUBIC`` and border ``CLIP_MEAN * 255``
-        (rounded to uint8 by OpenCV), then divided by 255.
+        (rounded to uint8 by OpenCV). The pipeline hands this uint8 image over; the model
+        divides by 255 and applies mean/std on its device (:func:`model_input`).
         """
         self._check_hw(img, "image")
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
             raise ValueError(f"image must be uint8 [H, W, 3], got {img.dtype} {img.shape}")
-        warped = cv2.warpAffine(
+        return cv2.warpAffine(
             np.ascontiguousarray(img),
             self.matrix,
             (self.size, self.size),
@@ -220,7 +245,6 @@ class Letterbox:
             borderMode=cv2.BORDER_CONSTANT,
             borderValue=[m * 255.0 for m in CLIP_MEAN],
         )
-        return warped.astype(np.float32) / np.float32(255.0)
 
     def apply_box_xywh(self, box_xywh) -> np.ndarray:
         """COCO ``box_xywh`` in the original -> ``box_xyxy`` float64 ``[4]`` in letterbox pixels.

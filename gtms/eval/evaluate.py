@@ -10,9 +10,13 @@ Works for our checkpoints of every ablation mode and for CRIS-layout checkpoints
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +24,13 @@ import numpy as np
 import torch
 
 from gtms import storage
-from gtms.backend import Backend
-from gtms.config import Config
+from gtms.backend import Backend, Worker
+from gtms.config import Config, config_from_dict, config_to_dict
 from gtms.console import Progress, phase
-from gtms.data.pipeline import drop_skipped, spec_for
+from gtms.data.pipeline import PoolSpec, SampleSpec, build_dataset, drop_skipped, spec_for
+from gtms.data.reading import preprocessed_samples, stacked_batches
 from gtms.data.shards import verify_shards
+from gtms.data.tokenizer import ClipTokenizer
 from gtms.errors import UserError
 from gtms.eval.attention import attention_sources
 from gtms.eval.metrics import (
@@ -46,6 +52,7 @@ from gtms.model.checkpoint import Trained, load_trained
 # ``iou`` (arrays). eval.json leaves them out; they go to the file beside it
 # (:func:`sentences_path`), which the ablation's paired statistics read.
 SENTENCES = "sentences"
+REPORT_FILE = "eval.json"
 
 
 def sentences_path(report_path: str) -> str:
@@ -123,22 +130,24 @@ class SplitScores:
         return summary
 
 
+def eval_spec(cfg: Config, pseudo_labels: bool) -> SampleSpec:
+    """What the pipeline makes of each sentence for evaluation (with trees and forests for
+    ``--pseudo-labels``)."""
+    return spec_for("eval", input_size=cfg.data.input_size, word_len=cfg.data.word_len,
+                    mode=cfg.loss.mode, seed=cfg.train.seed, with_tree_in_eval=pseudo_labels)
+
+
 @torch.no_grad()
 def evaluate_split(model: torch.nn.Module, cfg: Config, root: str, split: str, *,
-                   device: torch.device, backend: Backend, progress: bool = True,
-                   pseudo_labels: bool = False) -> dict[str, Any]:
-    """Stream one split through ``backend`` (Ray Data's actors, or preprocessed in this
-    process: the same samples) and score every sentence. ``pseudo_labels``: also score the
-    P-hat this model's P gives with each vertex weight of :mod:`gtms.eval.pseudo_quality`
-    (the pipeline then builds trees and forests too)."""
-    spec = spec_for("eval", input_size=cfg.data.input_size, word_len=cfg.data.word_len,
-                    mode=cfg.loss.mode, seed=cfg.train.seed, with_tree_in_eval=pseudo_labels)
+                   device: torch.device, batches: Iterable[dict[str, Any]],
+                   progress: bool = True, pseudo_labels: bool = False) -> dict[str, Any]:
+    """Score every sentence of one split's preprocessed ``batches`` (:func:`eval_spec`; from
+    Ray Data's actors or made in this process: the same samples). ``pseudo_labels``: also
+    score the P-hat this model's P gives with each vertex weight of
+    :mod:`gtms.eval.pseudo_quality` (the batches then carry trees and forests)."""
     pseudo = None
     if pseudo_labels:
         pseudo = PseudoLabelMeters(attention_sources(cfg, device, roles=("eval",))["eval"])
-    batches = backend.batches(root, split, spec, batch_size=cfg.train.eval_batch_size,
-                              strict=cfg.data.strict, limit=cfg.data.limit_eval_refs,
-                              ray=cfg.ray)
     scores, start = SplitScores(), time.perf_counter()
     model.eval()
     total = None if cfg.data.limit_eval_refs else split_sentence_count(root, split)
@@ -232,32 +241,90 @@ def evaluate(checkpoint: str | Path | Trained, cfg: Config | str | None = None,
              splits: list[str] | None = None, out: str | Path | None = None, *,
              backend: Backend, pseudo_labels: bool = False) -> dict[str, Any]:
     """Score ``checkpoint`` (a path, or what :func:`load_trained` returned) on ``splits``
-    (default ``data.eval_splits``), preprocessing through ``backend`` (the same numbers either
-    way); write the report to ``out`` when given, and the per-sentence IoUs
-    (:data:`SENTENCES`) beside it (:func:`sentences_path`). ``pseudo_labels``: see
-    :func:`evaluate_split`."""
+    (default ``data.eval_splits``) with :func:`evaluation_worker` on ``backend``: in this
+    process, or on one Ray Train worker holding a training worker's resources (its GPU on a
+    cluster) with the splits streamed through Ray Data's actors; the same numbers either way.
+    Write the report to ``out`` when given, and the per-sentence IoUs (:data:`SENTENCES`)
+    beside it (:func:`sentences_path`). ``pseudo_labels``: see :func:`evaluate_split`."""
     from gtms.data.roots import prepare_data_root
 
     trained = checkpoint if isinstance(checkpoint, Trained) else load_trained(checkpoint, cfg)
-    model, cfg = trained.model, trained.config
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    cfg = trained.config
     root = prepare_data_root(cfg)
     splits = splits or list(cfg.data.eval_splits)
     verify_shards(root, splits)
     backend.start(cfg.ray)
-    results = {}
-    for split in splits:
-        phase(f"evaluating {split}: {backend.describe_streaming(cfg.ray)} and scoring every "
-              f"sentence on {device.type}")
-        results[split] = evaluate_split(model, cfg, root, split, device=device, backend=backend,
-                                        pseudo_labels=pseudo_labels)
+    job = {"checkpoint": str(trained.file), "config": config_to_dict(cfg), "root": root,
+           "splits": splits, "pseudo_labels": pseudo_labels}
+    results, where = run_evaluation(job, cfg, backend)
     report = {"checkpoint": str(trained.file), "dataset": cfg.data.dataset, "root": root,
               "threshold": cfg.train.threshold, "input_size": cfg.data.input_size,
-              "splits": results}
+              "evaluated_on": where, "splits": results}
     if out is not None:
         write_report(report, out)
     return report
+
+
+def run_evaluation(job: dict, cfg: Config, backend: Backend) -> tuple[dict, dict]:
+    """:func:`evaluation_worker` on one worker of ``backend``; returns the splits' results
+    and where they were computed. The worker's run folder (a temporary one, or beside a
+    checkpoint in a bucket, which every node of a cluster can reach) is removed after."""
+    datasets = None
+    if backend.uses_ray:
+        spec, pool = eval_spec(cfg, job["pseudo_labels"]), PoolSpec.of(cfg.ray)
+        datasets = {split: build_dataset(job["root"], split, spec, pool, strict=cfg.data.strict,
+                                         limit=cfg.data.limit_eval_refs)
+                    for split in job["splits"]}
+    with evaluation_space(job["checkpoint"]) as (where, name):
+        result = backend.run(evaluation_worker, job, storage=where, name=name, ray=cfg.ray,
+                             workers=1, datasets=datasets)
+        report = json.loads(storage.read_bytes(storage.join(result.latest, REPORT_FILE)))
+        arrays = read_sentence_ious(storage.read_bytes(
+            sentences_path(storage.join(result.latest, REPORT_FILE))))
+    for split, split_arrays in arrays.items():
+        report["splits"][split][SENTENCES] = split_arrays
+    return report["splits"], report["evaluated_on"]
+
+
+@contextmanager
+def evaluation_space(checkpoint: str) -> Iterator[tuple[str, str]]:
+    """(storage, name) of an evaluation's run folder, removed when the block ends."""
+    name = f"evaluation-{os.getpid()}-{int(time.time() * 1e3)}"
+    if storage.is_uri(checkpoint):
+        where = storage.sibling(checkpoint, "")
+        try:
+            yield where, name
+        finally:
+            storage.remove_dir(storage.join(where, name))
+        return
+    with tempfile.TemporaryDirectory(prefix="gtms-eval-") as tmp:
+        yield tmp, name
+
+
+def evaluation_worker(job: dict, worker: Worker) -> None:
+    """The worker function of an evaluation: load the checkpoint on this worker's device,
+    score every split of ``job`` and report the results as a checkpoint folder
+    (``eval.json`` and the per-sentence IoUs beside it)."""
+    cfg = config_from_dict(job["config"], "<evaluation config>")
+    model = load_trained(job["checkpoint"], cfg).model.to(worker.device)
+    spec, results = eval_spec(cfg, job["pseudo_labels"]), {}
+    for split in job["splits"]:
+        if worker.uses_ray:
+            batches = worker.dataset_shard(split).iter_batches(
+                batch_size=cfg.train.eval_batch_size, batch_format="numpy")
+            how = "streamed through Ray Data's actors"
+        else:
+            batches = stacked_batches(preprocessed_samples(
+                job["root"], split, spec, ClipTokenizer(), limit=cfg.data.limit_eval_refs,
+                strict=cfg.data.strict), spec, cfg.train.eval_batch_size)
+            how = "preprocessed in this process"
+        phase(f"evaluating {split}: {how}, every sentence scored on {worker.device}")
+        results[split] = evaluate_split(model, cfg, job["root"], split, device=worker.device,
+                                        batches=batches, pseudo_labels=job["pseudo_labels"])
+    with tempfile.TemporaryDirectory() as tmp:
+        write_report({"evaluated_on": worker.describe(), "splits": results},
+                     Path(tmp) / REPORT_FILE)
+        worker.report({"epoch": 1}, Path(tmp), checkpoint_name="checkpoint_evaluation")
 
 
 def write_report(report: dict[str, Any], out: str | Path) -> None:

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from gtms.data.transforms import model_input
 from gtms.model.clip_resnet import ModifiedResNet, VisualFeatures
 from gtms.model.clip_text import CLIPText
 
@@ -60,7 +61,7 @@ class CLIPBackbone(CLIPText):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)), requires_grad=False)
 
     def encode_image(self, image: torch.Tensor) -> VisualFeatures:
-        return self.visual(image)
+        return self.visual(model_input(image))
 
     def global_image_embedding(self, layer4: torch.Tensor) -> torch.Tensor:
         """CLIP's image embedding from layer-4 features: [B, 32*width, h, w] -> [B, embed_dim]."""
