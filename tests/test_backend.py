@@ -113,16 +113,17 @@ def tiny_checkpoint(synthref_small, small_data, tmp_path_factory) -> Path:
 @pytest.mark.integration
 def test_evaluation_runs_on_a_ray_train_worker_with_a_training_workers_resources(
         tiny_checkpoint, ray_cluster):
-    """eval on Ray is a worker function: it runs in a Ray Train worker holding the bundle a
-    training worker holds (its GPU on a cluster), not in the calling process (an ablation
-    trial's, which holds almost nothing), and scores exactly as in this process."""
+    """eval on Ray is a worker function: it runs in a Ray Train worker holding the training
+    workers' CPUs (and a GPU on a cluster), not in the calling process (an ablation trial's,
+    which holds almost nothing), and scores exactly as in this process."""
     from gtms.eval.evaluate import evaluate
 
     on_ray = evaluate(tiny_checkpoint, None, ["val"], backend=RayBackend())
     where = on_ray["evaluated_on"]
     cfg = load_trained_config(tiny_checkpoint)
     assert where["backend"] == "ray" and where["pid"] != os.getpid()
-    assert where["resources"] == {"CPU": cfg.ray.cpus_per_worker}
+    # one worker holding what the training workers held together (their CPUs; a GPU each)
+    assert where["resources"] == {"CPU": cfg.ray.cpus_per_worker * cfg.ray.num_workers}
     assert where["world_size"] == 1
     here = evaluate(tiny_checkpoint, None, ["val"], backend=LocalBackend())
     assert here["evaluated_on"]["backend"] == "local" and here["evaluated_on"]["pid"] == os.getpid()

@@ -9,6 +9,7 @@ Works for our checkpoints of every ablation mode and for CRIS-layout checkpoints
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ import torch
 
 from gtms import storage
 from gtms.backend import Backend, Worker
-from gtms.config import Config, config_from_dict, config_to_dict
+from gtms.config import Config, RayConfig, config_from_dict, config_to_dict
 from gtms.console import Progress, phase
 from gtms.data.pipeline import PoolSpec, SampleSpec, build_dataset, drop_skipped, spec_for
 from gtms.data.reading import preprocessed_samples, stacked_batches
@@ -242,8 +243,9 @@ def evaluate(checkpoint: str | Path | Trained, cfg: Config | str | None = None,
              backend: Backend, pseudo_labels: bool = False) -> dict[str, Any]:
     """Score ``checkpoint`` (a path, or what :func:`load_trained` returned) on ``splits``
     (default ``data.eval_splits``) with :func:`evaluation_worker` on ``backend``: in this
-    process, or on one Ray Train worker holding a training worker's resources (its GPU on a
-    cluster) with the splits streamed through Ray Data's actors; the same numbers either way.
+    process, or on one Ray Train worker holding the training workers' CPUs and a GPU
+    (:func:`evaluation_resources`) with the splits streamed through Ray Data's actors; the same
+    numbers either way.
     Write the report to ``out`` when given, and the per-sentence IoUs (:data:`SENTENCES`)
     beside it (:func:`sentences_path`). ``pseudo_labels``: see :func:`evaluate_split`."""
     from gtms.data.roots import prepare_data_root
@@ -276,14 +278,21 @@ def run_evaluation(job: dict, cfg: Config, backend: Backend) -> tuple[dict, dict
                                          limit=cfg.data.limit_eval_refs)
                     for split in job["splits"]}
     with evaluation_space(job["checkpoint"]) as (where, name):
-        result = backend.run(evaluation_worker, job, storage=where, name=name, ray=cfg.ray,
-                             workers=1, datasets=datasets)
+        result = backend.run(evaluation_worker, job, storage=where, name=name,
+                             ray=evaluation_resources(cfg.ray), workers=1, datasets=datasets)
         report = json.loads(storage.read_bytes(storage.join(result.latest, REPORT_FILE)))
         arrays = read_sentence_ious(storage.read_bytes(
             sentences_path(storage.join(result.latest, REPORT_FILE))))
     for split, split_arrays in arrays.items():
         report["splits"][split][SENTENCES] = split_arrays
     return report["splits"], report["evaluated_on"]
+
+
+def evaluation_resources(ray: RayConfig) -> RayConfig:
+    """The one evaluation worker holds what the training workers held together: their CPUs
+    (its torch threads) and one GPU (a worker's share). A trial's evaluation then fits where its
+    training ran, and on a laptop it computes with every core the training used."""
+    return dataclasses.replace(ray, cpus_per_worker=ray.cpus_per_worker * max(ray.num_workers, 1))
 
 
 @contextmanager
@@ -306,6 +315,7 @@ def evaluation_worker(job: dict, worker: Worker) -> None:
     score every split of ``job`` and report the results as a checkpoint folder
     (``eval.json`` and the per-sentence IoUs beside it)."""
     cfg = config_from_dict(job["config"], "<evaluation config>")
+    torch.set_num_threads(worker.threads)
     model = load_trained(job["checkpoint"], cfg).model.to(worker.device)
     spec, results = eval_spec(cfg, job["pseudo_labels"]), {}
     for split in job["splits"]:
