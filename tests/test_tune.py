@@ -489,13 +489,25 @@ def test_ablation_of_two_rows_writes_matching_tables(synthref_small, tmp_path, r
 
 
 @pytest.mark.integration
-def test_two_point_sweep_writes_loadable_best_yaml(synthref_small, tmp_path, ray_cluster):
+def test_two_point_sweep_writes_loadable_best_yaml(synthref_small, tmp_path, ray_cluster,
+                                                  capsys):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"extends: {REPO / 'experiments' / 'synthref.yaml'}\n"
                      "sweep:\n  space:\n    pseudo.sigma: {grid: [0.01, 0.1]}\n")
     out = tmp_path / "sweep-out"
+    capsys.readouterr()
     assert run.main(["sweep", "--config", str(sweep), "--out", str(out), "--set",
                      f"data.root={synthref_small}", *TINY]) == 0
+    printed = capsys.readouterr()
+    lines = [line for line in (printed.out + printed.err).splitlines() if line.strip()]
+    # what train shows, tagged per trial, one line per finished trial and the table: no
+    # Tune status tables, no config dicts
+    assert len(lines) <= 60, "\n".join(lines)
+    assert max(map(len, lines)) <= 400
+    assert not any("Current best trial" in line or "Trial status" in line for line in lines)
+    for sigma in ("0.01", "0.1"):
+        assert sum(line.startswith(f"trial pseudo.sigma={sigma} finished") for line in lines) == 1
+        assert any(line.startswith(f"[pseudo.sigma={sigma}] epoch 1/1") for line in lines)
     best = load_config(out / "best.yaml")
     assert best.pseudo.sigma in (0.01, 0.1) and best.data.input_size == 64
     assert (out / "best.yaml").read_text().startswith("# python run.py train --config")
@@ -734,3 +746,12 @@ def test_per_sentence_ious_travel_beside_eval_json_and_into_the_trial(tmp_path):
     assert len(json.dumps(metrics)) < 1000                 # no arrays in the Tune result
     assert np.array_equal(read_trial_sentences(metrics)["val"]["ref_id"], arrays["ref_id"])
     assert read_trial_sentences({}) is None
+
+
+def test_trial_tags_name_the_row_and_seed_or_the_swept_values():
+    from gtms.tune.tuner import swept, trial_tag
+
+    assert trial_tag({"loss.mode": "tree", "train.seed": 2}) == "tree s2"
+    assert trial_tag(swept({"base": {}, "storage": "x", "pseudo.sigma": 0.0123456,
+                            "loss.gamma_schedule": "cosine"})) == \
+        "loss.gamma_schedule=cosine, pseudo.sigma=0.01235"

@@ -40,11 +40,13 @@ from gtms.train.summary import summarise, write_summary
 
 
 def fit(cfg: Config, backend: Backend, *, resume: str | None = None,
-        set_overrides: tuple[str, ...] = (), callbacks: tuple = ()) -> dict[str, Any]:
+        set_overrides: tuple[str, ...] = (), callbacks: tuple = (),
+        log_tag: str = "") -> dict[str, Any]:
     """Train on ``backend``; returns the summary (also written to ``<run>/summary.json``).
 
     ``resume``: a run name, a run folder or ``"latest"`` (:func:`choose_run_folder`).
     ``callbacks``: Ray Train ``UserCallback`` objects (e.g. Tune's report forwarding).
+    ``log_tag``: prefixes the epoch lines (``[tree s0]``: which trial of an ablation).
     """
     backend.start(cfg.ray)  # first: a bad --address fails before anything is checked or written
     cfg, paths = choose_run_folder(absolute_model_paths(cfg), resume=resume,
@@ -53,7 +55,7 @@ def fit(cfg: Config, backend: Backend, *, resume: str | None = None,
     plan = plan_training(cfg, paths, root, backend)
     try:  # everything that can fail early is checked: make the run folder
         write_run_metadata(paths.run_dir, cfg, world_size=plan.world)
-        summary = run_training(plan, backend, callbacks=list(callbacks))
+        summary = run_training(plan, backend, callbacks=list(callbacks), log_tag=log_tag)
     except Exception:
         if resume is None:
             remove_unfinished_run(paths.run_dir)
@@ -92,7 +94,8 @@ def absolute_model_paths(cfg: Config) -> Config:
     return replace(cfg, model=changes) if changes else cfg
 
 
-def run_training(plan: TrainingPlan, backend: Backend, *, callbacks: list) -> dict[str, Any]:
+def run_training(plan: TrainingPlan, backend: Backend, *, callbacks: list,
+                 log_tag: str = "") -> dict[str, Any]:
     """The training worker function on ``backend``'s workers; returns the summary."""
     cfg = plan.cfg
     specs = sample_specs(cfg)
@@ -107,7 +110,7 @@ def run_training(plan: TrainingPlan, backend: Backend, *, callbacks: list) -> di
     result = backend.run(
         training_worker, {"config": config_to_dict(cfg), "root": plan.root,
                           "run_dir": plan.paths.run_dir, "steps_per_epoch": plan.steps,
-                          "in_memory": in_memory},
+                          "in_memory": in_memory, "log_tag": log_tag},
         storage=plan.paths.storage, name=plan.paths.name, ray=cfg.ray,
         keep=cfg.train.keep_checkpoints, datasets=datasets, callbacks=callbacks,
         checkpoint_metrics=_checkpoint_metrics)
@@ -136,7 +139,8 @@ def training_worker(loop_config: dict, worker: Worker) -> None:
                          limit_eval=cfg.data.limit_eval_refs, strict=cfg.data.strict,
                          in_memory_train=in_memory["train"], in_memory_val=in_memory["val"])
     train_loop(cfg, worker, feed, run_dir=loop_config["run_dir"],
-               steps_per_epoch=loop_config["steps_per_epoch"])
+               steps_per_epoch=loop_config["steps_per_epoch"],
+               log_tag=loop_config.get("log_tag", ""))
 
 
 def training_datasets(cfg: Config, root: str, specs: dict[str, SampleSpec],

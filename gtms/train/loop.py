@@ -370,7 +370,7 @@ def report_epoch(state: TrainingState, worker: Worker, cfg: Config,
 
 
 def train_loop(cfg: Config, worker: Worker, feed: Feed, *, run_dir: str | None,
-               steps_per_epoch: int) -> dict[str, Any]:
+               steps_per_epoch: int, log_tag: str = "") -> dict[str, Any]:
     """Train ``cfg`` on ``worker`` with batches from ``feed``; returns the last epoch's
     metrics. A resumed run continues from the worker's latest checkpoint exactly: its
     generators are restored last, just before the first epoch, and the run log keeps only the
@@ -379,7 +379,7 @@ def train_loop(cfg: Config, worker: Worker, feed: Feed, *, run_dir: str | None,
     attention = attention_sources(cfg, worker.device)
     log = None
     if worker.rank == 0 and run_dir:
-        log = RunLogger(run_dir, done_epochs=state.done, done_steps=state.step)
+        log = RunLogger(run_dir, done_epochs=state.done, done_steps=state.step, tag=log_tag)
     if state.done:
         resume_random_state(state, worker, log)
         if log:

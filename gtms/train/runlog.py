@@ -67,12 +67,14 @@ class RunLogger:
     an epoch that was logged but not checkpointed before a kill is recorded once, when rerun.
     """
 
-    def __init__(self, run_dir: str, *, done_epochs: int = 0, done_steps: int = 0):
+    def __init__(self, run_dir: str, *, done_epochs: int = 0, done_steps: int = 0,
+                 tag: str = ""):
         from torch.utils.tensorboard import SummaryWriter
 
         from gtms.storage import RunFolder
 
         self.folder = RunFolder(run_dir, fetch=True)   # local, or a mirror of a URI
+        self.prefix = f"[{tag}] " if tag else ""      # which trial, in an ablation or sweep
         self.jsonl = self.folder.path / "metrics.jsonl"
         purge = None
         if self.jsonl.is_file():   # an earlier session of this run: keep what was checkpointed
@@ -94,7 +96,7 @@ class RunLogger:
         tmp.replace(self.jsonl)
 
     def console(self, text: str) -> None:
-        say(text)
+        say(self.prefix + text)
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         for key, value in values.items():

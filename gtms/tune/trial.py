@@ -21,6 +21,7 @@ from typing import Any
 from gtms import console, storage
 from gtms.backend import Backend
 from gtms.config import Config, config_from_dict, replace, split_key
+from gtms.tune.tuner import trial_tag
 
 TRIAL_FILE = "trial.json"
 SENTENCE_FILE = "eval.sentences.npz"  # in the trial's run folder
@@ -59,7 +60,7 @@ def run_trial(spec: dict[str, Any], backend: Backend, *, callbacks: tuple = ()) 
         return finished
     cfg = replace(apply_params(spec["base"], spec["params"]),
                   train={"run_dir": spec["storage"], "name": spec["name"]})
-    summary = trained(cfg, run_dir, backend, callbacks)
+    summary = trained(cfg, run_dir, backend, callbacks, tag=trial_tag(spec["params"]))
     report = evaluated(summary["best_checkpoint"], cfg, list(spec["splits"]), backend)
     params = spec["params"]
     trial = {"mode": params.get("loss.mode"), "seed": params.get("train.seed"),
@@ -70,17 +71,18 @@ def run_trial(spec: dict[str, Any], backend: Backend, *, callbacks: tuple = ()) 
     return trial
 
 
-def trained(cfg: Config, run_dir: str, backend: Backend, callbacks: tuple) -> dict[str, Any]:
+def trained(cfg: Config, run_dir: str, backend: Backend, callbacks: tuple, *,
+            tag: str = "") -> dict[str, Any]:
     """The training summary of a trial: read back when training finished before, else from
     training it (resumed at its next epoch when it was interrupted)."""
     from gtms.train.fit import fit
 
     summary_file = storage.join(run_dir, "summary.json")
     if storage.exists(summary_file):
-        console.say(f"{cfg.train.name}: trained before, evaluating its best checkpoint")
+        console.say(f"[{tag or cfg.train.name}] trained before, evaluating its best checkpoint")
         return json.loads(storage.read_bytes(summary_file))
     resume = cfg.train.name if storage.exists(storage.join(run_dir, "config.yaml")) else None
-    return fit(cfg, backend, resume=resume, callbacks=callbacks)
+    return fit(cfg, backend, resume=resume, callbacks=callbacks, log_tag=tag)
 
 
 def evaluated(best_checkpoint: str, cfg: Config, splits: list[str],

@@ -3,12 +3,17 @@ or restored), the resources of a trial's own process, and their error."""
 
 from __future__ import annotations
 
+import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from gtms import storage
+from ray.tune import Callback
+
+from gtms import console, storage
 from gtms.errors import UserError
 
 TUNER = "tuner"  # the Tuner's own folder under --out
@@ -48,11 +53,56 @@ def results_folder(out_dir: str) -> Iterator[Path]:
         storage.upload_dir(Path(tmp), out_dir)
 
 
+def trial_tag(params: dict[str, Any]) -> str:
+    """How a trial is named on the console: ``tree s0`` for an ablation row and seed, else its
+    swept values (``pseudo.sigma=0.01``)."""
+    if set(params) == {"loss.mode", "train.seed"}:
+        return f"{params['loss.mode']} s{params['train.seed']}"
+    return ", ".join(f"{key}={format_value(value)}" for key, value in sorted(params.items()))
+
+
+def format_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def swept(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's swept values: the dotted keys of its Tune config."""
+    return {k: v for k, v in config.items() if "." in k}
+
+
+class TrialLines(Callback):
+    """A Ray Tune callback that prints one compact line per finished (or failed) trial: its
+    tag, wall time and ``metric``, in place of Tune's status tables (those only with
+    ``--verbose``)."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+        self.finished = 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        value = result.get(self.metric)
+        shown = "—" if value is None else \
+            f"{100 * value:.2f} %" if "iou" in self.metric else format_value(value)
+        self.finished += 1
+        console.say(f"trial {trial_tag(swept(trial.config))} finished in "
+                    f"{(result.get('time_total_s') or 0) / 60:.1f} min: {self.metric} {shown} "
+                    f"({self.finished} finished)")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        console.say(f"trial {trial_tag(swept(trial.config))} FAILED; its files: {trial.path}",
+                    stream=sys.stderr)
+
+
 def build_or_restore_tuner(trainable, param_space: dict, *, out_dir: str, resume: bool,
-                           tune_config):
-    """A new Tuner in ``out_dir/tuner``, or the interrupted one restored from there."""
+                           tune_config, metric: str = "val_mean_iou"):
+    """A new Tuner in ``out_dir/tuner``, or the interrupted one restored from there. The
+    console shows one line per trial epoch (tagged by the trial) and per finished trial;
+    Tune's own status tables only with ``--verbose``."""
     from ray import tune
 
+    if not console.verbose():   # Tune's classic reporter at verbosity 0 prints nothing at all;
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")   # the new one still draws its boxes
     path = tuner_dir(out_dir)
     if resume:
         if not tune.Tuner.can_restore(path):
@@ -63,7 +113,9 @@ def build_or_restore_tuner(trainable, param_space: dict, *, out_dir: str, resume
     if storage.exists(path):
         raise TuneError(f"{path} exists; pass --resume to continue it or choose another --out")
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
-                      run_config=tune.RunConfig(name=TUNER, storage_path=out_dir))
+                      run_config=tune.RunConfig(
+                          name=TUNER, storage_path=out_dir, callbacks=[TrialLines(metric)],
+                          verbose=None if console.verbose() else 0))
 
 
 def trial_resources() -> dict[str, float]:
