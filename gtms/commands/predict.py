@@ -25,8 +25,13 @@ def register(subparsers) -> None:
         epilog='example: python run.py predict --checkpoint runs/<run>/checkpoint_epoch_0010 '
                '--image cat.jpg --text "the cat on the left" --image dogs.png --text '
                '"the smaller dog"')
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="PATH",
                         help="checkpoint folder or .pt file (ours or CRIS-layout)")
+    source.add_argument("--model", metavar="FILE",
+                        help="a model written by 'run.py export' (.onnx through ONNX Runtime, "
+                             "or TorchScript), run on the CPU with the same pre- and "
+                             "post-processing")
     parser.add_argument("--image", dest="images", action="append", default=[], metavar="IMG",
                         help="an image file; repeat --image/--text in pairs (the k-th image "
                              "goes with the k-th text)")
@@ -83,8 +88,12 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"data.input_size={args.input_size}")
     if args.max_image_pixels is not None:
         overrides.append(f"data.max_image_pixels={args.max_image_pixels}")
-    predictor = Predictor.from_checkpoint(args.checkpoint, args.config, overrides,
-                                          device=pick_device(args.device))
+    if args.model:
+        predictor = Predictor.from_exported(args.model, threshold=args.threshold,
+                                            max_image_pixels=args.max_image_pixels)
+    else:
+        predictor = Predictor.from_checkpoint(args.checkpoint, args.config, overrides,
+                                              device=pick_device(args.device))
     print(f"predicting {len(requests)} pair(s) on {predictor.device}: input {predictor.input_size}"
           f", threshold {predictor.threshold}, batch {args.batch_size}", flush=True)
 

@@ -103,6 +103,21 @@ class Predictor:
                    threshold=cfg.train.threshold, device=device or pick_device(),
                    max_image_pixels=cfg.data.max_image_pixels)
 
+    @classmethod
+    def from_exported(cls, path: str | Path, *, threshold: float | None = None,
+                      max_image_pixels: int | None = None) -> Predictor:
+        """A model written by ``run.py export`` (ONNX or TorchScript), run on the CPU with the
+        input size, word length, threshold and pixel limit it was exported with."""
+        from gtms.infer.export import ExportedModel
+
+        model = ExportedModel(path)
+        meta = model.meta
+        return cls(model, input_size=meta["input_size"], word_len=meta["word_len"],
+                   threshold=meta["threshold"] if threshold is None else threshold,
+                   device=torch.device("cpu"),
+                   max_image_pixels=meta["max_image_pixels"] if max_image_pixels is None
+                   else max_image_pixels)
+
     def prepare(self, image_rgb: np.ndarray, text: str) -> PreparedPair:
         """RGB uint8 ``[H, W, 3]`` + sentence -> model inputs. ``PairError`` for a sentence
         that is empty after CLIP's text cleaning: evaluation scores such a sentence (as CRIS),

@@ -12,6 +12,7 @@ Parameter names follow OpenAI's ``visual.*`` layout.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -64,7 +65,7 @@ def resize_grid_embedding(grid_embedding: torch.Tensor, size: tuple[int, int]) -
 
     Identity (no interpolation) when the grid already has the requested size.
     """
-    n = round(grid_embedding.shape[0] ** 0.5)
+    n = math.isqrt(int(grid_embedding.shape[0]))   # int(): a constant when traced
     if (n, n) == tuple(size):
         return grid_embedding
     grid = grid_embedding.reshape(1, n, n, -1).permute(0, 3, 1, 2)  # [1, C, n, n]

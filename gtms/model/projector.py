@@ -36,6 +36,8 @@ class Projector(nn.Module):
         b, c, h, w = x.shape
         params = self.txt(sentence)  # [B, in_dim*k*k + 1]
         kernels = params[:, :-1].reshape(b, c, self.kernel_size, self.kernel_size)
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():
+            return self._per_offset(x, kernels, params[:, -1])
         # One group per sample: [1, B*in_dim, h, w] * [B, in_dim, k, k] -> [1, B, h, w]
         logits = F.conv2d(
             x.reshape(1, b * c, h, w),
@@ -45,3 +47,18 @@ class Projector(nn.Module):
             groups=b,
         )
         return logits.transpose(0, 1)  # [B, 1, H/4, W/4]
+
+    def _per_offset(self, x: torch.Tensor, kernels: torch.Tensor,
+                    bias: torch.Tensor) -> torch.Tensor:
+        """The same per-sample convolution as a sum over the kernel's offsets, for exporting
+        (ONNX's ``Conv`` needs a constant group count; here the batch stays dynamic). Equal up
+        to float rounding (the order of the sum differs)."""
+        b, c, h, w = x.shape
+        k = self.kernel_size
+        padded = F.pad(x, (k // 2, k // 2, k // 2, k // 2))
+        out = bias.reshape(b, 1, 1).expand(b, h, w)
+        for dy in range(k):
+            for dx in range(k):
+                window = padded[:, :, dy:dy + h, dx:dx + w]
+                out = out + torch.einsum("bchw,bc->bhw", window, kernels[:, :, dy, dx])
+        return out.unsqueeze(1)
