@@ -25,13 +25,7 @@ def register(subparsers) -> None:
         epilog='example: python run.py predict --checkpoint runs/<run>/checkpoint_epoch_0010 '
                '--image cat.jpg --text "the cat on the left" --image dogs.png --text '
                '"the smaller dog"')
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="PATH",
-                        help="checkpoint folder or .pt file (ours or CRIS-layout)")
-    source.add_argument("--model", metavar="FILE",
-                        help="a model written by 'run.py export' (.onnx through ONNX Runtime, "
-                             "or TorchScript), run on the CPU with the same pre- and "
-                             "post-processing")
+    add_model_source_flags(parser)
     parser.add_argument("--image", dest="images", action="append", default=[], metavar="IMG",
                         help="an image file; repeat --image/--text in pairs (the k-th image "
                              "goes with the k-th text)")
@@ -62,6 +56,17 @@ def register(subparsers) -> None:
                         help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
     add_checkpoint_config_flags(parser, example="--set model.preset=rn50")
     parser.set_defaults(func=run)
+
+
+def add_model_source_flags(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint`` or ``--model`` (an exported file), one of them."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="PATH",
+                        help="checkpoint folder or .pt file (ours or CRIS-layout)")
+    source.add_argument("--model", metavar="FILE",
+                        help="a model written by 'run.py export' (.onnx through ONNX Runtime, "
+                             "or TorchScript), run on the CPU with the same pre- and "
+                             "post-processing")
 
 
 def run(args: argparse.Namespace) -> int:
