@@ -23,6 +23,16 @@ def add_config_flags(parser: argparse.ArgumentParser, *, default: str | None = D
              " repeatable; values are parsed as YAML (lists as [1,2] or 1,2)")
 
 
+CHECKPOINT_HELP = ("checkpoint folder or .pt file: ours (its config travels with it) or "
+                   "CRIS-layout (then --config names the preset); local or s3:// / gs://")
+
+
+def add_checkpoint_flag(parser, *, required: bool = True) -> None:
+    """``--checkpoint PATH`` of the commands that start from a trained model (``parser`` may
+    be a mutually exclusive group)."""
+    parser.add_argument("--checkpoint", required=required, metavar="PATH", help=CHECKPOINT_HELP)
+
+
 def add_checkpoint_config_flags(parser: argparse.ArgumentParser, *, example: str) -> None:
     """``--config`` / ``--set`` of the commands that start from a checkpoint, whose own stored
     config is the default."""

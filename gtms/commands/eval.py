@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from gtms.commands.common import add_backend_flags, add_checkpoint_config_flags, backend_from_args
+from gtms.commands.common import (
+    add_backend_flags,
+    add_checkpoint_config_flags,
+    add_checkpoint_flag,
+    backend_from_args,
+)
 
 
 def register(subparsers) -> None:
@@ -16,8 +21,7 @@ def register(subparsers) -> None:
                     "papers report), overall IoU (total intersection / total union) and "
                     "Prec@0.5..0.9 per split, and writes them as JSON. Accepts our checkpoints "
                     "(a checkpoint_epoch_* folder or its model.pt) and CRIS-layout ones.")
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="checkpoint folder or .pt file")
+    add_checkpoint_flag(parser)
     parser.add_argument("--splits", default=None, metavar="A,B",
                         help="comma-separated splits (default: data.eval_splits of the config)")
     add_checkpoint_config_flags(

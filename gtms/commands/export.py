@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from gtms.commands.common import add_checkpoint_config_flags
+from gtms.commands.common import add_checkpoint_config_flags, add_checkpoint_flag
 
 
 def register(subparsers) -> None:
@@ -18,8 +18,7 @@ def register(subparsers) -> None:
                     "onnxruntime (requirements-dev.txt).",
         epilog="example: python run.py export --checkpoint runs/demo/checkpoint_epoch_0010 "
                "--format onnx --out demo.onnx")
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="checkpoint folder or .pt file (ours or CRIS-layout)")
+    add_checkpoint_flag(parser)
     parser.add_argument("--format", required=True, choices=("onnx", "torchscript"))
     parser.add_argument("--out", required=True, metavar="FILE", help="the file to write")
     add_checkpoint_config_flags(parser, example="--set data.input_size=320")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gtms.commands.common import add_checkpoint_config_flags, positive_int
+from gtms.commands.common import add_checkpoint_config_flags, add_checkpoint_flag, positive_int
 
 
 def register(subparsers) -> None:
@@ -61,8 +61,7 @@ def register(subparsers) -> None:
 def add_model_source_flags(parser: argparse.ArgumentParser) -> None:
     """``--checkpoint`` or ``--model`` (an exported file), one of them."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="PATH",
-                        help="checkpoint folder or .pt file (ours or CRIS-layout)")
+    add_checkpoint_flag(source, required=False)
     source.add_argument("--model", metavar="FILE",
                         help="a model written by 'run.py export' (.onnx through ONNX Runtime, "
                              "or TorchScript), run on the CPU with the same pre- and "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gtms.commands.common import add_checkpoint_config_flags, positive_int
+from gtms.commands.common import add_checkpoint_config_flags, add_checkpoint_flag, positive_int
 
 
 def register(subparsers) -> None:
@@ -20,8 +20,7 @@ def register(subparsers) -> None:
                     "IoU). Runs in this process; no Ray.",
         epilog="example: python run.py visualize --checkpoint runs/<run>/checkpoint_epoch_0010 "
                "--split testA --n 12 --seed 3")
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="checkpoint folder or .pt file (ours or CRIS-layout)")
+    add_checkpoint_flag(parser)
     parser.add_argument("--split", default=None,
                         help="split to draw (default: data.val_split of the config)")
     parser.add_argument("--n", type=positive_int, default=8, help="samples (default 8)")
