@@ -188,6 +188,18 @@ class TrainConfig:
     image_grid_every: int = field(default=5, metadata=_non_negative())
     # Checkpoints kept: this many best by val mean IoU plus the latest (gtms/backend/retention.py).
     keep_checkpoints: int = field(default=2, metadata=_positive())
+    # Where each epoch's metrics go besides metrics.jsonl (gtms/tracking.py): tensorboard,
+    # mlflow, wandb (the last two: pip install -r requirements-tracking.txt).
+    trackers: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = field(
+        default=("tensorboard",), metadata=_check(lambda v: len(set(v)) == len(v),
+                                                  "must not name a tracker twice"))
+    # MLflow's store; empty: $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db.
+    tracking_uri: str = ""
+    # MLflow experiment / W&B project name.
+    tracking_project: str = field(default="gtms", metadata=_check(
+        lambda v: v.strip() != "", "must not be empty"))
+    # Also upload the best checkpoint's weights to the trackers (default: only its path).
+    track_checkpoints: bool = False
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,8 @@ class RunFolder:
         if self.remote:
             self.path = Path(tempfile.mkdtemp(prefix="gtms-run-"))
             if fetch:
-                for name in ("metrics.jsonl", "config.yaml", "run.json"):
+                for name in ("metrics.jsonl", "config.yaml", "run.json", "tracking.json",
+                             "summary.json"):
                     remote = join(self.remote, name)
                     if exists(remote):
                         (self.path / name).write_text(read_text(remote))

@@ -23,7 +23,7 @@ LAYERS = (
     ("gtms", "gtms.errors", "gtms.storage", "gtms.console", "gtms.killpoints"),
     ("gtms.modes", "gtms.config", "gtms.runtime"),
     ("gtms.data", "gtms.model", "gtms.pseudo"),
-    ("gtms.backend",),
+    ("gtms.backend", "gtms.tracking"),
     ("gtms.eval", "gtms.viz"),
     ("gtms.train", "gtms.pretrain", "gtms.infer"),
     ("gtms.tune",),

@@ -23,6 +23,13 @@ from gtms.data.shards import verify_shards
 from gtms.model.checkpoint import FILENAME as CHECKPOINT_FILE
 from gtms.model.checkpoint import read_metrics
 from gtms.pretrain.run import with_synthclip
+from gtms.tracking import (
+    Labels,
+    check_trackers,
+    finish_tracking,
+    forwarded_environment,
+    with_tracking_uri,
+)
 from gtms.train.loop import train_loop
 from gtms.train.plan import (
     TrainingPlan,
@@ -41,26 +48,31 @@ from gtms.train.summary import summarise, write_summary
 
 def fit(cfg: Config, backend: Backend, *, resume: str | None = None,
         set_overrides: tuple[str, ...] = (), callbacks: tuple = (),
-        log_tag: str = "") -> dict[str, Any]:
+        log_tag: str = "", labels: Labels | None = None) -> dict[str, Any]:
     """Train on ``backend``; returns the summary (also written to ``<run>/summary.json``).
 
     ``resume``: a run name, a run folder or ``"latest"`` (:func:`choose_run_folder`).
     ``callbacks``: Ray Train ``UserCallback`` objects (e.g. Tune's report forwarding).
     ``log_tag``: prefixes the epoch lines (``[tree s0]``: which trial of an ablation).
+    ``labels``: the tracker run's name and tags (``train.trackers``; default: the folder's).
     """
+    check_trackers(cfg)
     backend.start(cfg.ray)  # first: a bad --address fails before anything is checked or written
     cfg, paths = choose_run_folder(absolute_model_paths(cfg), resume=resume,
                                    set_overrides=set_overrides, local_only=not backend.uses_ray)
+    cfg = with_tracking_uri(cfg, cfg.train.run_dir)
     cfg, root = prepare_inputs(cfg, backend, new_run=resume is None)
     plan = plan_training(cfg, paths, root, backend)
     try:  # everything that can fail early is checked: make the run folder
         write_run_metadata(paths.run_dir, cfg, world_size=plan.world)
-        summary = run_training(plan, backend, callbacks=list(callbacks), log_tag=log_tag)
+        summary = run_training(plan, backend, callbacks=list(callbacks), log_tag=log_tag,
+                               labels=labels)
     except Exception:
         if resume is None:
             remove_unfinished_run(paths.run_dir)
         raise
     write_summary(paths.run_dir, cfg, root, summary)
+    finish_tracking(cfg, paths.run_dir, summary)
     return summary
 
 
@@ -95,7 +107,7 @@ def absolute_model_paths(cfg: Config) -> Config:
 
 
 def run_training(plan: TrainingPlan, backend: Backend, *, callbacks: list,
-                 log_tag: str = "") -> dict[str, Any]:
+                 log_tag: str = "", labels: Labels | None = None) -> dict[str, Any]:
     """The training worker function on ``backend``'s workers; returns the summary."""
     cfg = plan.cfg
     specs = sample_specs(cfg)
@@ -110,7 +122,9 @@ def run_training(plan: TrainingPlan, backend: Backend, *, callbacks: list,
     result = backend.run(
         training_worker, {"config": config_to_dict(cfg), "root": plan.root,
                           "run_dir": plan.paths.run_dir, "steps_per_epoch": plan.steps,
-                          "in_memory": in_memory, "log_tag": log_tag},
+                          "in_memory": in_memory, "log_tag": log_tag,
+                          "tracking": {"labels": labels.to_dict() if labels else None,
+                                       "env": forwarded_environment()}},
         storage=plan.paths.storage, name=plan.paths.name, ray=cfg.ray,
         keep=cfg.train.keep_checkpoints, datasets=datasets, callbacks=callbacks,
         checkpoint_metrics=_checkpoint_metrics)
@@ -140,7 +154,7 @@ def training_worker(loop_config: dict, worker: Worker) -> None:
                          in_memory_train=in_memory["train"], in_memory_val=in_memory["val"])
     train_loop(cfg, worker, feed, run_dir=loop_config["run_dir"],
                steps_per_epoch=loop_config["steps_per_epoch"],
-               log_tag=loop_config.get("log_tag", ""))
+               log_tag=loop_config.get("log_tag", ""), tracking=loop_config.get("tracking"))
 
 
 def training_datasets(cfg: Config, root: str, specs: dict[str, SampleSpec],

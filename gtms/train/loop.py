@@ -370,16 +370,34 @@ def report_epoch(state: TrainingState, worker: Worker, cfg: Config,
 
 
 def train_loop(cfg: Config, worker: Worker, feed: Feed, *, run_dir: str | None,
-               steps_per_epoch: int, log_tag: str = "") -> dict[str, Any]:
+               steps_per_epoch: int, log_tag: str = "",
+               tracking: dict | None = None) -> dict[str, Any]:
     """Train ``cfg`` on ``worker`` with batches from ``feed``; returns the last epoch's
     metrics. A resumed run continues from the worker's latest checkpoint exactly: its
     generators are restored last, just before the first epoch, and the run log keeps only the
-    epochs that checkpoint finished."""
+    epochs that checkpoint finished. ``tracking``: the tracker runs' labels and environment
+    (:mod:`gtms.tracking`)."""
     state, latest = start_training(cfg, worker)
     attention = attention_sources(cfg, worker.device)
     log = None
     if worker.rank == 0 and run_dir:
-        log = RunLogger(run_dir, done_epochs=state.done, done_steps=state.step, tag=log_tag)
+        log = RunLogger(run_dir, done_epochs=state.done, done_steps=state.step, tag=log_tag,
+                        cfg=cfg, tracking=tracking)
+    try:
+        metrics = train_epochs(state, worker, feed, cfg, log=log, latest=latest,
+                               steps_per_epoch=steps_per_epoch, attention=attention)
+    except BaseException:
+        if log:
+            log.close(failed=True)
+        raise
+    if log:
+        log.close()
+    return metrics
+
+
+def train_epochs(state: TrainingState, worker: Worker, feed: Feed, cfg: Config, *, log,
+                 latest, steps_per_epoch: int, attention) -> dict[str, Any]:
+    """The epochs left after ``state.done``, each reported with its checkpoint."""
     if state.done:
         resume_random_state(state, worker, log)
         if log:
@@ -399,8 +417,8 @@ def train_loop(cfg: Config, worker: Worker, feed: Feed, *, run_dir: str | None,
                 log.image_grid(first[0], first[1], state.step)
         killpoints.reached("after_metrics", metrics["epoch"])
         report_epoch(state, worker, cfg, metrics)
-    if log:
-        log.close()
+        if log:
+            log.committed(metrics)
     return metrics
 
 

@@ -4,7 +4,8 @@
 steps so far, IoU and Prec@X as fractions in [0, 1]), TensorBoard event files under ``<run>/tb``
 (the same numbers, tagged ``train/…``, ``val/…``, ``skipped/…`` and ``lr``; loss terms every
 ``train.log_every`` steps under ``train_step/…``; image grids), and one progress line per epoch on
-the console (IoU in percent).
+the console (IoU in percent). With MLflow or W&B in ``train.trackers`` the same numbers go to
+their runs too (:mod:`gtms.tracking`), once the epoch's checkpoint is committed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from gtms.config import Config
 from gtms.console import say
 from gtms.eval.metrics import percent
 
@@ -68,9 +70,7 @@ class RunLogger:
     """
 
     def __init__(self, run_dir: str, *, done_epochs: int = 0, done_steps: int = 0,
-                 tag: str = ""):
-        from torch.utils.tensorboard import SummaryWriter
-
+                 tag: str = "", cfg: Config | None = None, tracking: dict | None = None):
         from gtms.storage import RunFolder
 
         self.folder = RunFolder(run_dir, fetch=True)   # local, or a mirror of a URI
@@ -80,7 +80,26 @@ class RunLogger:
         if self.jsonl.is_file():   # an earlier session of this run: keep what was checkpointed
             self._keep_epochs(done_epochs)
             purge = done_steps + 1
-        self.writer = SummaryWriter(str(self.folder.path / "tb"), purge_step=purge)
+        self.writer = None
+        if cfg is None or "tensorboard" in cfg.train.trackers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.folder.path / "tb"), purge_step=purge)
+        self.tracked = None
+        if cfg is not None:
+            self.tracked = self._start_tracking(cfg, run_dir, tracking or {})
+
+    @staticmethod
+    def _start_tracking(cfg: Config, run_dir: str, tracking: dict):
+        """MLflow / W&B runs (:mod:`gtms.tracking`), with the driver's tracker environment (a
+        Ray worker's own may lack it)."""
+        import os
+
+        from gtms.tracking import Labels, folder_name, start_tracking
+
+        os.environ.update(tracking.get("env") or {})
+        labels = Labels.from_dict(tracking.get("labels"), folder_name(run_dir))
+        return start_tracking(cfg, run_dir, labels)
 
     def _keep_epochs(self, done: int) -> None:
         lines = [line for line in self.jsonl.read_text().splitlines() if line.strip()]
@@ -99,15 +118,13 @@ class RunLogger:
         say(self.prefix + text)
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
         for key, value in values.items():
             self.writer.add_scalar(f"{prefix}/{key}", value, step)
 
     def epoch(self, metrics: dict[str, Any], epochs: int) -> None:
-        step = metrics["step"]
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                self.writer.add_scalar(tensorboard_tag(key), value, step)
-        self.writer.flush()
+        self._tensorboard(metrics)
         with self.jsonl.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         self.folder.sync()
@@ -124,14 +141,34 @@ class RunLogger:
             parts.append("skipped " + ", ".join(f"{k[8:]}={v}" for k, v in skipped.items()))
         self.console(" | ".join(parts))
 
+    def _tensorboard(self, metrics: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                self.writer.add_scalar(tensorboard_tag(key), value, metrics["step"])
+        self.writer.flush()
+
+    def committed(self, metrics: dict[str, Any]) -> None:
+        """The epoch's checkpoint is committed: its metrics go to MLflow / W&B."""
+        if self.tracked is not None:
+            self.tracked.metrics(metrics)
+
     def image_grid(self, batch: dict[str, Any], result: dict[str, Any], step: int) -> None:
         from gtms.viz import sample_panels
 
+        if self.writer is None:
+            return
         grid = sample_panels(batch, result, max_samples=4)
         self.writer.add_image("val/samples", np.ascontiguousarray(grid), step, dataformats="HWC")
         self.writer.flush()
         self.folder.sync()
 
-    def close(self) -> None:
-        self.writer.close()
+    def close(self, *, failed: bool = False) -> None:
+        """End the run's record; the tracker runs stay open for the driver's summary unless
+        the training ``failed``."""
+        if self.writer is not None:
+            self.writer.close()
+        if self.tracked is not None:
+            self.tracked.close(failed=failed, final=False)
         self.folder.sync()

@@ -15,6 +15,7 @@ from gtms.backend import RunResult, retention
 from gtms.config import Config
 from gtms.data.reading import iter_shard_rows
 from gtms.eval.metrics import percent
+from gtms.tracking import where_to_look
 
 
 def summarise(result: RunResult) -> dict[str, Any]:
@@ -35,6 +36,7 @@ def write_summary(run_dir: str, cfg: Config, root: str, summary: dict[str, Any])
     """Add the next-step commands to ``summary`` and write it to ``<run>/summary.json``."""
     folder = storage.RunFolder(run_dir)
     summary["next_steps"] = next_steps(cfg, root, summary.get("best_checkpoint"), folder.path)
+    summary["trackers"] = where_to_look(cfg, run_dir)
     (folder.path / "summary.json").write_text(json.dumps(summary, indent=2))
     folder.sync()
 
@@ -115,8 +117,8 @@ def print_summary(summary: dict[str, Any]) -> None:
               f"{percent(best['val_mean_iou'])}")
     print(f"best checkpoint:     {summary.get('best_checkpoint')}")
     print(f"latest checkpoint:   {summary.get('latest_checkpoint')}")
-    print(f"TensorBoard:         "
-          f"{shlex.join(['tensorboard', '--logdir', summary['run_dir'] + '/tb'])}")
+    for name, where in summary.get("trackers", {}).items():
+        print(f"{name + ':':<21}{where}")
     if summary.get("next_steps"):
         print("\nnext steps:")
         for step in summary["next_steps"]:
