@@ -14,6 +14,7 @@ from gtms.config import Config, config_to_dict, replace
 from gtms.modes import ABLATION_MODES
 from gtms.tune.plot import plot_ablation, read_curves
 from gtms.tune.table import collect, write_tables
+from gtms.tune.tracked import finish_parent, start_parent
 from gtms.tune.tuner import (
     TuneError,
     build_or_restore_tuner,
@@ -85,12 +86,18 @@ def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: str | Pat
         if resume and not storage.exists(trials_dir(out_dir)):
             raise TuneError(f"--resume: nothing to continue in {trials_dir(out_dir)}")
     root = prepare_data_root(cfg)
-    cfg = replace(cfg, data={"root": root})
-    if not backend.uses_ray:
-        return _run_local(cfg, rows=rows, seeds=seeds, out_dir=out_dir,
-                          max_concurrent=max_concurrent, backend=backend)
-    return _run_tuner(cfg, rows=rows, seeds=seeds, out_dir=out_dir, resume=resume,
-                      max_concurrent=max_concurrent, backend=backend)
+    cfg, parent, tracking = start_parent(replace(cfg, data={"root": root}), out_dir, "ablation")
+    runner = _run_tuner if backend.uses_ray else _run_local
+    try:
+        report = runner(cfg, rows=rows, seeds=seeds, out_dir=out_dir, resume=resume,
+                        max_concurrent=max_concurrent, backend=backend, tracking=tracking)
+    except BaseException:
+        if parent is not None:
+            parent.close(failed=True)
+        raise
+    finish_parent(parent, out_dir, [f"ablation.{ext}" for ext in ("md", "csv", "json", "png")],
+                  notes={"trials": len(rows) * seeds})
+    return report
 
 
 def _title(cfg: Config, seeds: int) -> str:
@@ -98,8 +105,8 @@ def _title(cfg: Config, seeds: int) -> str:
             f"epochs, {seeds} seed(s))")
 
 
-def _run_local(cfg: Config, *, rows: list[str], seeds: int, out_dir: str,
-               max_concurrent: int, backend: Backend) -> dict[str, Any]:
+def _run_local(cfg: Config, *, rows: list[str], seeds: int, out_dir: str, resume: bool,
+               max_concurrent: int, backend: Backend, tracking: dict | None) -> dict[str, Any]:
     """The trials as processes on this machine (:mod:`gtms.tune.local`)."""
     from gtms.pretrain.run import with_synthclip
     from gtms.tune.local import run_local_trials
@@ -113,7 +120,7 @@ def _run_local(cfg: Config, *, rows: list[str], seeds: int, out_dir: str,
     start = time.time()
     trials, failed = run_local_trials(cfg, rows=rows, seed_values=seed_values, splits=splits,
                                       trials_dir=Path(trials_dir(out_dir)),
-                                      max_concurrent=max_concurrent)
+                                      max_concurrent=max_concurrent, tracking=tracking)
     if failed:
         raise TuneError(f"{len(failed)} trial(s) failed: {'; '.join(failed)}; fix and rerun "
                         f"with --resume --out {shlex.quote(str(out_dir))}")
@@ -125,7 +132,7 @@ def _run_local(cfg: Config, *, rows: list[str], seeds: int, out_dir: str,
 
 
 def _run_tuner(cfg: Config, *, rows: list[str], seeds: int, out_dir: str, resume: bool,
-               max_concurrent: int, backend: Backend) -> dict[str, Any]:
+               max_concurrent: int, backend: Backend, tracking: dict | None) -> dict[str, Any]:
     """The trials as Ray Tune trials (each a Ray Train run)."""
     from ray import tune
 
@@ -141,7 +148,7 @@ def _run_tuner(cfg: Config, *, rows: list[str], seeds: int, out_dir: str, resume
     cfg = with_synthclip(cfg, root, backend)
     seed_values = [cfg.train.seed + i for i in range(seeds)]
     param_space = {"base": config_to_dict(cfg), "storage": trials_dir(out_dir),
-                   "splits": splits, "loss.mode": tune.grid_search(rows),
+                   "splits": splits, "tracking": tracking, "loss.mode": tune.grid_search(rows),
                    "train.seed": tune.grid_search(seed_values)}
     trainable = tune.with_resources(tune_trial, trial_resources())
     tuner = build_or_restore_tuner(

@@ -65,6 +65,7 @@ class LocalTrials:
     splits: list[str]
     max_concurrent: int
     poll_s: float = 2.0
+    tracking: dict | None = None   # the ablation's parent tracker run (gtms.tune.tracked)
     queue: list[tuple[str, dict]] = field(default_factory=list)
     running: list[Child] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
@@ -82,7 +83,7 @@ class LocalTrials:
                     self.queue.append((name, {
                         "base": base, "params": {"loss.mode": row, "train.seed": seed},
                         "storage": str(self.trials_dir), "name": name,
-                        "splits": self.splits}))
+                        "splits": self.splits, "tracking": self.tracking}))
         self.total = len(rows) * len(seed_values)
         self.done = self.total - len(self.queue)
 
@@ -167,13 +168,13 @@ def _tail(path: Path, n: int = 6) -> str:
 
 
 def run_local_trials(cfg: Config, *, rows: list[str], seed_values: list[int], splits: list[str],
-                     trials_dir: Path, max_concurrent: int,
-                     poll_s: float = 2.0) -> tuple[list[dict], list[str]]:
+                     trials_dir: Path, max_concurrent: int, poll_s: float = 2.0,
+                     tracking: dict | None = None) -> tuple[list[dict], list[str]]:
     """Run every (row, seed) trial not finished yet as a child process, ``max_concurrent`` at
     a time. Returns the finished trials (also those of earlier runs) and the failed ones'
     descriptions."""
     trials_dir.mkdir(parents=True, exist_ok=True)
-    pool = LocalTrials(cfg, trials_dir, splits, max_concurrent, poll_s)
+    pool = LocalTrials(cfg, trials_dir, splits, max_concurrent, poll_s, tracking=tracking)
     pool.plan(rows, seed_values)
     print(f"ablation (no Ray): {pool.done} of {pool.total} trials finished before, "
           f"{len(pool.queue)} to run, {max_concurrent} at a time with "

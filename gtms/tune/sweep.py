@@ -42,6 +42,7 @@ from gtms.config import (
     sweep_section,
 )
 from gtms.eval.metrics import format_metric
+from gtms.tune.tracked import finish_parent, start_parent
 from gtms.tune.tuner import (
     TuneError,
     build_or_restore_tuner,
@@ -168,6 +169,23 @@ def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: str | Path, resume: bool
         raise TuneError("a sweep runs its trials on Ray Tune (no --no-ray)")
     out_dir = experiment_dir(out_dir)
     cfg = replace(cfg, data={"root": prepare_data_root(cfg)})
+    cfg, parent, tracking = start_parent(cfg, out_dir, "sweep")
+    try:
+        result = _sweep(cfg, spec, out_dir=out_dir, resume=resume, backend=backend,
+                        tracking=tracking)
+    except BaseException:
+        if parent is not None:
+            parent.close(failed=True)
+        raise
+    finish_parent(parent, out_dir, ["best.yaml"],
+                  notes={spec.metric: result["best"][spec.metric],
+                         **{f"best {k}": v for k, v in result["best"]["params"].items()}})
+    return result
+
+
+def _sweep(cfg: Config, spec: SweepSpec, *, out_dir: str, resume: bool, backend: Backend,
+           tracking: dict | None) -> dict[str, Any]:
+    """The trials on Ray Tune (:func:`run_sweep`)."""
     backend.start(cfg.ray, concurrent_trials=spec.max_concurrent_trials,
                   trial_cpus=trial_resources()["cpu"])
     if not any(key.startswith(PRETRAIN_DEPENDS_ON) for key in spec.space):
@@ -176,7 +194,7 @@ def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: str | Path, resume: bool
 
         cfg = with_synthclip(cfg, cfg.data.root, backend)
     start = time.time()
-    grid = sweep_tuner(cfg, spec, out_dir=out_dir, resume=resume).fit()
+    grid = sweep_tuner(cfg, spec, out_dir=out_dir, resume=resume, tracking=tracking).fit()
     rows = [{"params": {k: result.config[k] for k in spec.space},
              spec.metric: (result.metrics or {}).get(spec.metric),
              "epochs": (result.metrics or {}).get("epoch", 0),
@@ -193,7 +211,8 @@ def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: str | Path, resume: bool
             "wall_time_s": round(time.time() - start, 1)}
 
 
-def sweep_tuner(cfg: Config, spec: SweepSpec, *, out_dir: str, resume: bool):
+def sweep_tuner(cfg: Config, spec: SweepSpec, *, out_dir: str, resume: bool,
+                tracking: dict | None = None):
     """The sweep's Tuner (new, or restored with ``resume``), each trial a
     :func:`gtms.tune.trial.tune_trial` without evaluation splits."""
     from ray import tune
@@ -207,7 +226,7 @@ def sweep_tuner(cfg: Config, spec: SweepSpec, *, out_dir: str, resume: bool):
                                   grace_period=spec.grace_period,
                                   reduction_factor=spec.reduction_factor)
     param_space = {"base": config_to_dict(cfg), "storage": trials_dir(out_dir),
-                   "splits": [], **tune_space(spec)}
+                   "splits": [], "tracking": tracking, **tune_space(spec)}
     return build_or_restore_tuner(
         tune.with_resources(tune_trial, trial_resources()), param_space, out_dir=out_dir,
         resume=resume, tune_config=tune.TuneConfig(

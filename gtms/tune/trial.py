@@ -21,6 +21,8 @@ from typing import Any
 from gtms import console, storage
 from gtms.backend import Backend
 from gtms.config import Config, config_from_dict, replace, split_key
+from gtms.tracking import Labels
+from gtms.tune.tracked import trial_labels
 from gtms.tune.tuner import trial_tag
 
 TRIAL_FILE = "trial.json"
@@ -53,14 +55,17 @@ def run_trial(spec: dict[str, Any], backend: Backend, *, callbacks: tuple = ()) 
 
     ``spec``: ``base`` (a config dict), ``params`` (dotted keys -> values), ``storage`` (the
     trials' folder or bucket URI), ``name`` (this trial's run folder in it), ``splits``
-    (evaluated at the end; none for a sweep). ``callbacks``: Ray Train callbacks."""
+    (evaluated at the end; none for a sweep), ``tracking`` (the experiment's parent tracker
+    run, :func:`gtms.tune.tracked.start_parent`). ``callbacks``: Ray Train callbacks."""
     run_dir = storage.join(spec["storage"], spec["name"])
     finished = read_trial(run_dir)
     if finished is not None:
         return finished
     cfg = replace(apply_params(spec["base"], spec["params"]),
                   train={"run_dir": spec["storage"], "name": spec["name"]})
-    summary = trained(cfg, run_dir, backend, callbacks, tag=trial_tag(spec["params"]))
+    labels = trial_labels(spec["name"], spec["params"], spec.get("tracking"))
+    summary = trained(cfg, run_dir, backend, callbacks, tag=trial_tag(spec["params"]),
+                      labels=labels)
     report = evaluated(summary["best_checkpoint"], cfg, list(spec["splits"]), backend)
     params = spec["params"]
     trial = {"mode": params.get("loss.mode"), "seed": params.get("train.seed"),
@@ -72,7 +77,7 @@ def run_trial(spec: dict[str, Any], backend: Backend, *, callbacks: tuple = ()) 
 
 
 def trained(cfg: Config, run_dir: str, backend: Backend, callbacks: tuple, *,
-            tag: str = "") -> dict[str, Any]:
+            tag: str = "", labels: Labels | None = None) -> dict[str, Any]:
     """The training summary of a trial: read back when training finished before, else from
     training it (resumed at its next epoch when it was interrupted)."""
     from gtms.train.fit import fit
@@ -82,7 +87,7 @@ def trained(cfg: Config, run_dir: str, backend: Backend, callbacks: tuple, *,
         console.say(f"[{tag or cfg.train.name}] trained before, evaluating its best checkpoint")
         return json.loads(storage.read_bytes(summary_file))
     resume = cfg.train.name if storage.exists(storage.join(run_dir, "config.yaml")) else None
-    return fit(cfg, backend, resume=resume, callbacks=callbacks, log_tag=tag)
+    return fit(cfg, backend, resume=resume, callbacks=callbacks, log_tag=tag, labels=labels)
 
 
 def evaluated(best_checkpoint: str, cfg: Config, splits: list[str],
@@ -147,7 +152,7 @@ def tune_trial(config: dict[str, Any]) -> None:
     console.forward_to_driver()  # this trial's lines reach a quiet driver console
     params = {**config.get("params", {}), **{k: v for k, v in config.items() if "." in k}}
     spec = {"base": config["base"], "params": params, "storage": config["storage"],
-            "splits": config.get("splits") or [],
+            "splits": config.get("splits") or [], "tracking": config.get("tracking"),
             "name": f"trial-{tune.get_context().get_trial_id()}"}
     trial = run_trial(spec, RayBackend(), callbacks=(TuneReportCallback(),))
     tune.report(trial["metrics"])
