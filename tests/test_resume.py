@@ -100,7 +100,8 @@ def train_argv(small_data: list[str], run_dir: Path, name: str) -> list[str]:
             "data.limit_eval_refs=8", f"train.run_dir={run_dir}", f"train.name={name}",
             "train.batch_size=8", "train.eval_batch_size=16", "train.epochs=2",
             "train.image_grid_every=1", "loss.gamma_warmup_epochs=1",
-            "loss.gamma_delay_epochs=0", "pretrain.before_train=false"]
+            "loss.gamma_delay_epochs=0", "pretrain.before_train=false",
+            "train.trackers=[tensorboard,mlflow]"]
     return [sys.executable, str(REPO / "run.py"), "train", "--no-ray",
             *(a for kv in sets for a in ("--set", kv))]
 
@@ -158,3 +159,17 @@ def test_a_run_killed_anywhere_resumes_to_the_same_numbers(point, left, small_da
     assert numbers(run_dir) == numbers(uninterrupted)
     assert tensorboard_steps(run_dir) == tensorboard_steps(uninterrupted)
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+    assert mlflow_epochs(run_dir) == mlflow_epochs(uninterrupted)   # one run, each epoch once
+
+
+def mlflow_epochs(run_dir: Path) -> list[tuple[int, float]]:
+    """The MLflow run of ``run_dir`` (SQLite store beside it): its (step, val mean IoU) history,
+    after checking it is the only run and finished."""
+    from test_tracking import mlflow_history, mlflow_runs
+
+    uri = f"sqlite:///{run_dir.parent / 'mlflow.db'}"
+    runs = mlflow_runs(uri)
+    assert list(runs["status"]) == ["FINISHED"]
+    run_id = json.loads((run_dir / "tracking.json").read_text())["mlflow"]
+    assert list(runs["run_id"]) == [run_id]
+    return mlflow_history(uri, run_id, "val_mean_iou")

@@ -5,6 +5,7 @@ record with W&B's own protobuf definitions. No mocks of either library."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -32,10 +33,18 @@ REPO = Path(__file__).resolve().parents[1]
 # --- reading the trackers back ------------------------------------------------------------------
 
 def mlflow_runs(uri: str, experiment: str = "gtms"):
+    """``mlflow.search_runs`` on the store ``uri``. ``mlflow.set_tracking_uri`` also sets
+    ``$MLFLOW_TRACKING_URI``, which a later run (a subprocess) would follow: it is undone."""
     import mlflow
 
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
-    return mlflow.search_runs(experiment_names=[experiment])
+    try:
+        return mlflow.search_runs(experiment_names=[experiment])
+    finally:
+        mlflow.set_tracking_uri(before or "")
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def mlflow_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

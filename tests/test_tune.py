@@ -459,11 +459,16 @@ TINY = ["--set", "data.synthref_images=24", "--set", "data.synthref_seed=5",
 
 @pytest.mark.integration
 def test_ablation_of_two_rows_writes_matching_tables(synthref_small, tmp_path, ray_cluster,
-                                                    capsys):
+                                                    capsys, monkeypatch):
     out = tmp_path / "ablation"
+    # W&B offline: the Ray workers (started before this test) get the mode from the driver
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert run.main(["ablate", "--config", str(REPO / "experiments" / "synthref_ablation.yaml"),
                      "--rows", "box-lloc,tree", "--out", str(out), "--set",
-                     f"data.root={synthref_small}", *TINY]) == 0
+                     f"data.root={synthref_small}", *TINY,
+                     "--set", "train.trackers=[tensorboard,mlflow,wandb]"]) == 0
+    check_tracked_ablation(out, rows=("box-lloc", "tree"), wandb=True)
     payload = json.loads((out / "ablation.json").read_text())
     assert set(payload["rows"]) == {"box-lloc", "tree"} and payload["splits"] == ["val", "testA"]
     text = (out / "ablation.md").read_text()
@@ -488,6 +493,38 @@ def test_ablation_of_two_rows_writes_matching_tables(synthref_small, tmp_path, r
     assert "--resume" in capsys.readouterr().err
 
 
+def check_tracked_ablation(out: Path, rows: tuple[str, ...], *, wandb: bool = False) -> None:
+    """MLflow (``<out>/mlflow.db``): a parent run holding the report and plot, and one run per
+    trial below it, tagged with its row and seed, holding its epochs. W&B: the trials' offline
+    runs in the parent's group."""
+    from test_tracking import mlflow_artifacts, mlflow_history, mlflow_runs, of_kind, wandb_records
+
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    runs = mlflow_runs(uri)
+    parent = runs[runs["tags.gtms.kind"] == "ablation"]
+    assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
+    parent_id = parent.iloc[0]["run_id"]
+    assert {"ablation.md", "ablation.csv", "ablation.json", "ablation.png"} <= mlflow_artifacts(
+        uri, parent_id)
+    trials = runs[runs["tags.gtms.kind"] == "trial"]
+    assert sorted(trials["tags.row"]) == sorted(rows)
+    assert set(trials["tags.seed"]) == {"0"}
+    assert set(trials["tags.mlflow.parentRunId"]) == {parent_id}
+    assert set(trials["status"]) == {"FINISHED"}
+    payload = json.loads((out / "ablation.json").read_text())
+    for trial in payload["trials"]:
+        run_id = json.loads(Path(trial["run_dir"], "tracking.json").read_text())["mlflow"]
+        line = json.loads(Path(trial["run_dir"], "metrics.jsonl").read_text().splitlines()[-1])
+        assert mlflow_history(uri, run_id, "val_mean_iou") == [(line["step"],
+                                                                line["val_mean_iou"])]
+        if wandb:
+            started = of_kind(wandb_records(Path(trial["run_dir"])), "run")[0]
+            assert started.run_group == f"ablation {out.name}"
+            assert f"row={trial['mode']}" in started.tags
+    if wandb:
+        assert of_kind(wandb_records(out), "artifact")   # the parent's report files
+
+
 @pytest.mark.integration
 def test_two_point_sweep_writes_loadable_best_yaml(synthref_small, tmp_path, ray_cluster,
                                                   capsys):
@@ -497,7 +534,8 @@ def test_two_point_sweep_writes_loadable_best_yaml(synthref_small, tmp_path, ray
     out = tmp_path / "sweep-out"
     capsys.readouterr()
     assert run.main(["sweep", "--config", str(sweep), "--out", str(out), "--set",
-                     f"data.root={synthref_small}", *TINY]) == 0
+                     f"data.root={synthref_small}", *TINY,
+                     "--set", "train.trackers=[tensorboard,mlflow]"]) == 0
     printed = capsys.readouterr()
     lines = [line for line in (printed.out + printed.err).splitlines() if line.strip()]
     # what train shows, tagged per trial, one line per finished trial and the table: no
@@ -510,6 +548,14 @@ def test_two_point_sweep_writes_loadable_best_yaml(synthref_small, tmp_path, ray
         assert any(line.startswith(f"[pseudo.sigma={sigma}] epoch 1/1") for line in lines)
     best = load_config(out / "best.yaml")
     assert best.pseudo.sigma in (0.01, 0.1) and best.data.input_size == 64
+    from test_tracking import mlflow_artifacts, mlflow_runs
+
+    runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}")
+    parent = runs[runs["tags.gtms.kind"] == "sweep"].iloc[0]
+    assert "best.yaml" in mlflow_artifacts(f"sqlite:///{out / 'mlflow.db'}", parent["run_id"])
+    trials = runs[runs["tags.gtms.kind"] == "trial"]
+    assert sorted(trials["tags.pseudo.sigma"]) == ["0.01", "0.1"]
+    assert set(trials["tags.mlflow.parentRunId"]) == {parent["run_id"]}
     assert (out / "best.yaml").read_text().startswith("# python run.py train --config")
 
 
@@ -615,7 +661,9 @@ def test_ablation_without_ray_trains_processes_and_matches_ray_eval(synthref_sma
 
     out = tmp_path / "ablation"
     assert run.main(["ablate", "--no-ray", "--rows", "box-lloc", "--out", str(out), "--set",
-                     f"data.root={synthref_small}", *TINY]) == 0
+                     f"data.root={synthref_small}", *TINY,
+                     "--set", "train.trackers=[tensorboard,mlflow]"]) == 0
+    check_tracked_ablation(out, rows=("box-lloc",))
     trial = json.loads((out / "trials" / "box-lloc-s0" / "trial.json").read_text())
     best = trial["metrics"]["best_checkpoint"]
     assert (Path(best) / "eval.json").is_file()
@@ -637,7 +685,9 @@ def test_ablation_without_ray_trains_processes_and_matches_ray_eval(synthref_sma
     (out / "trials" / "box-lloc-s0" / "trial.json").unlink()
     capsys.readouterr()
     assert run.main(["ablate", "--no-ray", "--resume", "--rows", "box-lloc", "--out", str(out),
-                     "--set", f"data.root={synthref_small}", *TINY]) == 0
+                     "--set", f"data.root={synthref_small}", *TINY,
+                     "--set", "train.trackers=[tensorboard,mlflow]"]) == 0
+    check_tracked_ablation(out, rows=("box-lloc",))   # the same runs, not new ones
     assert "trained before" in (out / "trials" / "box-lloc-s0.log").read_text()
     assert json.loads((out / "ablation.json").read_text())["rows"] == table
 
