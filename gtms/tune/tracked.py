@@ -8,6 +8,7 @@ When the report is written, its files become the parent's artefacts and the pare
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from gtms.tracking import (
     TrackedRun,
     check_trackers,
     folder_name,
+    forwarded_environment,
     start_tracking,
     with_tracking_uri,
 )
@@ -29,16 +31,17 @@ def start_parent(cfg: Config, out_dir: str, kind: str) -> tuple[Config, TrackedR
                                                                   dict | None]:
     """Check the trackers, resolve MLflow's store to ``<out>/mlflow.db`` (one store for the
     parent and every trial) and open the parent run of an ablation or sweep. Returns the
-    config for the trials, the parent (None without a tracking library) and what a trial's
-    labels need of it (:func:`trial_labels`)."""
+    config for the trials, the parent (None without a tracking library) and what a trial needs
+    of it (:func:`trial_labels`; ``env``: the driver's tracker settings, for a Tune trial's
+    process, :func:`apply_environment`)."""
     check_trackers(cfg)
     cfg = with_tracking_uri(cfg, out_dir)
     name = f"{kind} {folder_name(out_dir)}"
     parent = start_tracking(cfg, out_dir, Labels(name=name, group=name, kind=kind))
     if parent is None:
         return cfg, None, None
-    return cfg, parent, {"group": name, "parent": {k: v for k, v in parent.ids.items()
-                                                   if k == "mlflow"}}
+    return cfg, parent, {"group": name, "env": forwarded_environment(),
+                         "parent": {k: v for k, v in parent.ids.items() if k == "mlflow"}}
 
 
 def trial_labels(name: str, params: dict[str, Any], parent: dict | None) -> Labels:
@@ -52,6 +55,12 @@ def trial_labels(name: str, params: dict[str, Any], parent: dict | None) -> Labe
     parent = parent or {}
     return Labels(name=name, tags=tags, group=parent.get("group", ""),
                   parent=dict(parent.get("parent") or {}), kind="trial")
+
+
+def apply_environment(parent: dict | None) -> None:
+    """The driver's tracker settings (``WANDB_MODE``, ...) in this trial's process: a Ray Tune
+    trial runs in a process of a Ray started earlier, without them."""
+    os.environ.update((parent or {}).get("env") or {})
 
 
 def finish_parent(parent: TrackedRun | None, out_dir: str, files: list[str],

@@ -22,7 +22,7 @@ from gtms import console, storage
 from gtms.backend import Backend
 from gtms.config import Config, config_from_dict, replace, split_key
 from gtms.tracking import Labels
-from gtms.tune.tracked import trial_labels
+from gtms.tune.tracked import apply_environment, trial_labels
 from gtms.tune.tuner import trial_tag
 
 TRIAL_FILE = "trial.json"
@@ -64,6 +64,7 @@ def run_trial(spec: dict[str, Any], backend: Backend, *, callbacks: tuple = ()) 
     cfg = replace(apply_params(spec["base"], spec["params"]),
                   train={"run_dir": spec["storage"], "name": spec["name"]})
     labels = trial_labels(spec["name"], spec["params"], spec.get("tracking"))
+    apply_environment(spec.get("tracking"))
     summary = trained(cfg, run_dir, backend, callbacks, tag=trial_tag(spec["params"]),
                       labels=labels)
     report = evaluated(summary["best_checkpoint"], cfg, list(spec["splits"]), backend)
