@@ -258,6 +258,18 @@ class Page:
         self.wait.until(lambda d: expect in self.message())
         return self.message()
 
+    def pick_example(self, name: str, *, expect: str) -> str:
+        """Click the val example whose image file is ``name``, press Segment, wait for
+        ``expect``."""
+        from selenium.webdriver.common.by import By
+
+        cell = self.driver.find_element(By.XPATH, f"//td[contains(., '{name}')]")
+        cell.click()
+        self.wait.until(lambda d: name in self.find("#gtms-image")[0].text)
+        self.find("#gtms-submit")[0].click()
+        self.wait.until(lambda d: expect in self.message())
+        return self.message()
+
     def message(self) -> str:
         found = self.find("#gtms-message")
         return found[0].text if found else ""
@@ -300,6 +312,7 @@ def test_browser_page_shows_predicts_overlay_and_survives_a_broken_image(
         height, width = read_image(photo).shape[:2]
         page.ask(photo, "the star", expect=f"of the {width} x {height} image")
         photo_overlay, photo_mask = page.image("gtms-overlay"), page.image("gtms-mask")
+        page.pick_example("val_ref2", expect="ground-truth box and mask of val ref 2")
         assert process.poll() is None
     served = log.read_text()
     assert f"demo running at {url}" in served and "Traceback" not in served
