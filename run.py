@@ -13,7 +13,7 @@ from gtms.errors import UserError
 
 # Subcommands in the order --help lists them; each module registers its own parser.
 COMMANDS = ("config", "prepare", "pretrain", "train", "eval", "ablate", "sweep", "predict",
-            "visualize", "export")
+            "visualize", "export", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

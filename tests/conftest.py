@@ -12,6 +12,25 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 SMALL_IMAGES = 24
 SMALL_SEED = 5
+ARTIFACTS: list[tuple[str, Path]] = []   # files tests wrote for people to look at
+
+
+@pytest.fixture
+def artifact():
+    """``artifact(path, what)``: list a file a test wrote for people to look at (a screenshot)
+    in pytest's summary, whether the test passes or fails."""
+    def register(path: Path, what: str) -> Path:
+        ARTIFACTS.append((what, Path(path)))
+        return Path(path)
+
+    return register
+
+
+def pytest_terminal_summary(terminalreporter):
+    if ARTIFACTS:
+        terminalreporter.section("files to look at")
+        for what, path in ARTIFACTS:
+            terminalreporter.write_line(f"{what}: {path}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -36,24 +36,12 @@ def register(subparsers) -> None:
                              '"..."}; relative paths are resolved against the file\'s folder')
     parser.add_argument("--out", default="predictions", metavar="DIR",
                         help="output folder (default: ./predictions)")
-    parser.add_argument("--threshold", type=float, default=None, metavar="T",
-                        help="probability threshold, i.e. --set train.threshold=T (default: "
-                             "the checkpoint's config, 0.35 as CRIS)")
-    parser.add_argument("--input-size", type=int, default=None, metavar="S",
-                        help="letterbox size, a multiple of 32, i.e. --set data.input_size=S "
-                             "(default: the checkpoint's config)")
-    parser.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
-                        help="refuse images with more pixels than N, read from the file header "
-                             "before decoding, i.e. --set data.max_image_pixels=N (default: "
-                             "the checkpoint's config, 89478485 as Pillow's limit; 0 = no "
-                             "limit)")
+    add_predictor_flags(parser)
     parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                         help="pairs per forward pass (default 8)")
     parser.add_argument("--ignore-orientation", action="store_true",
                         help="use the stored pixels of JPEGs with an EXIF orientation (as COCO "
                              "annotations do); default: the image as viewers show it")
-    parser.add_argument("--device", default="auto",
-                        help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
     add_checkpoint_config_flags(parser, example="--set model.preset=rn50")
     parser.set_defaults(func=run)
 
@@ -68,13 +56,48 @@ def add_model_source_flags(parser: argparse.ArgumentParser) -> None:
                              "post-processing")
 
 
+def add_predictor_flags(parser: argparse.ArgumentParser) -> None:
+    """``--threshold``, ``--input-size``, ``--max-image-pixels`` and ``--device``: how the model
+    of ``--checkpoint`` / ``--model`` runs (:func:`predictor_from_args`)."""
+    parser.add_argument("--threshold", type=float, default=None, metavar="T",
+                        help="probability threshold, i.e. --set train.threshold=T (default: "
+                             "the checkpoint's config, 0.35 as CRIS)")
+    parser.add_argument("--input-size", type=int, default=None, metavar="S",
+                        help="letterbox size, a multiple of 32, i.e. --set data.input_size=S "
+                             "(default: the checkpoint's config)")
+    parser.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                        help="refuse images with more pixels than N, read from the file header "
+                             "before decoding, i.e. --set data.max_image_pixels=N (default: "
+                             "the checkpoint's config, 89478485 as Pillow's limit; 0 = no "
+                             "limit)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
+
+
+def predictor_from_args(args: argparse.Namespace):
+    """The :class:`~gtms.infer.predict.Predictor` of ``--checkpoint`` (with ``--config``,
+    ``--set`` and the flags of :func:`add_predictor_flags` as overrides) or ``--model``."""
+    from gtms.infer.predict import Predictor, pick_device
+
+    overrides = list(args.overrides)
+    if args.threshold is not None:
+        overrides.append(f"train.threshold={args.threshold}")
+    if args.input_size is not None:
+        overrides.append(f"data.input_size={args.input_size}")
+    if args.max_image_pixels is not None:
+        overrides.append(f"data.max_image_pixels={args.max_image_pixels}")
+    if args.model:
+        return Predictor.from_exported(args.model, threshold=args.threshold,
+                                       max_image_pixels=args.max_image_pixels)
+    return Predictor.from_checkpoint(args.checkpoint, args.config, overrides,
+                                     device=pick_device(args.device))
+
+
 def run(args: argparse.Namespace) -> int:
     from gtms.data.tokenizer import shortened
     from gtms.infer.predict import (
         InferenceError,
-        Predictor,
         pair_requests,
-        pick_device,
         predict_pairs,
         read_jsonl_requests,
     )
@@ -85,19 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if not requests:
         raise InferenceError("nothing to predict: give --image IMG --text TEXT pairs and/or "
                              "--jsonl FILE")
-    overrides = list(args.overrides)
-    if args.threshold is not None:
-        overrides.append(f"train.threshold={args.threshold}")
-    if args.input_size is not None:
-        overrides.append(f"data.input_size={args.input_size}")
-    if args.max_image_pixels is not None:
-        overrides.append(f"data.max_image_pixels={args.max_image_pixels}")
-    if args.model:
-        predictor = Predictor.from_exported(args.model, threshold=args.threshold,
-                                            max_image_pixels=args.max_image_pixels)
-    else:
-        predictor = Predictor.from_checkpoint(args.checkpoint, args.config, overrides,
-                                              device=pick_device(args.device))
+    predictor = predictor_from_args(args)
     print(f"predicting {len(requests)} pair(s) on {predictor.device}: input {predictor.input_size}"
           f", threshold {predictor.threshold}, batch {args.batch_size}", flush=True)
 

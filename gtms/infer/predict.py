@@ -78,12 +78,16 @@ class PreparedPair:
 
 class Predictor:
     """A CRIS model ready for arbitrary images: :meth:`prepare`, then :meth:`probabilities` or
-    :meth:`masks` for a batch of prepared pairs."""
+    :meth:`masks` for a batch of prepared pairs. ``config``: the resolved config of a
+    checkpoint's model (None for an exported model), for what needs more than the masks (the
+    GTMS panels of ``run.py demo``)."""
 
     def __init__(self, model: torch.nn.Module, *, input_size: int, word_len: int,
                  threshold: float, device: torch.device,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 config: Config | None = None):
         self.model = model.to(device).eval()
+        self.config = config
         self.input_size = input_size
         self.word_len = word_len
         self.threshold = threshold
@@ -101,7 +105,7 @@ class Predictor:
         model, cfg, _ = load_trained(checkpoint, config, overrides)
         return cls(model, input_size=cfg.data.input_size, word_len=cfg.data.word_len,
                    threshold=cfg.train.threshold, device=device or pick_device(),
-                   max_image_pixels=cfg.data.max_image_pixels)
+                   max_image_pixels=cfg.data.max_image_pixels, config=cfg)
 
     @classmethod
     def from_exported(cls, path: str | Path, *, threshold: float | None = None,

@@ -35,7 +35,8 @@ from gtms.data.tokenizer import ClipTokenizer
 from gtms.errors import UserError
 from gtms.eval.attention import attention_sources
 from gtms.eval.metrics import iou_from_counts
-from gtms.eval.validation import new_meters, validation_step
+from gtms.eval.validation import new_meters, pseudo_labels_for, to_device, validation_step
+from gtms.pseudo.attention_source import AttentionSource
 from gtms.viz import PANEL_TITLES, sample_row, write_png
 
 PSEUDO_MODE = "forest-gradcam"
@@ -82,12 +83,14 @@ def collect_samples(root: str, split: str, spec: SampleSpec, n: int, *,
 
 def draw_samples(model: torch.nn.Module, cfg: Config, samples: list[dict[str, Any]],
                  spec: SampleSpec, *, panel_size: int, batch_size: int = 8,
+                 attention: AttentionSource | None = None,
                  ) -> list[tuple[SampleFigure, np.ndarray]]:
-    """Predict, make the pseudo labels and draw one row of panels per sample."""
+    """Predict, make the pseudo labels and draw one row of panels per sample. ``attention``:
+    GradCAM's source (default: :func:`panel_attention` of ``cfg``)."""
     model.eval()
     out = []
     device = next(model.parameters()).device
-    attention = attention_sources(cfg, device, roles=("val",))["val"]
+    attention = attention or panel_attention(cfg, device)
     for start in range(0, len(samples), batch_size):
         batch = stack_samples(samples[start:start + batch_size], spec)
         meters = new_meters()
@@ -109,6 +112,35 @@ def draw_samples(model: torch.nn.Module, cfg: Config, samples: list[dict[str, An
                                   round(float(pseudo_ious[i]), 4), bool(fallback[i]))
             out.append((figure, row))
     return out
+
+
+def panel_attention(cfg: Config, device: torch.device) -> AttentionSource:
+    """Where the panels' GradCAM map comes from (``pseudo.attention_source`` of ``cfg``)."""
+    return attention_sources(cfg, device, roles=("val",))["val"]
+
+
+@torch.no_grad()
+def draw_without_truth(model: torch.nn.Module, cfg: Config, samples: list[dict[str, Any]],
+                       spec: SampleSpec, *, panel_size: int,
+                       attention: AttentionSource | None = None) -> list[np.ndarray]:
+    """The panels of samples that have a box but no ground-truth mask (an image of your own in
+    ``run.py demo``): the same prediction and pseudo labels as :func:`draw_samples`, unscored,
+    the ground-truth panel left blank. ``samples`` come from :func:`preprocess_ref` with
+    ``spec`` (evaluation rows, tree and forest, no mask), each given its ``sentence``."""
+    model.eval()
+    device = next(model.parameters()).device
+    batch = stack_samples(samples, spec)
+    tensors = to_device({k: v for k, v in batch.items() if k != "sentence"}, device)
+    out = model(tensors["image"], tensors["tokens"])
+    result = {"probs": torch.sigmoid(out.logits.float())[:, 0].cpu().numpy(),
+              "pseudo": pseudo_labels_for(model, out, tensors, mode=PSEUDO_MODE,
+                                          sigma=cfg.pseudo.sigma,
+                                          binarize_at=cfg.pseudo.binarize_at,
+                                          attention=attention or panel_attention(cfg, device))}
+    titles = list(PANEL_TITLES)
+    titles[6] = f"{PANEL_TITLES[6]}: none for this image"
+    return [np.concatenate(sample_row(batch, result, i, panel_size=panel_size, titles=titles),
+                           axis=1) for i in range(len(samples))]
 
 
 def visualize(model: torch.nn.Module, cfg: Config, root: str, split: str, out_dir: str | Path,
