@@ -306,8 +306,10 @@ def build_app(demo: DemoModel, examples: list[Example] = (), examples_note: str 
         panels = gr.Image(label="GTMS panels", format="png", interactive=False,
                           elem_id="gtms-panels")
         outputs = [overlay, mask, panels, message]
+        # "private": only the page calls it; an API client cannot (it could pass a URL for
+        # the server to download)
         gr.on([button.click, inputs[1].submit], lambda *values: respond(demo, *values),
-              inputs=inputs, outputs=outputs)
+              inputs=inputs, outputs=outputs, api_visibility="private")
     return app
 
 
@@ -324,13 +326,17 @@ def _input_components(gr) -> list:
     return [image, text, box, panels]
 
 
+MAX_UPLOAD = "100mb"   # a 100-megapixel JPEG is ~30 MB; the pixel limit guards decoding
+
+
 def serve(app, host: str, port: int, *, allowed_paths: list[str] = ()) -> None:
     """Serve the page on ``host:port`` (no share link, no analytics), print its URL and block
     until Ctrl-C. ``DemoError`` when the address cannot be served."""
     try:
         app.queue(default_concurrency_limit=1).launch(
             server_name=host, server_port=port, share=False, prevent_thread_lock=True,
-            quiet=True, show_error=False, allowed_paths=list(allowed_paths))
+            quiet=True, show_error=False, allowed_paths=list(allowed_paths),
+            max_file_size=MAX_UPLOAD)
     except OSError as err:
         raise DemoError(f"cannot serve the demo on {host}:{port} ({err}); pick another "
                         "--port or --host") from None
