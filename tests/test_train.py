@@ -131,7 +131,11 @@ def test_printed_commands_are_shell_quoted_word_for_word(synthref_small, tmp_pat
                                text=True, check=True)
         assert shell.stdout.splitlines() == shlex.split(step["command"])[1:]
     assert not list(tmp_path.glob("pwned*"))
-    print_summary({"run_dir": str(tmp_path / "a b;$(touch pwned3)"), "next_steps": steps})
+    from gtms.tracking import where_to_look
+
+    run_dir = str(tmp_path / "a b;$(touch pwned3)")
+    print_summary({"run_dir": run_dir, "next_steps": steps,
+                   "trackers": where_to_look(cfg, run_dir)})
     (line,) = [x for x in capsys.readouterr().out.splitlines() if "tensorboard" in x]
     assert shlex.split(line.split(":", 1)[1]) == [
         "tensorboard", "--logdir", str(tmp_path / "a b;$(touch pwned3)") + "/tb"]
