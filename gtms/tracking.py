@@ -389,8 +389,10 @@ def where_to_look(cfg: Config, run_dir: str) -> dict[str, str]:
                                         cfg.train.tracking_uri]))
     if ids.get("wandb"):
         offline = os.environ.get("WANDB_MODE", "") in ("offline", "dryrun")
-        look["W&B"] = (f"offline run {ids['wandb']}: wandb sync "
-                       f"{storage.join(run_dir, 'wandb')}/offline-run-*-{ids['wandb']}"
-                       if offline else
-                       f"run {ids['wandb']} of project {cfg.train.tracking_project}")
+        files = f"{storage.join(run_dir, 'wandb')}/offline-run-*-{ids['wandb']}"
+        look["W&B"] = (f"run {ids['wandb']} of project {cfg.train.tracking_project}"
+                       if not offline else
+                       f"offline run {ids['wandb']}: wandb sync {files}"
+                       if not storage.is_uri(run_dir) else
+                       f"offline run {ids['wandb']} in {files}: copy it here, then wandb sync")
     return look
