@@ -548,6 +548,7 @@ def test_two_point_sweep_writes_loadable_best_yaml(synthref_small, tmp_path, ray
         assert any(line.startswith(f"[pseudo.sigma={sigma}] epoch 1/1") for line in lines)
     best = load_config(out / "best.yaml")
     assert best.pseudo.sigma in (0.01, 0.1) and best.data.input_size == 64
+    assert best.train.tracking_uri == ""   # as given: not the sweep's own store
     from test_tracking import mlflow_artifacts, mlflow_runs
 
     runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}")

@@ -169,10 +169,11 @@ def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: str | Path, resume: bool
         raise TuneError("a sweep runs its trials on Ray Tune (no --no-ray)")
     out_dir = experiment_dir(out_dir)
     cfg = replace(cfg, data={"root": prepare_data_root(cfg)})
+    given_uri = cfg.train.tracking_uri   # best.yaml keeps it as given, not the sweep's store
     cfg, parent, tracking = start_parent(cfg, out_dir, "sweep")
     try:
         result = _sweep(cfg, spec, out_dir=out_dir, resume=resume, backend=backend,
-                        tracking=tracking)
+                        tracking=tracking, given_uri=given_uri)
     except BaseException:
         if parent is not None:
             parent.close(failed=True)
@@ -184,7 +185,7 @@ def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: str | Path, resume: bool
 
 
 def _sweep(cfg: Config, spec: SweepSpec, *, out_dir: str, resume: bool, backend: Backend,
-           tracking: dict | None) -> dict[str, Any]:
+           tracking: dict | None, given_uri: str) -> dict[str, Any]:
     """The trials on Ray Tune (:func:`run_sweep`)."""
     backend.start(cfg.ray, concurrent_trials=spec.max_concurrent_trials,
                   trial_cpus=trial_resources()["cpu"])
@@ -203,7 +204,8 @@ def _sweep(cfg: Config, spec: SweepSpec, *, out_dir: str, resume: bool, backend:
     if not ok:
         raise TuneError(f"no trial of the sweep finished; see {out_dir}")
     best = sorted(ok, key=lambda r: r[spec.metric], reverse=spec.mode == "max")[0]
-    best_path = write_best_yaml(cfg, spec, best, out_dir)
+    best_path = write_best_yaml(replace(cfg, train={"tracking_uri": given_uri}), spec, best,
+                                out_dir)
     return {"rows": sorted(rows, key=lambda r: (r[spec.metric] is None,
                                                 -(r[spec.metric] or 0) if spec.mode == "max"
                                                 else (r[spec.metric] or 0))),
