@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -53,11 +54,14 @@ def port_number(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from gtms.infer.demo import DemoModel, build_app, load_examples, require_gradio, serve
 
-    require_gradio()  # before the model loads: a missing extra is the first thing to say
-    predictor = predictor_from_args(args)
-    print(f"model on {predictor.device}: input {predictor.input_size}, threshold "
-          f"{predictor.threshold}", flush=True)
     with tempfile.TemporaryDirectory(prefix="gtms-demo-") as folder:
+        # Gradio's copies of the uploads go here and leave with the server (default: kept in
+        # /tmp/gradio for good); read when gradio is imported
+        os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(folder) / "uploads"))
+        require_gradio()  # before the model loads: a missing extra is the first thing to say
+        predictor = predictor_from_args(args)
+        print(f"model on {predictor.device}: input {predictor.input_size}, threshold "
+              f"{predictor.threshold}", flush=True)
         if predictor.config is None:
             examples, note = [], "no val examples with an exported model (--model)"
         else:
