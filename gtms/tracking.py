@@ -24,6 +24,7 @@ import os
 import re
 import shlex
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,6 @@ from gtms import storage
 from gtms.config import Config, config_to_dict, replace
 from gtms.errors import UserError
 
-TRACKERS = ("tensorboard", "mlflow", "wandb")
 # What each optional tracker imports (MLflow's SQLite store needs SQLAlchemy and Alembic).
 MODULES = {"mlflow": ("mlflow", "sqlalchemy", "alembic"), "wandb": ("wandb",)}
 INSTALL = "pip install -r requirements-tracking.txt"
@@ -102,7 +102,8 @@ def flat_params(config: dict[str, Any]) -> dict[str, str]:
 
 
 def numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a ``metrics.jsonl`` line (booleans as 0/1)."""
+    """The numbers of a ``metrics.jsonl`` line (booleans as 0/1; NaN, which neither tracker
+    takes, left out)."""
     return {key: float(value) for key, value in metrics.items()
             if isinstance(value, (int, float)) and value == value}
 
@@ -128,25 +129,32 @@ class Labels:
         return cls(**values)
 
 
-class Tracker:
-    """One run in one tracking library; :meth:`open` starts it or continues ``run_id``."""
+class Tracker(ABC):
+    """One run in one tracking library, started by the constructor or continued from its
+    ``run_id`` (:func:`open_tracker`)."""
 
     name = ""
+    run_id = ""
 
+    @abstractmethod
     def params(self, values: dict[str, str], nested: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """The resolved config: ``values`` flat (``section.key``), ``nested`` as sections."""
 
+    @abstractmethod
     def metrics(self, values: dict[str, float], step: int) -> None:
-        raise NotImplementedError
+        """One epoch's numbers at optimizer step ``step``."""
 
+    @abstractmethod
     def artifact(self, path: Path) -> None:
-        raise NotImplementedError
+        """A file kept with the run."""
 
+    @abstractmethod
     def note(self, key: str, value: str) -> None:
-        raise NotImplementedError
+        """A text value of the run as a whole (MLflow tag, W&B summary)."""
 
+    @abstractmethod
     def close(self, *, failed: bool = False, final: bool = True) -> None:
-        raise NotImplementedError
+        """End this session of the run; ``final`` False leaves it open for the driver."""
 
 
 class MLflowTracker(Tracker):
@@ -350,30 +358,31 @@ def finish_tracking(cfg: Config, run_dir: str, summary: dict[str, Any]) -> None:
     ``train.track_checkpoints``, its weights on the run's tracker runs, which then end."""
     if not library_trackers(cfg):
         return
+    import tempfile
+
     run = TrackedRun(cfg, run_dir, Labels(name=folder_name(run_dir)))
     run.artifact(run.folder.path / "summary.json")
     best = str(summary.get("best_checkpoint") or "")
     if best:
         run.note("best_checkpoint", best)
     if best and cfg.train.track_checkpoints:
-        for path in checkpoint_files(best):
-            run.artifact(path)
+        with tempfile.TemporaryDirectory(prefix="gtms-tracked-") as tmp:
+            for path in checkpoint_files(best, Path(tmp)):
+                run.artifact(path)
     run.close()
 
 
-def checkpoint_files(checkpoint: str) -> list[Path]:
-    """The best checkpoint's weights and their checksum, as local files."""
+def checkpoint_files(checkpoint: str, scratch: Path) -> list[Path]:
+    """The best checkpoint's weights and their checksum as local files (copied into
+    ``scratch`` from a bucket)."""
     from gtms.model.checkpoint import FILENAME
 
     names = [FILENAME, FILENAME + ".sha256"]
     if not storage.is_uri(checkpoint):
         return [Path(checkpoint) / name for name in names if (Path(checkpoint) / name).is_file()]
-    import tempfile
-
-    local = Path(tempfile.mkdtemp(prefix="gtms-tracked-"))
     for name in names:
-        (local / name).write_bytes(storage.read_bytes(storage.join(checkpoint, name)))
-    return [local / name for name in names]
+        (scratch / name).write_bytes(storage.read_bytes(storage.join(checkpoint, name)))
+    return [scratch / name for name in names]
 
 
 def where_to_look(cfg: Config, run_dir: str) -> dict[str, str]:
