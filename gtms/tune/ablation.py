@@ -14,7 +14,7 @@ from gtms.config import Config, config_to_dict, replace
 from gtms.modes import ABLATION_MODES
 from gtms.tune.plot import plot_ablation, read_curves
 from gtms.tune.table import collect, write_tables
-from gtms.tune.tracked import finish_parent, start_parent
+from gtms.tune.tracked import parent_run
 from gtms.tune.tuner import (
     TuneError,
     build_or_restore_tuner,
@@ -86,17 +86,12 @@ def run_ablation(cfg: Config, *, rows: list[str], seeds: int, out_dir: str | Pat
         if resume and not storage.exists(trials_dir(out_dir)):
             raise TuneError(f"--resume: nothing to continue in {trials_dir(out_dir)}")
     root = prepare_data_root(cfg)
-    cfg, parent, tracking = start_parent(replace(cfg, data={"root": root}), out_dir, "ablation")
     runner = _run_tuner if backend.uses_ray else _run_local
-    try:
-        report = runner(cfg, rows=rows, seeds=seeds, out_dir=out_dir, resume=resume,
-                        max_concurrent=max_concurrent, backend=backend, tracking=tracking)
-    except BaseException:
-        if parent is not None:
-            parent.close(failed=True)
-        raise
-    finish_parent(parent, out_dir, [f"ablation.{ext}" for ext in ("md", "csv", "json", "png")],
-                  notes={"trials": len(rows) * seeds})
+    with parent_run(replace(cfg, data={"root": root}), out_dir, "ablation") as parent:
+        report = runner(parent.cfg, rows=rows, seeds=seeds, out_dir=out_dir, resume=resume,
+                        max_concurrent=max_concurrent, backend=backend, tracking=parent.spec)
+        parent.finish([f"ablation.{ext}" for ext in ("md", "csv", "json", "png")],
+                      notes={"trials": len(rows) * seeds})
     return report
 
 

@@ -42,7 +42,7 @@ from gtms.config import (
     sweep_section,
 )
 from gtms.eval.metrics import format_metric
-from gtms.tune.tracked import finish_parent, start_parent
+from gtms.tune.tracked import parent_run
 from gtms.tune.tuner import (
     TuneError,
     build_or_restore_tuner,
@@ -170,17 +170,12 @@ def run_sweep(cfg: Config, spec: SweepSpec, *, out_dir: str | Path, resume: bool
     out_dir = experiment_dir(out_dir)
     cfg = replace(cfg, data={"root": prepare_data_root(cfg)})
     given_uri = cfg.train.tracking_uri   # best.yaml keeps it as given, not the sweep's store
-    cfg, parent, tracking = start_parent(cfg, out_dir, "sweep")
-    try:
-        result = _sweep(cfg, spec, out_dir=out_dir, resume=resume, backend=backend,
-                        tracking=tracking, given_uri=given_uri)
-    except BaseException:
-        if parent is not None:
-            parent.close(failed=True)
-        raise
-    finish_parent(parent, out_dir, ["best.yaml"],
-                  notes={spec.metric: result["best"][spec.metric],
-                         **{f"best {k}": v for k, v in result["best"]["params"].items()}})
+    with parent_run(cfg, out_dir, "sweep") as parent:
+        result = _sweep(parent.cfg, spec, out_dir=out_dir, resume=resume, backend=backend,
+                        tracking=parent.spec, given_uri=given_uri)
+        parent.finish(["best.yaml"], notes={
+            spec.metric: result["best"][spec.metric],
+            **{f"best {k}": v for k, v in result["best"]["params"].items()}})
     return result
 
 
